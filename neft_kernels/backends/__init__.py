@@ -1,0 +1,1 @@
+"""Kernels, one module per backend. Each exposes ``forward`` and ``backward`` on flattened ids."""

@@ -1,0 +1,68 @@
+"""Per-token noise scales: which tokens get noise and which sequence length ``L`` each sees.
+
+All of it is O(number of tokens) tensor work on the ids' device, with no host-device sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LENGTH_MODES = ("per_sequence", "padded")
+
+
+def _rows(shape: torch.Size) -> tuple[int, int]:
+    """(rows, row length): the last dim is the sequence, leading dims are rows; 0-d is one token."""
+    width = shape[-1] if len(shape) else 1
+    return (math.prod(shape) // width if width else 0), width
+
+
+def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float:
+    """``float32(alpha / sqrt(L * d))`` as a Python float, computed in float64."""
+    return float(torch.tensor(alpha / math.sqrt(length * embedding_dim), dtype=torch.float32))
+
+
+def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
+                 attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None,
+                 length_mode: str = "per_sequence") -> torch.Tensor | float:
+    """``scale_n`` of every token of an ``input_ids`` of ``shape``, flattened row-major.
+
+    Returns one float when every token shares it (``"padded"``, or no mask and no position ids),
+    else a float32 tensor of ``numel`` scales, 0 for tokens that get no noise.
+
+    * ``"padded"``: Hugging Face's rule, ``L`` = the row width, every token noised.
+    * ``"per_sequence"``: a sub-sequence starts at each row start and wherever ``position_ids``
+      is 0; ``L_n`` counts the real (``attention_mask != 0``) tokens of token n's sub-sequence;
+      masked tokens get no noise.
+    """
+    rows, width = _rows(shape)
+    if length_mode == "padded" or (attention_mask is None and position_ids is None):
+        return scale_for_length(alpha, max(width, 1), embedding_dim)
+
+    device = (attention_mask if attention_mask is not None else position_ids).device
+    n = rows * width
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    if position_ids is not None:
+        starts = position_ids.reshape(rows, width) == 0
+    else:
+        starts = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    starts[:, :1] = True
+    starts = starts.reshape(n)
+    real = (attention_mask.reshape(n) != 0) if attention_mask is not None else None
+
+    idx = torch.arange(n, device=device)
+    first = torch.cummax(torch.where(starts, idx, 0), 0).values
+    is_last = torch.ones_like(starts)
+    is_last[:-1] = starts[1:]
+    last = torch.flip(torch.cummin(torch.flip(torch.where(is_last, idx, n), (0,)), 0).values, (0,))
+    weights = real.to(torch.int64) if real is not None else torch.ones(n, dtype=torch.int64, device=device)
+    cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights, 0)])
+    length = (cum[last + 1] - cum[first]).to(torch.float64)
+
+    scale = (alpha / torch.sqrt(length.clamp(min=1) * embedding_dim)).to(torch.float32)
+    if real is not None:
+        scale = torch.where(real, scale, 0.0)
+    return scale

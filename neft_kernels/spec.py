@@ -1,0 +1,143 @@
+"""The NEFTune noise stream, spec v1, and its pure-PyTorch reference.
+
+Every backend must reproduce :func:`reference_forward` bit for bit. The spec, in words
+(also in the README):
+
+For the token at flattened index ``n`` of ``input_ids``, embedding dim ``d``, 64-bit seed ``s``
+and integer ``offset``:
+
+* ``Q = ceil(d / 4)``; dim ``j`` lies in quarter ``w = j // Q`` at lane ``k = j % Q``.
+* ``c = offset + n * Q + k``; ``(r0, r1, r2, r3) = Philox4x32-10(counter=(c mod 2^32, c >> 32, 0, 0),
+  key=(s mod 2^32, s >> 32))`` -- what Triton's ``tl.randint4x(s, c)`` returns for an int64 ``c``.
+* ``u = float32(x) * 4.6566127342e-10f`` with ``x = int32(r_w)``, ``x = -x - 1`` when negative.
+* ``e = float32(u * 2) - 1``.
+* ``scale_n = float32(alpha / sqrt(L_n * d))`` in float64, rounded once; 0 for a token without noise.
+* ``out[n, j] = round_to_weight_dtype(float32(W[id_n, j]) + float32(e * scale_n))`` in float32,
+  never fused into an FMA, rounded to nearest even.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SPEC_VERSION = 1
+
+# Philox4x32-10 constants (Salmon et al. 2011), as used by Triton's tl.randint4x.
+PHILOX_ROUNDS = 10
+PHILOX_MUL_A = 0xD2511F53
+PHILOX_MUL_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+# Triton's uint_to_uniform_float scale: the largest float32 with (2**31 - 1) * scale < 1.
+UNIFORM_SCALE = 4.6566127342e-10
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_MASK32 = 0xFFFFFFFF
+# Tokens per reference chunk: bounds the int64 temporaries to a few hundred MB.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def num_lanes(embedding_dim: int) -> int:
+    """``Q = ceil(d / 4)``: Philox calls per token, each feeding one dim of every quarter."""
+    return (embedding_dim + 3) // 4
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    """The two 32-bit key words of a seed in ``[-2**63, 2**64)`` (negative: two's complement)."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    return s & _MASK32, s >> 32
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b`` < 2**32.
+
+    The product is split on ``a``'s 16-bit halves so that no intermediate leaves int64.
+    """
+    hi_prod = (a >> 16) * b
+    lo_prod = (a & 0xFFFF) * b
+    hi = (hi_prod + (lo_prod >> 16)) >> 16
+    lo = (((hi_prod & 0xFFFF) << 16) + lo_prod) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of 64-bit counters ``(c mod 2^32, c >> 32, 0, 0)`` under ``seed``.
+
+    ``counter`` is a non-negative int64 tensor; the four outputs are int64 tensors holding
+    unsigned 32-bit words.
+    """
+    c0 = counter & _MASK32
+    c1 = counter >> 32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    k0, k1 = seed_words(seed)
+    for _ in range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(PHILOX_MUL_B, c2)
+        hi_a, lo_a = _mul_hi_lo(PHILOX_MUL_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_pm1(bits: torch.Tensor) -> torch.Tensor:
+    """Spec v1's map of unsigned 32-bit words (in int64) to float32 noise ``e`` in ``[-1, 1)``."""
+    x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)
+    x = torch.where(x < 0, -x - 1, x)
+    u = x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    return (u * 2) - 1
+
+
+def noise(n_tokens: int, embedding_dim: int, seed: int, offset: int = 0,
+          device: torch.device | str = "cpu", first_token: int = 0) -> torch.Tensor:
+    """Unscaled noise ``e`` of tokens ``first_token .. first_token + n_tokens`` as (n_tokens, d) float32."""
+    q = num_lanes(embedding_dim)
+    tok = torch.arange(first_token, first_token + n_tokens, dtype=torch.int64, device=device)
+    lane = torch.arange(q, dtype=torch.int64, device=device)
+    counter = offset + tok[:, None] * q + lane[None, :]
+    words = philox4x32_10(counter, seed)
+    # Quarter w of the row is word r_w: stacking on dim 1 lays dim j = w * Q + k out row-major.
+    e = torch.stack([uniform_pm1(r) for r in words], dim=1).reshape(n_tokens, 4 * q)
+    return e[:, :embedding_dim]
+
+
+def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
+                      seed: int, offset: int = 0) -> torch.Tensor:
+    """Spec v1 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
+
+    ``scale`` is the per-token float32 ``scale_n`` as an ``(N,)`` tensor, or one float for all.
+    """
+    n_tokens, d = ids.numel(), weight.shape[1]
+    out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(torch.float32)
+    else:
+        scale = torch.tensor(scale, dtype=torch.float32, device=weight.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        e = noise(stop - start, d, seed, offset, weight.device, first_token=start)
+        s = scale[start:stop, None] if scale.dim() else scale
+        rows = weight[ids[start:stop]].to(torch.float32)
+        out[start:stop] = (rows + e * s).to(weight.dtype)
+    return out
+
+
+def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
+                       padding_idx: int | None, scale_grad_by_freq: bool) -> torch.Tensor:
+    """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, in float32.
+
+    The noise is a constant, so this is ``F.embedding``'s gradient, accumulated in float32
+    whatever the dtype and rounded once into it.
+    """
+    g = grad.to(torch.float32)
+    if scale_grad_by_freq:
+        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        g = g / counts[ids][:, None]
+    if padding_idx is not None:
+        g = torch.where((ids == padding_idx)[:, None], 0.0, g)
+    grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=torch.float32, device=grad.device)
+    grad_weight.index_add_(0, ids, g)
+    return grad_weight.to(grad.dtype)
