@@ -13,7 +13,8 @@ and integer ``offset``:
 * ``e = float32(u * 2) - 1``.
 * ``scale_n = float32(alpha / sqrt(L_n * d))`` in float64, rounded once; 0 for a token without noise.
 * ``out[n, j] = round_to_weight_dtype(float32(W[id_n, j]) + float32(e * scale_n))`` in float32,
-  never fused into an FMA, rounded to nearest even.
+  never fused into an FMA, rounded to nearest even. A NaN result is a NaN; its payload bits are
+  not part of the spec (PyTorch itself writes different NaN bits on different paths).
 """
 
 from __future__ import annotations

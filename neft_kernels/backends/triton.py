@@ -37,7 +37,7 @@ def _store_f32(ptr, offsets, value, mask, IS_BF16: tl.constexpr):
     if IS_BF16:
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(value != value, 0x7FC0, rounded)  # NaN -> canonical quiet NaN, as torch
+        rounded = tl.where(value != value, 0x7FC0, rounded)  # keep NaN a NaN (the carry could make it inf)
         tl.store(ptr + offsets, rounded.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
@@ -126,6 +126,18 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def forward_blocks(embedding_dim: int) -> tuple[int, int]:
+    """(BLOCK_N tokens, BLOCK_Q lanes) per forward program for an embedding dim."""
+    block_q = min(triton.next_power_of_2(num_lanes(embedding_dim)), _MAX_BLOCK_D)
+    return max(1, _FWD_ELEMENTS // (4 * block_q)), block_q
+
+
+def backward_blocks(embedding_dim: int) -> tuple[int, int]:
+    """(BLOCK_N tokens, BLOCK_D dims) per backward program for an embedding dim."""
+    block_d = min(triton.next_power_of_2(max(embedding_dim, 1)), _MAX_BLOCK_D)
+    return max(1, _BWD_ELEMENTS // block_d), block_d
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
@@ -142,8 +154,7 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float
         return out
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     q = num_lanes(d)
-    block_q = min(triton.next_power_of_2(q), _MAX_BLOCK_D)
-    block_n = max(1, _FWD_ELEMENTS // (4 * block_q))
+    block_n, block_q = forward_blocks(d)
     per_token = isinstance(scale, torch.Tensor)
     scale_arg = scale.to(torch.float32).contiguous() if per_token else out  # unused when scalar
     grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(q, block_q))
@@ -167,7 +178,7 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
     pad = -1 if padding_idx is None else padding_idx
     is_bf16 = grad.dtype == torch.int16
     out_dtype = torch.bfloat16 if is_bf16 else grad.dtype
-    block_d = min(triton.next_power_of_2(max(d, 1)), _MAX_BLOCK_D)
+    block_n, block_d = backward_blocks(d)
     if n_tokens == 0 or d == 0:
         return torch.zeros(num_weights, d, dtype=out_dtype, device=grad.device)
 
@@ -188,7 +199,6 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
         per_id = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
         per_id.index_add_(0, ids, torch.ones(n_tokens, dtype=torch.float32, device=grad.device))
         counts = per_id[ids]
-    block_n = max(1, _BWD_ELEMENTS // block_d)
     _embedding_bwd_atomic_kernel[(triton.cdiv(n_tokens, block_n), triton.cdiv(d, block_d))](
         grad, ids, counts, acc, n_tokens, d, pad,
         SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16,

@@ -1,0 +1,104 @@
+"""Spec v1: the PyTorch reference against the independent NumPy model, lengths, statistics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import spec_model
+from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from conftest import DTYPES, assert_bits_equal
+from neft_kernels import noisy_embedding
+from neft_kernels.lengths import token_scales
+from neft_kernels.spec import philox4x32_10
+
+# Random123's known-answer vectors for Philox4x32-10.
+KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+       ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+       ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+@pytest.mark.parametrize("ctr,key,out", KAT)
+def test_spec_model_philox_known_answers(ctr, key, out):
+    assert tuple(int(x) for x in spec_model.philox4x32_10(np.array(ctr, dtype=np.uint32), key)) == out
+
+
+def test_reference_philox_known_answer_and_model():
+    words = philox4x32_10(torch.tensor([0]), 0)
+    assert tuple(int(w) for w in words) == KAT[0][2]
+    counters = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**45 + 17, 2**63 - 1])
+    for seed in SEEDS:
+        s = seed % 2**64
+        ctr = np.zeros((len(counters), 4), dtype=np.uint32)
+        ctr[:, 0] = (counters.numpy() & 0xFFFFFFFF).astype(np.uint32)
+        ctr[:, 1] = (counters.numpy() >> 32).astype(np.uint32)
+        model = spec_model.philox4x32_10(ctr, (s & 0xFFFFFFFF, s >> 32))
+        ours = torch.stack(philox4x32_10(counters, seed), dim=1).numpy()
+        np.testing.assert_array_equal(ours, model.astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
+@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+def test_reference_matches_spec_model(dtype, d, kind, length_mode):
+    weight = make_weight(37, d, dtype)
+    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d))
+    mask, pos = side_inputs(kind, (3, 11))
+    for seed, offset in zip(SEEDS, OFFSETS * 2):
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
+                              position_ids=pos, length_mode=length_mode, backend="torch")
+        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+
+
+def test_reference_one_dim_ids_are_one_sequence():
+    weight = make_weight(20, 8, torch.float32)
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    out = noisy_embedding(ids, weight, 10.0, seed=7, backend="torch")
+    assert out.shape == (8, 8)
+    assert_bits_equal(out, expected(ids, weight, 10.0, 7, 0, None, None, "per_sequence"))
+    assert_bits_equal(out, noisy_embedding(ids[None], weight, 10.0, seed=7, backend="torch")[0])
+
+
+def test_lengths_follow_the_paper_footnote():
+    # row 0: right-padded (3 real); row 1: left-padded (2 real); row 2: packed 2 + 3 tokens
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    pos = torch.tensor([[0, 1, 2, 3, 4], [1, 1, 1, 0, 1], [0, 1, 0, 1, 2]])
+    d, alpha = 16, 4.0
+
+    def s(length):
+        return float(np.float32(alpha / math.sqrt(length * d)))
+
+    by_mask = token_scales(mask.shape, alpha, d, attention_mask=mask).view(3, 5).tolist()
+    assert by_mask == [[s(3)] * 3 + [0, 0], [0, 0, 0, s(2), s(2)], [s(5)] * 5]
+    by_pos = token_scales(mask.shape, alpha, d, position_ids=pos).view(3, 5).tolist()
+    assert by_pos == [[s(5)] * 5, [s(3)] * 3 + [s(2)] * 2, [s(2)] * 2 + [s(3)] * 3]
+    both = token_scales(mask.shape, alpha, d, attention_mask=mask, position_ids=pos).view(3, 5).tolist()
+    assert both == [[s(3)] * 3 + [0, 0], [0, 0, 0, s(2), s(2)], [s(2)] * 2 + [s(3)] * 3]
+    assert token_scales(mask.shape, alpha, d) == s(5)
+    assert token_scales(mask.shape, alpha, d, attention_mask=mask, length_mode="padded") == s(5)
+
+
+@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+def test_noise_statistics(length_mode):
+    """Noise in [-scale, scale), mean ~ 0, and per-sequence norm ~ alpha / sqrt(3) (the paper)."""
+    rows, width, d, alpha = 16, 128, 256, 5.0
+    weight = torch.zeros(10, d)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    real = torch.randint(32, width + 1, (rows,), generator=torch.Generator().manual_seed(0))
+    for r in range(rows):
+        mask[r, real[r]:] = 0
+    noise = noisy_embedding(ids, weight, alpha, seed=123, attention_mask=mask, length_mode=length_mode,
+                            backend="torch")
+    lengths = real if length_mode == "per_sequence" else torch.full((rows,), width)
+    scale = (alpha / torch.sqrt(lengths.double() * d)).float()
+    for r in range(rows):
+        n = noise[r] if length_mode == "padded" else noise[r, :real[r]]
+        assert (n >= -scale[r]).all() and (n < scale[r]).all()
+        assert abs(n.mean().item()) < 0.02 * scale[r].item()
+        assert n.norm().item() == pytest.approx(alpha / math.sqrt(3), rel=0.02)
+        if length_mode == "per_sequence":
+            assert (noise[r, real[r]:] == 0).all()

@@ -1,0 +1,89 @@
+"""The Triton kernels (interpreter on CPU, compiled on GPU) against the spec model, and AOT builds."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from conftest import DEVICE, DTYPES, assert_bits_equal
+from neft_kernels import noisy_embedding
+from neft_kernels.backends import triton as triton_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
+@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+def test_triton_forward_matches_spec_model(dtype, d, kind, length_mode):
+    weight = make_weight(37, d, dtype, DEVICE)
+    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d)).to(DEVICE)
+    mask, pos = side_inputs(kind, (3, 11), DEVICE)
+    for seed, offset in zip(SEEDS, OFFSETS * 2):
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
+                              position_ids=pos, length_mode=length_mode, backend="triton")
+        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_forward_wide_rows_many_tokens(dtype):
+    """Several programs along both grid axes (d > the largest lane block), int32 ids."""
+    weight = make_weight(300, 4099, dtype, DEVICE)
+    ids = torch.randint(0, 300, (2, 9), dtype=torch.int32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask, _ = side_inputs("mask", (2, 9), DEVICE)
+    out = noisy_embedding(ids, weight, 15.0, seed=99, attention_mask=mask, backend="triton")
+    assert_bits_equal(out, expected(ids.long(), weight, 15.0, 99, 0, mask, None, "per_sequence"))
+
+
+@triton.jit
+def _round_bf16_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    triton_backend._store_f32(out_ptr, offs, x, offs < n, IS_BF16=True)
+
+
+def test_bf16_rounding_is_to_nearest_even():
+    """The kernels' float32 -> bf16 store: ties to even, carries, overflow, subnormals, NaN."""
+    special = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3961e38, -3.3961e38, 1e-40,
+                            -1e-45, 0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    bits = torch.randint(-2**31, 2**31, (4096 - len(special),), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([special, bits]).to(DEVICE)
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _round_bf16_kernel[(1,)](x, out.view(torch.int16), x.numel(), BLOCK=4096)
+    assert_bits_equal(out, x.to(torch.bfloat16))
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter():
+    code = ("import torch, neft_kernels; "
+            "neft_kernels.noisy_embedding(torch.zeros(2, dtype=torch.long), torch.zeros(3, 4), 1.0, "
+            "seed=0, backend='triton')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU present this path is exercised by the GPU tests")
+    assert res.returncode != 0 and "TRITON_INTERPRET=1" in res.stderr
+
+
+def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "aot_compile.py")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    reports = [json.loads(line) for line in res.stdout.splitlines()]
+    kernels = {(r["kernel"], r["variant"], r["arch"]) for r in reports}
+    assert len(kernels) == len(reports) == 2 * 3 * 4  # archs x dtypes x (2 forward + 2 backward)
+    assert {r["arch"] for r in reports} == {"sm_80", "sm_90"}
+    for r in reports:
+        assert 0 < r["registers"] <= 255, r
+        assert r["spill_bytes"] == 0, r
+        assert r["sass_ffma"] == 0 and r["ptx_ftz"] == 0, r  # spec v1: no FMA, no flush-to-zero

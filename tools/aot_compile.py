@@ -1,0 +1,113 @@
+"""Compile the Triton kernels ahead of time for NVIDIA GPUs, with no GPU present.
+
+Prints one JSON line per (kernel, variant, arch) with registers, stack, shared memory and spills read
+from the cubin by ``cuobjdump --dump-resource-usage``, plus the count of FFMA instructions in
+the SASS and of flush-to-zero instructions in the PTX (spec v1 allows neither).
+
+    python tools/aot_compile.py                 # sm_80 and sm_90
+    python tools/aot_compile.py --arch 90 --keep out/   # also keep .ptx/.cubin files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from neft_kernels.backends import triton as kernels  # noqa: E402
+
+_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bf16 travels as int16 words
+
+
+def _variants(embedding_dim: int):
+    """(kernel name, variant name, JITFunction, signature, constexprs) with the launchers' blocks."""
+    fwd_n, fwd_q = kernels.forward_blocks(embedding_dim)
+    bwd_n, bwd_d = kernels.backward_blocks(embedding_dim)
+    for dtype in ("fp32", "bf16", "fp16"):
+        for per_token in (True, False):
+            sig = {"ids_ptr": "*i64", "w_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "scale_ptr": "*fp32",
+                   "scale_value": "fp32", "seed": "i64", "offset": "i64", "n_tokens": "i32", "d": "i32",
+                   "n_lanes": "i32", "w_stride": "i32", "PER_TOKEN_SCALE": "constexpr",
+                   "IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
+            consts = {"PER_TOKEN_SCALE": per_token, "IS_BF16": dtype == "bf16", "BLOCK_N": fwd_n,
+                      "BLOCK_Q": fwd_q}
+            yield ("noisy_embedding_fwd", f"{dtype}, {'per-token' if per_token else 'scalar'} scale",
+                   kernels._noisy_embedding_fwd_kernel, sig, consts)
+        sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "count_ptr": "*fp32", "gw_ptr": "*fp32",
+               "n_tokens": "i32", "d": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
+               "GRAD_IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+        consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "BLOCK_N": bwd_n,
+                  "BLOCK_D": bwd_d}
+        yield "embedding_bwd_atomic", dtype, kernels._embedding_bwd_atomic_kernel, sig, consts
+        sig = {"grad_ptr": _PTR[dtype], "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64",
+               "gw_ptr": _PTR[dtype], "d": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
+               "GRAD_IS_BF16": "constexpr", "OUT_IS_BF16": "constexpr", "BLOCK_D": "constexpr"}
+        consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "OUT_IS_BF16": dtype == "bf16",
+                  "BLOCK_D": bwd_d}
+        yield "embedding_bwd_segmented", dtype, kernels._embedding_bwd_segmented_kernel, sig, consts
+
+
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _cuobjdump(flag: str, cubin: Path) -> str:
+    return subprocess.run([str(_CUOBJDUMP), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: Path) -> dict:
+    text = _cuobjdump("--dump-resource-usage", cubin)
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    # Register spills land in local memory, so LOCAL == 0 means no spills.
+    return {"registers": fields["REG"], "stack_bytes": fields["STACK"], "shared_bytes": fields["SHARED"],
+            "spill_bytes": fields["LOCAL"]}
+
+
+def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None = None) -> list[dict]:
+    """Compile every variant for every arch at the blocks used for ``embedding_dim``."""
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = keep or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for arch in archs:
+            for name, variant, fn, sig, consts in _variants(embedding_dim):
+                compiled = triton.compile(
+                    ASTSource(fn=fn, signature=sig, constexprs=consts),
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": 4, "enable_fp_fusion": False},
+                )
+                stem = f"{name}_{re.sub(r'[^a-z0-9]+', '_', variant)}_sm{arch}"
+                cubin = out_dir / f"{stem}.cubin"
+                cubin.write_bytes(compiled.asm["cubin"])
+                (out_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+                reports.append({"kernel": name, "variant": variant, "arch": f"sm_{arch}", "d": embedding_dim,
+                                **_resource_usage(cubin),
+                                # Spec v1 forbids contraction and flushing subnormals: count both.
+                                "sass_ffma": len(re.findall(r"\bFFMA\b", _cuobjdump("-sass", cubin))),
+                                "ptx_ftz": len(re.findall(r"\.ftz\b", compiled.asm["ptx"]))})
+    return reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
+    parser.add_argument("--dim", type=int, default=4096, help="embedding dim that picks the block sizes")
+    parser.add_argument("--keep", type=Path, help="directory to keep the .ptx and .cubin files in")
+    args = parser.parse_args()
+    for report in compile_all(args.arch or [80, 90], args.dim, args.keep):
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
