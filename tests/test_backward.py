@@ -1,0 +1,95 @@
+"""Weight gradients of every backend against F.embedding's, with padding_idx and repeated ids."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import make_weight
+from conftest import DEVICE, assert_bits_equal
+from neft_kernels import noisy_embedding
+from neft_kernels.backends import triton as triton_backend
+
+BACKENDS = ["torch", "triton"]
+# bf16/fp16 gradients are summed in float32 and rounded once, so they may differ from the
+# float32 sum rounded to the dtype by one unit in the last place where summation order differs.
+TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
+              torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
+              torch.float16: dict(rtol=2**-10, atol=1e-5)}
+
+
+def _grads(backend, dtype, padding_idx, scale_grad_by_freq, d=19, vocab=23):
+    weight = make_weight(vocab, d, dtype, DEVICE).requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (4, 33), generator=gen).to(DEVICE)  # heavy repetition of 6 ids
+    ids[0, :5] = vocab - 1
+    grad_out = torch.randn(4, 33, d, generator=gen).to(dtype).to(DEVICE)
+    out = noisy_embedding(ids, weight, 5.0, seed=11, padding_idx=padding_idx,
+                          scale_grad_by_freq=scale_grad_by_freq, backend=backend)
+    out.backward(grad_out)
+    ref_weight = weight.detach().float().requires_grad_()
+    F.embedding(ids, ref_weight, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq
+                ).backward(grad_out.float())
+    return weight.grad, ref_weight.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("padding_idx", [None, 2, -1])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_weight_grad_matches_f_embedding(backend, dtype, padding_idx, scale_grad_by_freq):
+    grad, ref = _grads(backend, dtype, padding_idx, scale_grad_by_freq)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), ref.to(dtype).float(), **TOLERANCES[dtype])
+    if padding_idx is not None:
+        assert (grad[padding_idx] == 0).all()
+    untouched = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    untouched[:6] = False
+    untouched[-1] = False
+    assert (grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_low_precision_grad_is_at_least_as_accurate_as_pytorch(dtype):
+    """Summing in float32 must not lose to PyTorch's own same-dtype embedding backward."""
+    grad, ref = _grads("triton", dtype, None, False)
+    weight = make_weight(23, 19, dtype, DEVICE).requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (4, 33), generator=gen).to(DEVICE)
+    ids[0, :5] = 22
+    grad_out = torch.randn(4, 33, 19, generator=gen).to(dtype).to(DEVICE)
+    F.embedding(ids, weight).backward(grad_out)
+    ours = (grad.float() - ref).abs().max()
+    theirs = (weight.grad.float() - ref).abs().max()
+    assert ours <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_deterministic_backward(dtype, scale_grad_by_freq, monkeypatch):
+    """torch.use_deterministic_algorithms picks the sort-based kernel: same bits every run."""
+
+    class NoAtomics:
+        def __getitem__(self, grid):
+            raise AssertionError("the atomic kernel ran in deterministic mode")
+
+    monkeypatch.setattr(triton_backend, "_embedding_bwd_atomic_kernel", NoAtomics())
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, ref = _grads("triton", dtype, 2, scale_grad_by_freq)
+        second, _ = _grads("triton", dtype, 2, scale_grad_by_freq)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_bits_equal(first, second)
+    torch.testing.assert_close(first.float(), ref.to(dtype).float(), **TOLERANCES[dtype])
+    assert (first[2] == 0).all()
+
+
+def test_grad_flows_only_to_weight_and_noise_is_constant():
+    """d(out)/d(weight) is the lookup's: the noise contributes nothing to the gradient."""
+    weight = make_weight(10, 8, torch.float32, DEVICE).requires_grad_()
+    ids = torch.tensor([[1, 2, 1]], device=DEVICE)
+    out = noisy_embedding(ids, weight, 50.0, seed=5, backend="triton")
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    expected = torch.zeros_like(grad)
+    expected[1], expected[2] = 2.0, 1.0
+    assert torch.equal(grad, expected)

@@ -1,0 +1,78 @@
+"""Compiled kernels on a CUDA GPU against the spec (skipped without one)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import SEEDS, expected, make_weight, side_inputs
+from conftest import DTYPES, assert_bits_equal, requires_cuda
+from neft_kernels import NoisyEmbedding, noisy_embedding
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
+def test_compiled_forward_matches_reference_and_spec_model(dtype, kind):
+    weight = make_weight(1000, 4096 + 3, dtype, "cuda")
+    ids = torch.randint(0, 1000, (4, 257), device="cuda")
+    mask, pos = side_inputs(kind, (4, 257), "cuda")
+    for seed in SEEDS:
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=77, attention_mask=mask, position_ids=pos,
+                              backend="triton")
+        ref = noisy_embedding(ids, weight, 5.0, seed=seed, offset=77, attention_mask=mask, position_ids=pos,
+                              backend="torch")
+        assert_bits_equal(out, ref)
+    assert_bits_equal(out, expected(ids, weight, 5.0, seed, 77, mask, pos, "per_sequence"))
+
+
+def test_64_bit_row_offsets():
+    """V * d > 2**31: rows past the int32 range are read from the right place."""
+    vocab, d = (1 << 20) + 64, 2048
+    weight = torch.randn(vocab, d, dtype=torch.bfloat16, device="cuda")
+    ids = torch.tensor([[vocab - 1, vocab - 2, 0, (1 << 20) + 7]], device="cuda")
+    out = noisy_embedding(ids, weight, 5.0, seed=3, backend="triton")
+    assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=3, backend="torch"))
+    weight.requires_grad_()
+    noisy_embedding(ids, weight, 5.0, seed=3, backend="triton").float().sum().backward()
+    assert (weight.grad[vocab - 1] == 1).all() and (weight.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compiled_backward_matches_f_embedding(dtype, deterministic):
+    weight = make_weight(512, 1024, dtype, "cuda").requires_grad_()
+    ids = torch.randint(0, 64, (8, 512), device="cuda")
+    grad_out = torch.randn(8, 512, 1024, device="cuda", dtype=dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="triton").backward(grad_out)
+        first = weight.grad.clone()
+        weight.grad = None
+        noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="triton").backward(grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ref_weight = weight.detach().float().requires_grad_()
+    F.embedding(ids, ref_weight, padding_idx=3).backward(grad_out.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(first.float(), ref_weight.grad.to(dtype).float(), rtol=tol, atol=1e-4)
+    assert (first[3] == 0).all()
+    if deterministic:
+        assert_bits_equal(weight.grad, first)
+
+
+def test_module_on_cuda_uses_triton_without_host_device_sync():
+    emb = NoisyEmbedding(1000, 512, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (4, 128), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[:, 100:] = 0
+    torch.manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = emb(ids, attention_mask=mask)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.manual_seed(0)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, attention_mask=mask, backend="torch"))
