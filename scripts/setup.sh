@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv for the demo/benchmark and the tests on a fresh machine.
+# Set up .venv for the benchmark and the tests on a fresh machine.
 # torch is installed first and pinned to the CPU wheel on this machine's disk: any other spec
 # would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -10,4 +10,4 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then  # already set up: keep it
   .venv/bin/pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/pip install --quiet -e ".[test,bench]"

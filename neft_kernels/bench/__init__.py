@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m neft_kernels.bench --help``."""

@@ -1,0 +1,119 @@
+"""``python -m neft_kernels.bench``: NEFTune forward/backward against the hook, compiled peers and
+plain embedding, side by side in one run, on the best device present.
+
+Reports the median time and spread, peak memory, achieved GB/s against the bytes each pass must
+move, and that as a percentage of this machine's copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import measure, report
+from .impls import implementations
+
+PASSES = ("forward", "backward", "forward_backward")
+MODELS = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "small": (1024, 32000)}
+
+
+def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
+    """(B, L, d, V) to run: GPU 2k-16k tokens per batch; CPU fewer (the reference is slow)."""
+    if device.type == "cuda":
+        if quick:
+            return [(8, 1024, 4096, 32000)]
+        return [(b, 1024, d, v) for d, v in MODELS.values() for b in (2, 4, 8, 16)]
+    if quick:
+        return [(2, 512, 1024, 32000)]
+    return [(1, 512, 4096, 32000), (4, 512, 4096, 32000), (4, 512, 4096, 128256),
+            (1, 512, 1024, 32000), (8, 512, 1024, 32000)]
+
+
+def _inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, d, generator=gen).to(dtype).to(device).requires_grad_()
+    ids = torch.randint(0, vocab, (b, length), generator=gen).to(device)
+    # Real lengths from half the row to all of it: padding as in a typical instruction batch.
+    real = torch.linspace(length // 2, length, b).long()
+    mask = (torch.arange(length)[None, :] < real[:, None]).long().to(device)
+    grad_out = torch.randn(b, length, d, generator=gen).to(dtype).to(device)
+    return ids, weight, mask, grad_out
+
+
+def _pass_fn(pass_: str, fn, ids, weight, mask, grad_out):
+    if pass_ == "forward":
+        return lambda: fn(ids, weight, mask)
+    if pass_ == "backward":
+        out = fn(ids, weight, mask)
+        return lambda: torch.autograd.grad(out, weight, grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(ids, weight, mask), weight, grad_out)
+
+
+def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: list[str] | None = None,
+        progress: bool = True) -> list[dict]:
+    """Every (shape, dtype, pass, implementation) record, with the copy bandwidth measured first."""
+    on_gpu = device.type == "cuda"
+    reps, inner = (30, 10) if on_gpu else ((5, 1) if quick else (10, 1))
+    copy_gbps = measure.copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 28), reps=reps)
+    impls = implementations(device, backends)
+    meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(), "copy_gbps": copy_gbps}
+    records = []
+    configs = [(s, dt, p) for s in shapes(device, quick) for dt in dtypes for p in PASSES]
+    for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
+        ids, weight, mask, grad_out = _inputs(b, length, d, vocab, dtype, device)
+        fns = {i: _pass_fn(pass_, i.fn, ids, weight, mask, grad_out) for i in impls}
+        times = measure.interleaved_times(fns, device, reps=reps, inner=inner)
+        elem = weight.element_size()
+        moved = measure.bytes_moved(pass_, b * length, d, vocab, elem)
+        rows = []
+        for impl, fn in fns.items():
+            stats = measure.summary(times[impl])
+            gbps = moved / (stats["median_ms"] / 1e3) / 1e9
+            rows.append({"impl": impl.name, "backend": impl.backend, "pass": pass_, "shape": [b, length, d, vocab],
+                         "B": b, "L": length, "d": d, "V": vocab, "tokens": b * length,
+                         "dtype": str(dtype).removeprefix("torch."), **stats,
+                         "peak_bytes": measure.peak_bytes(fn, device), "output_bytes": b * length * d * elem,
+                         "bytes_moved": moved, "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_gbps, **meta})
+        hook_ms = next(r["median_ms"] for r in rows if r["impl"] == "hf_hook")
+        for r in rows:
+            r["speedup_vs_hf_hook"] = hook_ms / r["median_ms"]
+        records += rows
+    return records
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m neft_kernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+                        help="repeatable; default both")
+    parser.add_argument("--backend", action="append", help="neft backends to time (default: the device's best)")
+    parser.add_argument("--quick", action="store_true", help="one shape, few reps (under 3 minutes on 2 CPU cores)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--csv", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
+    records = run(device, dtypes, args.quick, args.backend, progress=not args.no_progress)
+    first = records[0]
+    print(f"\n{first['device_name']} ({first['device']}, {first['threads']} threads), torch {first['torch']}, "
+          f"{first['date']}; copy bandwidth {first['copy_gbps']:.1f} GB/s")
+    print(report.table(records))
+    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(records, path)
+    return records
+
+
+if __name__ == "__main__":
+    main()

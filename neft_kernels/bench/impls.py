@@ -1,0 +1,67 @@
+"""The implementations the benchmark compares, each a ``(ids, weight, mask) -> output`` callable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import noisy_embedding
+
+ALPHA = 5.0
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    backend: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)
+
+
+def hf_hook(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' ``neftune_post_forward_hook`` on a plain lookup: L = padded width."""
+    out = F.embedding(ids, weight)
+    dims = torch.tensor(out.size(1) * out.size(2))
+    mag = ALPHA / torch.sqrt(dims)
+    return out + torch.zeros_like(out).uniform_(-mag, mag)
+
+
+def rand_like(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same noise written for inductor, which fuses it into one kernel: the strongest peer."""
+    out = F.embedding(ids, weight)
+    mag = ALPHA / (out.size(1) * out.size(2)) ** 0.5
+    return out + (torch.rand_like(out) * 2 - 1) * mag
+
+
+def _neft(backend: str):
+    def fn(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return noisy_embedding(ids, weight, ALPHA, seed=1234, attention_mask=mask, backend=backend)
+    return fn
+
+
+def neft_backends(device: torch.device) -> list[str]:
+    """The backends of ours worth timing on a device (the interpreter is a test tool, not one)."""
+    return ["triton"] if device.type == "cuda" else ["torch"]
+
+
+def implementations(device: torch.device, backends: list[str] | None = None) -> list[Impl]:
+    """Every implementation, in table order; compiled ones are compiled lazily on first call."""
+    import torch._dynamo
+
+    # One compiled graph per (shape, dtype, pass): never fall back to eager silently.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    impls = [
+        Impl("embedding", "eager", embedding),
+        Impl("hf_hook", "eager", hf_hook),
+        Impl("hf_hook_compiled", "inductor", torch.compile(hf_hook)),
+        Impl("rand_like_compiled", "inductor", torch.compile(rand_like)),
+    ]
+    impls += [Impl("neft", b, _neft(b)) for b in (backends or neft_backends(device))]
+    return impls

@@ -1,0 +1,105 @@
+"""Timing, peak memory and the bytes each pass must move.
+
+Timing interleaves the implementations rep by rep, so that drift in clocks or load spreads over all
+of them; each sample times ``inner`` calls (CUDA events on GPU, ``perf_counter`` on CPU).
+
+Peak memory is what one call allocates beyond what existed before it: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the peak of the running sum of every allocation and free
+that PyTorch's CPU allocator reports to the profiler (``profile_memory=True``) during the call,
+which covers eager ops, Triton launchers and inductor-generated code alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto announces every profiler start/stop on fd 2; keep the progress bar readable."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated at the peak of one call of ``fn`` beyond those live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - base
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max([0, *itertools.accumulate(e.nbytes() for e in events)])
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                      inner: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call: ``reps`` samples of each function, taken in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3 / inner)
+            else:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median and spread (20th-80th percentile) in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    q = statistics.quantiles(ms, n=5) if len(ms) > 1 else [ms[0]] * 4
+    return {"median_ms": statistics.median(ms), "p20_ms": q[0], "p80_ms": q[-1], "samples": len(ms)}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """This machine's device-memory copy bandwidth in GB/s (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = interleaved_times({"copy": lambda: dst.copy_(src)}, device, reps=reps, inner=2)["copy"]
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def bytes_moved(pass_: str, tokens: int, d: int, vocab: int, elem: int) -> int:
+    """Bytes a pass must move at the least.
+
+    forward: read ids and the looked-up rows, write the output (+4 B/token of scale).
+    backward: read the output gradient and ids, write the dense (V, d) weight gradient.
+    """
+    forward = tokens * (8 + 4) + 2 * tokens * d * elem
+    backward = tokens * 8 + tokens * d * elem + vocab * d * elem
+    return {"forward": forward, "backward": backward, "forward_backward": forward + backward}[pass_]

@@ -1,0 +1,58 @@
+"""The benchmark command in quick mode (as CI runs it) and its measuring tools."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from neft_kernels.bench import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_peak_bytes_counts_what_a_call_allocates_on_cpu():
+    x = torch.ones(1 << 20)
+    # the output, plus a few bytes for the wrapped scalar
+    assert 4 << 20 <= measure.peak_bytes(lambda: x * 2, torch.device("cpu")) < (4 << 20) + 1024
+    # a temporary freed inside the call still counts at its peak
+    assert measure.peak_bytes(lambda: (x * 2 + 1).sum(), torch.device("cpu")) >= 8 << 20
+
+
+def test_interleaved_times_and_summary():
+    samples = measure.interleaved_times({"a": lambda: torch.ones(10), "b": lambda: torch.ones(1000)},
+                                        torch.device("cpu"), reps=4, inner=2)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4}
+    stats = measure.summary(samples["a"])
+    assert 0 < stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"]
+
+
+def test_quick_benchmark_writes_json_csv_and_plot(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "neft_kernels.bench", "--quick", "--no-progress", "--device", "cpu",
+         "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    impls = {(r["impl"], r["backend"]) for r in records}
+    assert impls == {("embedding", "eager"), ("hf_hook", "eager"), ("hf_hook_compiled", "inductor"),
+                     ("rand_like_compiled", "inductor"), ("neft", "torch")}
+    assert {r["pass"] for r in records} == {"forward", "backward", "forward_backward"}
+    assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
+    assert len(records) == 5 * 3 * 2
+    for r in records:
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_of_copy_bw"] > 0
+        assert len(r["shape"]) == 4 and r["device"] == "cpu"
+    fwd = {(r["impl"], r["dtype"]): r for r in records if r["pass"] == "forward"}
+    for dtype in ("float32", "bfloat16"):
+        # the floor allocates exactly its output; the hook two more B x L x d buffers
+        assert fwd["embedding", dtype]["peak_bytes"] == fwd["embedding", dtype]["output_bytes"]
+        assert fwd["hf_hook", dtype]["peak_bytes"] >= 3 * fwd["hf_hook", dtype]["output_bytes"]
+    with open(tmp_path / "r.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert "rand_like_compiled" in res.stdout and "copy bandwidth" in res.stdout
