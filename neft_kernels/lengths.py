@@ -62,7 +62,9 @@ def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
     cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights, 0)])
     length = (cum[last + 1] - cum[first]).to(torch.float64)
 
-    scale = (alpha / torch.sqrt(length.clamp(min=1) * embedding_dim)).to(torch.float32)
+    root = torch.sqrt(length.clamp(min=1) * embedding_dim)
+    # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.
+    scale = torch.div(torch.full_like(root, alpha), root).to(torch.float32)
     if real is not None:
         scale = torch.where(real, scale, 0.0)
     return scale

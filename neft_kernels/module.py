@@ -68,15 +68,15 @@ class NoisyEmbedding(nn.Embedding):
     def _draw_seed(self) -> int:
         return int(torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator))
 
-    def forward(self, input: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.noise_alpha == 0:
-            return super().forward(input)
+            return super().forward(input_ids)
         if self.max_norm is not None:
             with torch.no_grad():  # F.embedding renormalizes the looked-up rows in place too
-                torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
+                torch.embedding_renorm_(self.weight, input_ids, self.max_norm, self.norm_type)
         return noisy_embedding(
-            input, self.weight, self.noise_alpha, seed=self._draw_seed(),
+            input_ids, self.weight, self.noise_alpha, seed=self._draw_seed(),
             attention_mask=attention_mask, position_ids=position_ids,
             length_mode=self.length_mode, padding_idx=self.padding_idx,
             scale_grad_by_freq=self.scale_grad_by_freq, backend=self.backend,

@@ -66,7 +66,8 @@ def noisy_embedding(
         seed: 64-bit Philox key, any int in ``[-2**63, 2**64)``.
         offset: first Philox counter; lets one seed serve disjoint calls.
         attention_mask: masked tokens (0) get no noise and do not count towards ``L``.
-        position_ids: packed rows; each sub-sequence starts where the value is 0.
+        position_ids: packed rows; each sub-sequence starts where the value is 0. Both may be
+            any shape that broadcasts to ``input_ids``'s.
         length_mode: ``"per_sequence"`` (the paper's per-sequence ``L``) or ``"padded"``
             (Hugging Face's: ``L`` = padded width, every token noised).
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.
@@ -81,6 +82,11 @@ def noisy_embedding(
                                        attention_mask, position_ids, length_mode, backend)
     padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
     d = weight.shape[1]
+    # Hugging Face models often build position_ids as (1, L) for a (B, L) batch.
+    if attention_mask is not None:
+        attention_mask = attention_mask.expand(input_ids.shape)
+    if position_ids is not None:
+        position_ids = position_ids.expand(input_ids.shape)
     scale = token_scales(input_ids.shape, alpha, d, attention_mask=attention_mask,
                          position_ids=position_ids, length_mode=length_mode)
     out = _NoisyEmbeddingFunction.apply(

@@ -35,8 +35,12 @@ def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
 def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Tensor) -> None:
     if tensor is None:
         return
-    if tensor.shape != input_ids.shape:
-        raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+    try:
+        fits = torch.broadcast_shapes(tensor.shape, input_ids.shape) == input_ids.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must have (or broadcast to) the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(tensor.shape)}")
     if tensor.device != input_ids.device:
         raise ValueError(f"{name} on {tensor.device} but input_ids on {input_ids.device}")

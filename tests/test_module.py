@@ -43,6 +43,8 @@ def test_train_mode_is_the_functional_op_with_a_seed_from_torch_generator():
     assert_bits_equal(out, noisy_embedding(ids, emb.weight, 7.0, seed=seed, attention_mask=mask,
                                            backend=BACKEND))
     assert (out[1, 6:] == emb.weight[ids[1, 6:]]).all()  # masked tokens get no noise
+    torch.manual_seed(1234)
+    assert_bits_equal(emb(input_ids=ids, attention_mask=mask), out)  # the documented keyword
     assert not torch.equal(out[0], emb.weight[ids[0]])
 
 

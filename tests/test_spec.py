@@ -102,3 +102,26 @@ def test_noise_statistics(length_mode):
         assert n.norm().item() == pytest.approx(alpha / math.sqrt(3), rel=0.02)
         if length_mode == "per_sequence":
             assert (noise[r, real[r]:] == 0).all()
+
+
+def test_scale_is_one_float64_division_rounded_once():
+    """alpha / sqrt(L * d) with a tensor divisor must not become reciprocal-then-multiply."""
+    alpha, d = 3.4641022345673926, 16  # reciprocal * alpha rounds differently here
+    weight = make_weight(8, d, torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    want = float(np.float32(alpha / math.sqrt(3 * d)))
+    assert token_scales(ids.shape, alpha, d) == want
+    assert token_scales(ids.shape, alpha, d, attention_mask=torch.ones(1, 3, dtype=torch.long)).tolist() == [want] * 3
+    for backend in ("torch", "triton"):
+        masked = noisy_embedding(ids, weight, alpha, seed=1, attention_mask=torch.ones(1, 3, dtype=torch.long), backend=backend)
+        assert_bits_equal(masked, noisy_embedding(ids, weight, alpha, seed=1, backend=backend))
+        assert_bits_equal(masked, expected(ids, weight, alpha, 1, 0, torch.ones(1, 3, dtype=torch.long), None, "per_sequence"))
+
+
+def test_side_inputs_broadcast_like_hugging_face_position_ids():
+    weight = make_weight(20, 8, torch.float32)
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    out = noisy_embedding(ids, weight, 5.0, seed=2, position_ids=pos, backend="torch")
+    assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=2, position_ids=pos.expand(3, 6), backend="torch"))
+    assert_bits_equal(out, expected(ids, weight, 5.0, 2, 0, None, pos.expand(3, 6), "per_sequence"))

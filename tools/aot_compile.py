@@ -85,7 +85,7 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
                 compiled = triton.compile(
                     ASTSource(fn=fn, signature=sig, constexprs=consts),
                     target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": 4, "enable_fp_fusion": False},
+                    options=kernels.LAUNCH_OPTIONS,  # what the launchers use
                 )
                 stem = f"{name}_{re.sub(r'[^a-z0-9]+', '_', variant)}_sm{arch}"
                 cubin = out_dir / f"{stem}.cubin"

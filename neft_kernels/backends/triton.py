@@ -20,7 +20,7 @@ _FWD_ELEMENTS = 4096
 _BWD_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
 # Never let a kernel contract a*b + c into an FMA: spec v1 rounds the product first.
-_LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
+LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float
         0.0 if per_token else float(scale), seed, offset,
         n_tokens, d, q, weight.stride(0),
         PER_TOKEN_SCALE=per_token, IS_BF16=weight.dtype == torch.bfloat16,
-        BLOCK_N=block_n, BLOCK_Q=block_q, **_LAUNCH_OPTIONS,
+        BLOCK_N=block_n, BLOCK_Q=block_q, **LAUNCH_OPTIONS,
     )
     return out
 
@@ -191,7 +191,7 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
         _embedding_bwd_segmented_kernel[(n_tokens, triton.cdiv(d, block_d))](
             grad, sorted_ids, order, seg_end, _bits_view(grad_weight), d, pad,
             SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16, OUT_IS_BF16=is_bf16,
-            BLOCK_D=block_d, **_LAUNCH_OPTIONS,
+            BLOCK_D=block_d, **LAUNCH_OPTIONS,
         )
         return grad_weight
 
@@ -204,6 +204,6 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
     _embedding_bwd_atomic_kernel[(triton.cdiv(n_tokens, block_n), triton.cdiv(d, block_d))](
         grad, ids, counts, acc, n_tokens, d, pad,
         SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16,
-        BLOCK_N=block_n, BLOCK_D=block_d, **_LAUNCH_OPTIONS,
+        BLOCK_N=block_n, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)

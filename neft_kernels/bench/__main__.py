@@ -56,14 +56,15 @@ def _pass_fn(pass_: str, fn, ids, weight, mask, grad_out):
 
 def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: list[str] | None = None,
         progress: bool = True) -> list[dict]:
-    """Every (shape, dtype, pass, implementation) record, with the copy bandwidth measured first."""
+    """Every (shape, dtype, pass, implementation) record, against the copy bandwidth of this run."""
     on_gpu = device.type == "cuda"
     reps, inner = (30, 10) if on_gpu else ((5, 1) if quick else (10, 1))
-    copy_gbps = measure.copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 28), reps=reps)
+    copy_bytes = (1 << 30) if on_gpu else (1 << 28)
+    copy_gbps = measure.copy_bandwidth(device, copy_bytes, reps=reps)
     impls = implementations(device, backends)
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
-            "threads": torch.get_num_threads(), "copy_gbps": copy_gbps}
+            "threads": torch.get_num_threads()}
     records = []
     configs = [(s, dt, p) for s in shapes(device, quick) for dt in dtypes for p in PASSES]
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
@@ -80,11 +81,16 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
                          "B": b, "L": length, "d": d, "V": vocab, "tokens": b * length,
                          "dtype": str(dtype).removeprefix("torch."), **stats,
                          "peak_bytes": measure.peak_bytes(fn, device), "output_bytes": b * length * d * elem,
-                         "bytes_moved": moved, "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_gbps, **meta})
+                         "bytes_moved": moved, "gbps": gbps, **meta})
         hook_ms = next(r["median_ms"] for r in rows if r["impl"] == "hf_hook")
         for r in rows:
             r["speedup_vs_hf_hook"] = hook_ms / r["median_ms"]
         records += rows
+    # Load from elsewhere can only lower a bandwidth: keep the better of a first and a last reading.
+    copy_gbps = max(copy_gbps, measure.copy_bandwidth(device, copy_bytes, reps=reps))
+    for r in records:
+        r["copy_gbps"] = copy_gbps
+        r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps
     return records
 
 
