@@ -42,35 +42,49 @@ def write_csv(records: list[dict], path: Path) -> None:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Speed-up over the hook against tokens per batch (one panel per pass), and forward memory."""
+    """Speed-up over the hook against tokens per batch (one panel per pass), and forward memory.
+
+    Colour: implementation; line: dtype (solid bf16, dashed fp32); marker: model shape (d, V).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     passes = ["forward", "backward", "forward_backward"]
-    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    label = lambda r: f"{r['impl']}[{r['backend']}]"  # noqa: E731
+    impls = list(dict.fromkeys(label(r) for r in records))
+    models = list(dict.fromkeys((r["d"], r["V"]) for r in records))
+    colours = {i: f"C{k}" for k, i in enumerate(impls)}
+    markers = {m: "os^Dv"[k % 5] for k, m in enumerate(models)}
+    styles = {"bfloat16": "-", "float32": "--"}
+
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.5))
     series: dict[tuple, list[tuple[int, float]]] = {}
     for r in records:
-        key = (r["pass"], f"{r['impl']}[{r['backend']}]", r["dtype"], r["d"], r["V"])
-        series.setdefault(key, []).append((r["tokens"], r["speedup_vs_hf_hook"]))
-    for (pass_, impl, dtype, d, vocab), points in sorted(series.items()):
-        ax = axes[passes.index(pass_)]
+        series.setdefault((r["pass"], label(r), r["dtype"], (r["d"], r["V"])), []).append(
+            (r["tokens"], r["speedup_vs_hf_hook"]))
+    for (pass_, impl, dtype, model), points in series.items():
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", linestyle="-" if dtype == "bfloat16" else "--",
-                label=f"{impl} {dtype} d={d} V={vocab}")
+        axes[passes.index(pass_)].plot(xs, ys, color=colours[impl], linestyle=styles.get(dtype, ":"),
+                                       marker=markers[model])
     for ax, pass_ in zip(axes, passes):
-        ax.set(title=f"{pass_}: speed-up over hf_hook", xlabel="tokens per batch", ylabel="x hf_hook", xscale="log")
+        ax.set(title=f"{pass_}: speed-up over hf_hook", xlabel="tokens per batch", ylabel="x hf_hook",
+               xscale="log", yscale="log")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-    axes[0].legend(fontsize=6)
 
     fwd = [r for r in records if r["pass"] == "forward"]
-    impls = sorted({f"{r['impl']}[{r['backend']}]" for r in fwd})
-    ratio = {i: [r["peak_bytes"] / r["output_bytes"] for r in fwd if f"{r['impl']}[{r['backend']}]" == i]
-             for i in impls}
-    axes[3].bar(impls, [max(ratio[i]) for i in impls])
-    axes[3].set(title="forward peak memory (max over shapes)", ylabel="peak bytes / output bytes")
-    axes[3].tick_params(axis="x", rotation=30, labelsize=7)
-    fig.tight_layout()
+    worst = [max(r["peak_bytes"] / r["output_bytes"] for r in fwd if label(r) == i) for i in impls]
+    axes[3].bar(range(len(impls)), worst, color=[colours[i] for i in impls])
+    axes[3].set_xticks(range(len(impls)), impls, rotation=30, fontsize=7)
+    axes[3].set(title="forward peak memory (worst shape)", ylabel="peak bytes / output bytes")
+
+    handles = [Line2D([], [], color=colours[i], label=i) for i in impls]
+    handles += [Line2D([], [], color="k", linestyle=v, label=k) for k, v in styles.items()]
+    handles += [Line2D([], [], color="k", marker=markers[m], linestyle="", label=f"d={m[0]} V={m[1]}")
+                for m in models]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
