@@ -1,5 +1,34 @@
-"""Package build. Metadata lives in pyproject.toml; compiled extensions are added here."""
+"""Package build. Metadata lives in pyproject.toml; this file adds the compiled backends.
+
+* ``neft_kernels._C_cpu``: always (unless ``NEFT_KERNELS_BUILD_EXT=0``).
+* ``neft_kernels._C_cuda``: when torch was built with CUDA and nvcc is found.
+
+Build without isolation so that the installed torch is the one compiled against:
+``pip install --no-build-isolation -e .``.
+"""
+
+import os
 
 from setuptools import setup
 
-setup()
+HOST_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]  # spec v1: no contraction into FMA
+CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def extensions():
+    if os.environ.get("NEFT_KERNELS_BUILD_EXT", "1") == "0":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    exts = [CppExtension("neft_kernels._C_cpu", ["csrc/cpu/noisy_embedding_cpu.cpp"],
+                         extra_compile_args=HOST_FLAGS, extra_link_args=["-fopenmp"])]
+    if torch.version.cuda and CUDA_HOME:
+        exts.append(CUDAExtension(
+            "neft_kernels._C_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/noisy_embedding.cu"],
+            extra_compile_args={"cxx": HOST_FLAGS, "nvcc": ["-O3", "--fmad=false", *CUDA_ARCHS]}))
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from . import validation
-from .backends import reference
+from .backends import resolve
 from .lengths import token_scales
-
-
-def _backend_module(name: str, device: torch.device) -> ModuleType:
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return reference
-    from .backends import triton as triton_backend  # imported lazily: triton is only needed here
-
-    return triton_backend
 
 
 class _NoisyEmbeddingFunction(torch.autograd.Function):
@@ -72,7 +60,8 @@ def noisy_embedding(
             (Hugging Face's: ``L`` = padded width, every token noised).
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.
         scale_grad_by_freq: divide each row's gradient by its id's count in the batch.
-        backend: ``"triton"``, ``"torch"`` (the reference) or ``"auto"``.
+        backend: ``"triton"``, ``"cpu"``, ``"cuda"`` (compiled ``csrc/``), ``"torch"`` (the
+            reference) or ``"auto"`` (CUDA: triton, else cuda; CPU: cpu, else torch).
 
     Returns:
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable
@@ -91,6 +80,6 @@ def noisy_embedding(
                          position_ids=position_ids, length_mode=length_mode)
     out = _NoisyEmbeddingFunction.apply(
         input_ids.reshape(-1), weight, scale, seed, offset, padding_idx, scale_grad_by_freq,
-        _backend_module(backend, weight.device),
+        resolve(backend, weight.device),
     )
     return out.view(*input_ids.shape, d)

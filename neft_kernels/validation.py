@@ -9,7 +9,7 @@ import torch
 from .lengths import LENGTH_MODES
 from .spec import SUPPORTED_DTYPES, num_lanes
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 

@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The compiled CPU backend is part of every build unless NEFT_KERNELS_BUILD_EXT=0 turned it off:
+# a missing extension is then a failure, not a skip.
+requires_cpu_ext = pytest.mark.skipif(os.environ.get("NEFT_KERNELS_BUILD_EXT") == "0",
+                                      reason="built with NEFT_KERNELS_BUILD_EXT=0")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Bits view of each dtype, so that comparisons are bit for bit (NaN and -0.0 included).

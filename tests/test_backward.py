@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from cases import make_weight
-from conftest import DEVICE, assert_bits_equal
+from conftest import DEVICE, assert_bits_equal, requires_cpu_ext
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import triton as triton_backend
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", pytest.param("cpu", marks=requires_cpu_ext)]
 # bf16/fp16 gradients are summed in float32 and rounded once, so they may differ from the
 # float32 sum rounded to the dtype by one unit in the last place where summation order differs.
 TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -17,12 +17,17 @@ TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
               torch.float16: dict(rtol=2**-10, atol=1e-5)}
 
 
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEVICE
+
+
 def _grads(backend, dtype, padding_idx, scale_grad_by_freq, d=19, vocab=23):
-    weight = make_weight(vocab, d, dtype, DEVICE).requires_grad_()
+    dev = _device(backend)
+    weight = make_weight(vocab, d, dtype, dev).requires_grad_()
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 6, (4, 33), generator=gen).to(DEVICE)  # heavy repetition of 6 ids
+    ids = torch.randint(0, 6, (4, 33), generator=gen).to(dev)  # heavy repetition of 6 ids
     ids[0, :5] = vocab - 1
-    grad_out = torch.randn(4, 33, d, generator=gen).to(dtype).to(DEVICE)
+    grad_out = torch.randn(4, 33, d, generator=gen).to(dtype).to(dev)
     out = noisy_embedding(ids, weight, 5.0, seed=11, padding_idx=padding_idx,
                           scale_grad_by_freq=scale_grad_by_freq, backend=backend)
     out.backward(grad_out)
@@ -53,9 +58,10 @@ def test_weight_grad_matches_f_embedding(backend, dtype, padding_idx, scale_grad
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_low_precision_grads_accumulate_in_float32(backend, dtype, deterministic):
     """4096 unit gradients into one row: a bf16 (fp16) running sum stalls at 256 (2048)."""
-    weight = torch.zeros(4, 8, dtype=dtype, device=DEVICE, requires_grad=True)
-    ones = torch.ones(4096, 8, dtype=dtype, device=DEVICE)
-    split = torch.full((4096,), 1, device=DEVICE)
+    dev = _device(backend)
+    weight = torch.zeros(4, 8, dtype=dtype, device=dev, requires_grad=True)
+    ones = torch.ones(4096, 8, dtype=dtype, device=dev)
+    split = torch.full((4096,), 1, device=dev)
     split[::2] = 2
     torch.use_deterministic_algorithms(deterministic)
     try:

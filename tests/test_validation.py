@@ -30,7 +30,7 @@ def _call(**kw):
     (dict(position_ids=torch.zeros(2, dtype=torch.long)), ValueError, "position_ids"),
     (dict(position_ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, "position_ids"),
     (dict(length_mode="flattened"), ValueError, "length_mode"),
-    (dict(backend="cpu"), ValueError, "backend"),
+    (dict(backend="mps"), ValueError, "backend"),
     (dict(padding_idx=5), ValueError, "padding_idx"),
 ])
 def test_refused(kwargs, error, match):

@@ -1,0 +1,250 @@
+// CPU kernels: the fused NEFTune forward (spec v1, bit-exact) and the deterministic embedding
+// backward with float32 accumulation. Parallel over tokens; the inner loop runs over a block of
+// quarter lanes so that the Philox rounds vectorise.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "../philox.h"
+
+namespace {
+
+constexpr int64_t kLaneBlock = 64;  // quarter lanes per Philox batch; a multiple of 16
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define NEFT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define NEFT_HAVE_AVX512 1
+#else
+#define NEFT_CLONES
+#define NEFT_HAVE_AVX512 0
+#endif
+
+using WordBlock = uint32_t[4][kLaneBlock];
+
+// Portable batch: the compiler vectorises the lane loop (64-bit products of 32-bit words).
+NEFT_CLONES void philox_block_generic(uint64_t first_counter, uint64_t seed, int64_t count, WordBlock& words) {
+  for (int64_t i = 0; i < count; ++i) {
+    const neft::Words4 r = neft::philox4x32_10(first_counter + static_cast<uint64_t>(i), seed);
+    words[0][i] = r.r[0];
+    words[1][i] = r.r[1];
+    words[2][i] = r.r[2];
+    words[3][i] = r.r[3];
+  }
+}
+
+#if NEFT_HAVE_AVX512
+// Hi and lo words of a * b in 16 lanes: even lanes from one vpmuludq, odd lanes from another.
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i b, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, b);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// The same words, 16 lanes per instruction; writes whole groups of 16 (the block has room).
+__attribute__((target("avx512f"))) void philox_block_avx512(uint64_t first_counter, uint64_t seed, int64_t count,
+                                                              WordBlock& words) {
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(neft::kPhiloxMulA));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(neft::kPhiloxMulB));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = 0; i < count; i += 16) {
+    const uint64_t c = first_counter + static_cast<uint64_t>(i);
+    const __m512i lo_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c)));
+    const __m512i hi_base = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    __m512i c0 = _mm512_add_epi32(lo_base, iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo_base);  // low word wrapped: bump the high one
+    __m512i c1 = _mm512_mask_add_epi32(hi_base, carry, hi_base, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_a, lo_a, hi_b, lo_b;
+      mulhilo16(mul_a, c0, &hi_a, &lo_a);
+      mulhilo16(mul_b, c2, &hi_b, &lo_b);
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // 3-way xor
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo_b;
+      c3 = lo_a;
+      k0 += neft::kPhiloxKeyA;
+      k1 += neft::kPhiloxKeyB;
+    }
+    _mm512_storeu_si512(words[0] + i, c0);
+    _mm512_storeu_si512(words[1] + i, c1);
+    _mm512_storeu_si512(words[2] + i, c2);
+    _mm512_storeu_si512(words[3] + i, c3);
+  }
+}
+#endif
+
+void philox_block(uint64_t first_counter, uint64_t seed, int64_t count, WordBlock& words) {
+#if NEFT_HAVE_AVX512
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return philox_block_avx512(first_counter, seed, count, words);
+#endif
+  philox_block_generic(first_counter, seed, count, words);
+}
+
+// One quarter's run of dims: widen, add e * scale (spec v1 rounding), narrow. One per dtype so
+// that each gets its own vector clones.
+NEFT_CLONES void noise_run(const float* row, float* dst, const uint32_t* words, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = neft::noisy_value(row[i], words[i], scale);
+}
+NEFT_CLONES void noise_run(const uint16_t* row, uint16_t* dst, const uint32_t* words, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = neft::to_bf16_bits(neft::noisy_value(neft::from_bf16_bits(row[i]), words[i], scale));
+}
+NEFT_CLONES void noise_run(const c10::Half* row, c10::Half* dst, const uint32_t* words, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(neft::noisy_value(static_cast<float>(row[i]), words[i], scale));
+}
+
+template <typename T>
+inline float load_f32(const T* p) {
+  return static_cast<float>(*p);
+}
+template <>
+inline float load_f32<uint16_t>(const uint16_t* p) {  // bfloat16 as raw words
+  return neft::from_bf16_bits(*p);
+}
+
+template <typename T>
+inline T from_f32(float v) {
+  return static_cast<T>(v);  // float: identity; c10::Half: round to nearest even
+}
+template <>
+inline uint16_t from_f32<uint16_t>(float v) {
+  return neft::to_bf16_bits(v);
+}
+
+template <typename T>
+void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scales, float scale_value,
+                  uint64_t seed, uint64_t offset, int64_t first, int64_t last, int64_t d, int64_t w_stride) {
+  const int64_t q = (d + 3) / 4;
+  alignas(64) WordBlock words;
+  for (int64_t n = first; n < last; ++n) {
+    const float scale = scales ? scales[n] : scale_value;
+    const T* row = weight + ids[n] * w_stride;
+    T* dst = out + n * d;
+    for (int64_t k0 = 0; k0 < q; k0 += kLaneBlock) {
+      const int64_t count = std::min(kLaneBlock, q - k0);
+      philox_block(offset + static_cast<uint64_t>(n * q + k0), seed, count, words);
+      for (int64_t w = 0; w < 4; ++w) {
+        const int64_t j0 = w * q + k0;
+        noise_run(row + j0, dst + j0, words[w], std::min(count, d - j0), scale);
+      }
+    }
+  }
+}
+
+template <typename T>
+void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, torch::Tensor& out,
+                      const c10::optional<torch::Tensor>& scales, double scale_value, uint64_t seed,
+                      uint64_t offset) {
+  const int64_t n_tokens = ids.numel(), d = weight.size(1), w_stride = weight.stride(0);
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+  const T* w_ptr = reinterpret_cast<const T*>(weight.data_ptr());
+  T* o_ptr = reinterpret_cast<T*>(out.data_ptr());
+  const float* s_ptr = scales ? scales->data_ptr<float>() : nullptr;
+  const float s_val = static_cast<float>(scale_value);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n_tokens, grain, [&](int64_t first, int64_t last) {
+    forward_rows<T>(id_ptr, w_ptr, o_ptr, s_ptr, s_val, seed, offset, first, last, d, w_stride);
+  });
+}
+
+}  // namespace
+
+// (N,) int64 ids into a (V, d) weight -> (N, d) noisy rows, spec v1. ``scales``: (N,) float32
+// per-token scales, or none to use ``scale_value`` (already a float32 value) for every token.
+torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
+                                      const c10::optional<torch::Tensor>& scales_in, double scale_value,
+                                      int64_t seed, int64_t offset) {
+  TORCH_CHECK(weight_in.dim() == 2, "weight must be 2-D");
+  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
+  const torch::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  c10::optional<torch::Tensor> scales;
+  if (scales_in) scales = scales_in->to(torch::kFloat).contiguous();
+  torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
+  if (ids.numel() == 0 || weight.size(1) == 0) return out;
+  const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+  switch (weight.scalar_type()) {
+    case torch::kFloat: dispatch_forward<float>(ids, weight, out, scales, scale_value, s, o); break;
+    case torch::kBFloat16: dispatch_forward<uint16_t>(ids, weight, out, scales, scale_value, s, o); break;
+    case torch::kHalf: dispatch_forward<c10::Half>(ids, weight, out, scales, scale_value, s, o); break;
+    default: TORCH_CHECK(false, "weight dtype must be float32, bfloat16 or float16, got ", weight.scalar_type());
+  }
+  return out;
+}
+
+namespace {
+
+template <typename T>
+void backward_segments(const T* grad, const int64_t* order, const int64_t* sorted,
+                       const std::vector<int64_t>& starts, T* gw, int64_t d, int64_t padding_idx,
+                       bool scale_by_freq) {
+  const int64_t n_segments = static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, n_segments, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> acc(d);
+    for (int64_t s = first; s < last; ++s) {
+      const int64_t begin = starts[s], end = starts[s + 1], id = sorted[begin];
+      if (id == padding_idx) continue;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t i = begin; i < end; ++i) {  // fixed order: deterministic
+        const T* g = grad + order[i] * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += load_f32(g + j);
+      }
+      const float count = static_cast<float>(end - begin);
+      T* dst = gw + id * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = from_f32<T>(scale_by_freq ? acc[j] / count : acc[j]);
+    }
+  });
+}
+
+}  // namespace
+
+// (N, d) grad rows -> (V, d) weight gradient in grad's dtype: summed per id in float32 in token
+// order, rounded once; the padding row gets none; optional division by each id's count.
+torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tensor& ids_in, int64_t num_weights,
+                                 int64_t padding_idx, bool scale_grad_by_freq) {
+  const torch::Tensor grad = grad_in.contiguous();
+  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
+  const int64_t n = ids.numel(), d = grad.size(1);
+  torch::Tensor gw = torch::zeros({num_weights, d}, grad.options());
+  if (n == 0 || d == 0) return gw;
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id_ptr[a] < id_ptr[b]; });
+  std::vector<int64_t> sorted(n), starts;
+  for (int64_t i = 0; i < n; ++i) {
+    sorted[i] = id_ptr[order[i]];
+    if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
+  }
+  starts.push_back(n);
+  switch (grad.scalar_type()) {
+    case torch::kFloat:
+      backward_segments<float>(grad.data_ptr<float>(), order.data(), sorted.data(), starts,
+                               gw.data_ptr<float>(), d, padding_idx, scale_grad_by_freq);
+      break;
+    case torch::kBFloat16:
+      backward_segments<uint16_t>(reinterpret_cast<const uint16_t*>(grad.data_ptr()), order.data(),
+                                  sorted.data(), starts, reinterpret_cast<uint16_t*>(gw.data_ptr()), d,
+                                  padding_idx, scale_grad_by_freq);
+      break;
+    case torch::kHalf:
+      backward_segments<c10::Half>(grad.data_ptr<c10::Half>(), order.data(), sorted.data(), starts,
+                                   gw.data_ptr<c10::Half>(), d, padding_idx, scale_grad_by_freq);
+      break;
+    default: TORCH_CHECK(false, "grad dtype must be float32, bfloat16 or float16, got ", grad.scalar_type());
+  }
+  return gw;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1");
+  m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");
+}

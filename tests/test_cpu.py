@@ -1,0 +1,76 @@
+"""The compiled CPU backend (csrc/cpu) against the spec model, and its backend selection."""
+
+import warnings
+
+import pytest
+import torch
+
+from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from conftest import DTYPES, assert_bits_equal, requires_cpu_ext
+from neft_kernels import noisy_embedding
+from neft_kernels.backends import resolve
+
+pytestmark = requires_cpu_ext
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", DIMS + [4099])
+@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
+@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+def test_cpu_forward_matches_spec_model(dtype, d, kind, length_mode):
+    weight = make_weight(37, d, dtype)
+    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d))
+    mask, pos = side_inputs(kind, (3, 11))
+    for seed, offset in zip(SEEDS, OFFSETS * 2):
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
+                              position_ids=pos, length_mode=length_mode, backend="cpu")
+        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_forward_many_tokens_int32_ids_and_counter_carry(dtype):
+    """Enough tokens for several threads; an offset whose low counter word wraps mid-row."""
+    weight = make_weight(500, 300, dtype)
+    ids = torch.randint(0, 500, (4, 129), dtype=torch.int32, generator=torch.Generator().manual_seed(5))
+    offset = 2**32 - 1000
+    out = noisy_embedding(ids, weight, 5.0, seed=77, offset=offset, backend="cpu")
+    assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=77, offset=offset, backend="torch"))
+    assert_bits_equal(out, expected(ids.long(), weight, 5.0, 77, offset, None, None, "per_sequence"))
+
+
+def test_cpu_forward_non_contiguous_weight():
+    base = make_weight(64, 40, torch.float32)
+    weight = base[:, ::2]
+    ids = torch.tensor([[3, 1, 60]])
+    assert_bits_equal(noisy_embedding(ids, weight, 5.0, seed=3, backend="cpu"),
+                      noisy_embedding(ids, weight.contiguous(), 5.0, seed=3, backend="torch"))
+
+
+def test_auto_picks_the_compiled_cpu_backend():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve("auto", torch.device("cpu")).__name__ == "neft_kernels.backends.cpu"
+
+
+def test_cpu_backend_refuses_other_devices():
+    with pytest.raises(ValueError, match="runs on cpu"):
+        resolve("cpu", torch.device("cuda"))
+
+
+def test_missing_backend_is_a_clear_error_and_auto_warns_once(monkeypatch):
+    from neft_kernels import backends
+
+    monkeypatch.setitem(backends._MODULES, "cpu", "not_built")
+    backends._load.cache_clear()
+    backends._warn_fallback.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="backend='cpu' is unavailable"):
+            resolve("cpu", torch.device("cpu"))
+        with pytest.warns(UserWarning, match="'cpu' is unavailable"):
+            assert resolve("auto", torch.device("cpu")).__name__ == "neft_kernels.backends.reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            resolve("auto", torch.device("cpu"))  # once only
+    finally:
+        backends._load.cache_clear()
+        backends._warn_fallback.cache_clear()
