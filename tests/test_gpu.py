@@ -76,3 +76,39 @@ def test_module_on_cuda_uses_triton_without_host_device_sync():
     torch.manual_seed(0)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, attention_mask=mask, backend="torch"))
+
+
+def _cuda_ext_or_skip():
+    try:
+        from neft_kernels import _C_cuda  # noqa: F401
+    except ImportError:
+        pytest.skip("neft_kernels._C_cuda not built (needs nvcc at install time)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "mask", "both"])
+def test_cuda_cpp_backend_matches_reference(dtype, kind):
+    _cuda_ext_or_skip()
+    weight = make_weight(1000, 4096 + 3, dtype, "cuda")
+    ids = torch.randint(0, 1000, (4, 257), device="cuda")
+    mask, pos = side_inputs(kind, (4, 257), "cuda")
+    for seed in SEEDS:
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=9, attention_mask=mask, position_ids=pos,
+                              backend="cuda")
+        assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=seed, offset=9, attention_mask=mask,
+                                               position_ids=pos, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
+    _cuda_ext_or_skip()
+    weight = make_weight(512, 1024, dtype, "cuda").requires_grad_()
+    ids = torch.randint(0, 64, (8, 512), device="cuda")
+    grad_out = torch.randn(8, 512, 1024, device="cuda", dtype=dtype)
+    (first,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="cuda"), weight, grad_out)
+    (second,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="cuda"), weight, grad_out)
+    assert_bits_equal(first, second)
+    ref_weight = weight.detach().float().requires_grad_()
+    F.embedding(ids, ref_weight, padding_idx=3).backward(grad_out.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(first.float(), ref_weight.grad.to(dtype).float(), rtol=tol, atol=1e-4)

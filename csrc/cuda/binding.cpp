@@ -1,0 +1,63 @@
+// Torch binding of the CUDA kernels: checks, the stable sort for the backward, stream and dtype.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "noisy_embedding.h"
+
+namespace {
+
+neft::DType dtype_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return neft::DType::kFloat32;
+    case torch::kBFloat16: return neft::DType::kBFloat16;
+    case torch::kHalf: return neft::DType::kFloat16;
+    default: TORCH_CHECK(false, "dtype must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA launch failed: ", cudaGetErrorString(err)); }
+
+}  // namespace
+
+torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
+                                      const c10::optional<torch::Tensor>& scales_in, double scale_value,
+                                      int64_t seed, int64_t offset) {
+  TORCH_CHECK(weight_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
+  const c10::cuda::CUDAGuard guard(weight_in.device());
+  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
+  const torch::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  c10::optional<torch::Tensor> scales;
+  if (scales_in) scales = scales_in->to(torch::kFloat).contiguous();
+  torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
+  if (ids.numel() == 0 || weight.size(1) == 0) return out;
+  check(neft::noisy_embedding_forward_cuda(
+      dtype_of(weight), ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(),
+      scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value), static_cast<uint64_t>(seed),
+      static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
+      c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tensor& ids_in, int64_t num_weights,
+                                 int64_t padding_idx, bool scale_grad_by_freq) {
+  TORCH_CHECK(grad_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const torch::Tensor grad = grad_in.contiguous();
+  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous().view(-1);
+  torch::Tensor grad_weight = torch::zeros({num_weights, grad.size(1)}, grad.options());
+  if (ids.numel() == 0 || grad.size(1) == 0) return grad_weight;
+  auto [sorted_ids, order] = at::sort(ids, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  const torch::Tensor seg_end = torch::searchsorted(sorted_ids, sorted_ids, /*out_int32=*/false, /*right=*/true);
+  check(neft::embedding_backward_cuda(
+      dtype_of(grad), grad.data_ptr(), sorted_ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+      seg_end.data_ptr<int64_t>(), grad_weight.data_ptr(), ids.numel(), grad.size(1), padding_idx,
+      scale_grad_by_freq, c10::cuda::getCurrentCUDAStream().stream()));
+  return grad_weight;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1 (CUDA)");
+  m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");
+}

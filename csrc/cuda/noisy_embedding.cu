@@ -1,0 +1,115 @@
+// CUDA kernels: fused NEFTune forward (spec v1, bit-exact) and the deterministic embedding
+// backward with float32 accumulation. Raw pointers and a cudaStream_t only: no torch headers,
+// so nvcc compiles this file alone (tests compile it for sm_80/sm_90 with -Xptxas -v).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../philox.h"
+#include "noisy_embedding.h"
+
+namespace {
+
+template <typename T> struct Io;
+template <> struct Io<float> {
+  __device__ static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  __device__ static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+};
+template <> struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
+  __device__ static float load(const void* p, int64_t i) { return neft::from_bf16_bits(static_cast<const uint16_t*>(p)[i]); }
+  __device__ static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = neft::to_bf16_bits(v); }
+};
+template <> struct Io<__half> {
+  __device__ static float load(const void* p, int64_t i) { return __half2float(static_cast<const __half*>(p)[i]); }
+  __device__ static void store(void* p, int64_t i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
+};
+
+// One thread per (token, lane): one Philox call feeds the lane's dim in each of the 4 quarters.
+template <typename T>
+__global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
+                               const float* __restrict__ scales, float scale_value, uint64_t seed, uint64_t offset,
+                               int64_t n_tokens, int64_t d, int64_t w_stride) {
+  const int64_t q = (d + 3) / 4;
+  // tokens on grid x (up to 2^31 - 1 blocks), lanes on grid y; threads along lanes coalesce.
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
+  const int64_t k = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= n_tokens || k >= q) return;
+  const float scale = scales ? scales[n] : scale_value;
+  const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), seed);
+  const int64_t row = ids[n] * w_stride, dst = n * d;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int64_t j = w * q + k;
+    if (j < d) Io<T>::store(out, dst + j, neft::noisy_value(Io<T>::load(weight, row + j), r.r[w], scale));
+  }
+}
+
+// One block per sorted position and 128 dims: at each id's first sorted position, the thread at a segment's first sorted position sums its rows
+// in order (deterministic) into float32 and rounds once.
+template <typename T>
+__global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
+                                const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end, void* grad_weight,
+                                int64_t n_tokens, int64_t d, int64_t padding_idx, bool scale_by_freq) {
+  const int64_t i = blockIdx.x;  // sorted position (grid x allows 2^31 - 1)
+  const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_tokens || j >= d) return;
+  const int64_t id = sorted_ids[i];
+  if ((i > 0 && sorted_ids[i - 1] == id) || id == padding_idx) return;
+  const int64_t end = seg_end[i];
+  float acc = 0.0f;
+  for (int64_t s = i; s < end; ++s) acc = neft::add_rn(acc, Io<T>::load(grad, order[s] * d + j));
+  if (scale_by_freq) acc = __fdiv_rn(acc, static_cast<float>(end - i));
+  Io<T>::store(grad_weight, id * d + j, acc);
+}
+
+template <typename T>
+cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
+                           uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
+                           cudaStream_t stream) {
+  const int64_t q = (d + 3) / 4;
+  const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
+  const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
+                  static_cast<unsigned>((q + block.x - 1) / block.x));
+  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const int64_t* order, const int64_t* seg_end,
+                            void* grad_weight, int64_t n_tokens, int64_t d, int64_t padding_idx, bool scale_by_freq,
+                            cudaStream_t stream) {
+  const dim3 block(128);
+  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((d + 127) / 128));
+  backward_kernel<T><<<grid, block, 0, stream>>>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d,
+                                                 padding_idx, scale_by_freq);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+namespace neft {
+
+cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
+                                         const float* scales, float scale_value, uint64_t seed, uint64_t offset,
+                                         int64_t n_tokens, int64_t d, int64_t w_stride, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return launch_forward<float>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
+    case DType::kBFloat16: return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
+    case DType::kFloat16: return launch_forward<__half>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
+                                    const int64_t* seg_end, void* grad_weight, int64_t n_tokens, int64_t d,
+                                    int64_t padding_idx, bool scale_by_freq, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return launch_backward<float>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
+    case DType::kBFloat16: return launch_backward<uint16_t>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
+    case DType::kFloat16: return launch_backward<__half>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace neft

@@ -1,0 +1,24 @@
+// Launchers of the CUDA kernels: raw pointers and a stream, no torch types.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace neft {
+
+enum class DType { kFloat32, kBFloat16, kFloat16 };
+
+// (n_tokens,) ids into a (V, d) weight with row stride w_stride -> (n_tokens, d) out, spec v1.
+// scales: (n_tokens,) float32, or nullptr to use scale_value for every token.
+cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
+                                         const float* scales, float scale_value, uint64_t seed, uint64_t offset,
+                                         int64_t n_tokens, int64_t d, int64_t w_stride, cudaStream_t stream);
+
+// grad (n_tokens, d) -> grad_weight (V, d), zero-initialised by the caller; ids sorted stably with
+// their order and the end of each id's run (searchsorted right).
+cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
+                                    const int64_t* seg_end, void* grad_weight, int64_t n_tokens, int64_t d,
+                                    int64_t padding_idx, bool scale_by_freq, cudaStream_t stream);
+
+}  // namespace neft
