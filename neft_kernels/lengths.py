@@ -18,9 +18,21 @@ def _rows(shape: torch.Size) -> tuple[int, int]:
     return (math.prod(shape) // width if width else 0), width
 
 
+def round_to_float32(x: float) -> float:
+    """A finite non-negative double rounded to nearest-even float32, in pure Python (traceable).
+
+    Python's ``round`` is round-half-even, so rounding the 24-bit mantissa matches IEEE for every
+    normal float32; NEFTune scales are far from the subnormal and overflow ranges.
+    """
+    if x == 0:
+        return 0.0
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
+
+
 def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float:
     """``float32(alpha / sqrt(L * d))`` as a Python float, computed in float64."""
-    return float(torch.tensor(alpha / math.sqrt(length * embedding_dim), dtype=torch.float32))
+    return round_to_float32(alpha / math.sqrt(length * embedding_dim))
 
 
 def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,

@@ -65,8 +65,9 @@ class NoisyEmbedding(nn.Embedding):
         module.train(embedding.training)
         return module
 
-    def _draw_seed(self) -> int:
-        return int(torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator))
+    def _draw_seed(self) -> torch.Tensor:
+        # A CPU tensor, never a Python int: compiled graphs take it as an input, eager needs no sync.
+        return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

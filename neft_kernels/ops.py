@@ -1,34 +1,67 @@
-"""The functional op: validation, backend choice and autograd around the per-backend kernels."""
+"""The functional op and its ``torch.library`` registration.
+
+``neft_kernels::noisy_embedding_fwd`` and ``neft_kernels::embedding_bwd`` are custom ops with fake
+kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through them. The seed
+is a tensor input of the op, never a constant baked into a graph.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from . import validation
-from .backends import resolve
+from .backends import module, resolve
 from .lengths import token_scales
 
 
-class _NoisyEmbeddingFunction(torch.autograd.Function):
-    """Noisy lookup forward; the noise is a constant, so backward is the embedding backward."""
+@torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())
+def _forward_op(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
+                seed: torch.Tensor, offset: int, padding_idx: Optional[int], scale_grad_by_freq: bool,
+                backend: str) -> torch.Tensor:
+    """(N,) ids -> (N, d) noisy rows, spec v1: ``scale`` per token, or ``scale_value`` for all.
 
-    @staticmethod
-    def forward(ctx, ids, weight, scale, seed, offset, padding_idx, scale_grad_by_freq, backend):
-        ctx.save_for_backward(ids)
-        ctx.num_weights = weight.shape[0]
-        ctx.padding_idx = padding_idx
-        ctx.scale_grad_by_freq = scale_grad_by_freq
-        ctx.backend = backend
-        return backend.forward(ids, weight, scale, seed, offset)
+    ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient; they are inputs here so
+    that the registered autograd can see them.
+    """
+    return module(backend).forward(ids, weight, scale_value if scale is None else scale, int(seed), offset)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (ids,) = ctx.saved_tensors
-        grad_weight = ctx.backend.backward(
-            grad_output, ids, ctx.num_weights, ctx.padding_idx, ctx.scale_grad_by_freq,
-            torch.are_deterministic_algorithms_enabled(),
-        )
-        return None, grad_weight, None, None, None, None, None, None
+
+@_forward_op.register_fake
+def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend):
+    return weight.new_empty(ids.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("neft_kernels::embedding_bwd", mutates_args=())
+def _backward_op(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
+                 scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
+    """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
+    return module(backend).backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq,
+                                    torch.are_deterministic_algorithms_enabled())
+
+
+@_backward_op.register_fake
+def _(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend):
+    return grad.new_empty(num_weights, grad.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    ids, weight, _, _, _, _, padding_idx, scale_grad_by_freq, backend = inputs
+    ctx.save_for_backward(ids)
+    ctx.num_weights = weight.shape[0]
+    ctx.options = (padding_idx, scale_grad_by_freq, backend)
+
+
+def _backward(ctx, grad_output):
+    (ids,) = ctx.saved_tensors
+    padding_idx, scale_grad_by_freq, backend = ctx.options
+    grad_weight = _backward_op(grad_output.contiguous(), ids, ctx.num_weights, padding_idx, scale_grad_by_freq,
+                               backend)
+    return None, grad_weight, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def noisy_embedding(
@@ -36,7 +69,7 @@ def noisy_embedding(
     weight: torch.Tensor,
     noise_alpha: float,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -51,7 +84,8 @@ def noisy_embedding(
         input_ids: integer token ids of any shape; the last dim is the sequence.
         weight: ``(num_embeddings, embedding_dim)`` float32, bfloat16 or float16 table.
         noise_alpha: NEFTune's alpha; the noise is ``Uniform(-1, 1) * alpha / sqrt(L * d)``.
-        seed: 64-bit Philox key, any int in ``[-2**63, 2**64)``.
+        seed: 64-bit Philox key: an int in ``[-2**63, 2**64)``, or a 0-d int64 CPU tensor
+            (what :class:`NoisyEmbedding` passes, so that compiled graphs take it as an input).
         offset: first Philox counter; lets one seed serve disjoint calls.
         attention_mask: masked tokens (0) get no noise and do not count towards ``L``.
         position_ids: packed rows; each sub-sequence starts where the value is 0. Both may be
@@ -78,8 +112,7 @@ def noisy_embedding(
         position_ids = position_ids.expand(input_ids.shape)
     scale = token_scales(input_ids.shape, alpha, d, attention_mask=attention_mask,
                          position_ids=position_ids, length_mode=length_mode)
-    out = _NoisyEmbeddingFunction.apply(
-        input_ids.reshape(-1), weight, scale, seed, offset, padding_idx, scale_grad_by_freq,
-        resolve(backend, weight.device),
-    )
+    per_token = isinstance(scale, torch.Tensor)
+    out = _forward_op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
+                      seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device))
     return out.view(*input_ids.shape, d)

@@ -25,8 +25,9 @@ def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != weight.device:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")
-    # Range checks on an accelerator would need a host-device sync; CPU tensors are checked here.
-    if input_ids.device.type == "cpu" and input_ids.numel():
+    # Range checks on an accelerator would need a host-device sync, and inside a compiled graph
+    # a data-dependent branch; eager CPU tensors are checked here.
+    if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= weight.shape[0]:
             raise IndexError(f"input_ids must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
@@ -48,13 +49,22 @@ def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Te
         raise TypeError(f"{name} must be an integer or bool tensor, got {tensor.dtype}")
 
 
-def normalize_seed(seed: int) -> int:
-    """A seed in ``[-2**63, 2**64)`` as the signed int64 with the same two's-complement bits."""
+def normalize_seed(seed: int | torch.Tensor) -> torch.Tensor:
+    """The seed as a 0-d int64 CPU tensor with the same two's-complement bits.
+
+    Ints may lie anywhere in ``[-2**63, 2**64)``; tensors must be one int64 value on the CPU
+    (reading a device tensor would need a host-device sync).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
+            raise TypeError(f"a tensor seed must hold one int64 value on the CPU, got {seed.dtype} "
+                            f"of shape {tuple(seed.shape)} on {seed.device}")
+        return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {type(seed).__name__}")
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
+    return torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.int64)
 
 
 def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
@@ -85,9 +95,9 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return padding_idx % num_embeddings
 
 
-def check_all(input_ids: torch.Tensor, weight: torch.Tensor, noise_alpha: float, seed: int, offset: int,
-              attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-              length_mode: str, backend: str) -> tuple[float, int]:
+def check_all(input_ids: torch.Tensor, weight: torch.Tensor, noise_alpha: float, seed: int | torch.Tensor,
+              offset: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+              length_mode: str, backend: str) -> tuple[float, torch.Tensor]:
     """Every check of :func:`neft_kernels.noisy_embedding`; returns (alpha, normalized seed)."""
     check_weight(weight)
     check_ids(input_ids, weight)

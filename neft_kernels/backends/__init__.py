@@ -1,7 +1,8 @@
 """Kernels, one module per backend. Each exposes ``forward`` and ``backward`` on flattened ids.
 
-``resolve`` turns a requested backend name into its module: the compiled ones (``cpu``, ``cuda``)
-are optional extensions; ``auto`` falls back from a missing one with a single warning.
+``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels. The
+compiled backends (``cpu``, ``cuda``) are optional extensions; ``auto`` falls back from a missing one
+with a single warning.
 """
 
 from __future__ import annotations
@@ -31,20 +32,24 @@ def _warn_fallback(wanted: str, used: str, reason: str) -> None:
     warnings.warn(f"neft_kernels: backend {wanted!r} is unavailable ({reason}); using {used!r}", stacklevel=4)
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The module of backend ``name`` for tensors on ``device``."""
+def resolve(name: str, device: torch.device) -> str:
+    """The available backend that serves ``name`` for tensors on ``device``."""
     if name == "auto":
         candidates = _AUTO.get(device.type, ("torch",))
         for candidate in candidates:
-            module = _load(candidate)
-            if not isinstance(module, ImportError):
+            if not isinstance(_load(candidate), ImportError):
                 if candidate != candidates[0]:
                     _warn_fallback(candidates[0], candidate, str(_load(candidates[0])))
-                return module
-    module = _load(name)
-    if isinstance(module, ImportError):
-        raise RuntimeError(f"backend={name!r} is unavailable: {module}. The compiled backends are built by "
-                           "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)") from module
+                return candidate
+    loaded = _load(name)
+    if isinstance(loaded, ImportError):
+        raise RuntimeError(f"backend={name!r} is unavailable: {loaded}. The compiled backends are built by "
+                           "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)") from loaded
     if name in _DEVICES and device.type != _DEVICES[name]:
         raise ValueError(f"backend={name!r} runs on {_DEVICES[name]} tensors, got tensors on {device}")
-    return module
+    return name
+
+
+def module(name: str) -> ModuleType:
+    """The kernels of a backend that :func:`resolve` returned."""
+    return _load(name)

@@ -148,7 +148,7 @@ def _check_device(t: torch.Tensor) -> None:
 
 def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
             seed: int, offset: int) -> torch.Tensor:
-    """(N,) ids into a (V, d) weight -> (N, d) noisy rows, spec v1; ``seed`` already int64."""
+    """(N,) ids into a (V, d) weight -> (N, d) noisy rows, spec v1; ``seed`` a signed int64 value."""
     _check_device(weight)
     n_tokens, d = ids.numel(), weight.shape[1]
     out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
