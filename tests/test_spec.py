@@ -125,3 +125,14 @@ def test_side_inputs_broadcast_like_hugging_face_position_ids():
     out = noisy_embedding(ids, weight, 5.0, seed=2, position_ids=pos, backend="torch")
     assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=2, position_ids=pos.expand(3, 6), backend="torch"))
     assert_bits_equal(out, expected(ids, weight, 5.0, 2, 0, None, pos.expand(3, 6), "per_sequence"))
+
+
+def test_round_to_float32_ties_to_even():
+    from neft_kernels.lengths import round_to_float32
+
+    ulp = 2.0**-23
+    assert round_to_float32(1 + ulp / 2) == 1.0  # tie, even mantissa below
+    assert round_to_float32(1 + 3 * ulp / 2) == 1 + 2 * ulp  # tie, even mantissa above
+    assert round_to_float32(1 + ulp / 2 + 2**-40) == 1 + ulp
+    for x in (0.0, 0.1, 5 / math.sqrt(512 * 4096), 3.4e38):
+        assert round_to_float32(x) == float(np.float32(x))

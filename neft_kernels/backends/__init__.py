@@ -13,6 +13,7 @@ from functools import cache
 from types import ModuleType
 
 import torch
+import torch._dynamo
 
 _AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"torch": "reference", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
@@ -32,6 +33,8 @@ def _warn_fallback(wanted: str, used: str, reason: str) -> None:
     warnings.warn(f"neft_kernels: backend {wanted!r} is unavailable ({reason}); using {used!r}", stacklevel=4)
 
 
+# Availability never changes within a process: compiled graphs take the answer as a constant.
+@torch._dynamo.assume_constant_result
 def resolve(name: str, device: torch.device) -> str:
     """The available backend that serves ``name`` for tensors on ``device``."""
     if name == "auto":

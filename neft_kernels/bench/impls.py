@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..backends import _load
 from ..ops import noisy_embedding
 
 ALPHA = 5.0
@@ -46,8 +47,9 @@ def _neft(backend: str):
 
 
 def neft_backends(device: torch.device) -> list[str]:
-    """The backends of ours worth timing on a device (the interpreter is a test tool, not one)."""
-    return ["triton"] if device.type == "cuda" else ["torch"]
+    """Our available backends on a device (the Triton interpreter is a test tool, not a backend)."""
+    wanted = ("triton", "cuda") if device.type == "cuda" else ("cpu", "torch")
+    return [b for b in wanted if not isinstance(_load(b), ImportError)]
 
 
 def implementations(device: torch.device, backends: list[str] | None = None) -> list[Impl]:

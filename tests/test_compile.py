@@ -1,0 +1,83 @@
+"""torch.library registration: opcheck, and torch.compile(fullgraph=True) with no graph break."""
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+
+from conftest import DEVICE, assert_bits_equal, requires_cpu_ext
+from neft_kernels import NoisyEmbedding, noisy_embedding
+from neft_kernels.validation import normalize_seed
+
+FWD = torch.ops.neft_kernels.noisy_embedding_fwd.default
+BWD = torch.ops.neft_kernels.embedding_bwd.default
+BACKENDS = ["torch", pytest.param("cpu", marks=requires_cpu_ext)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_opcheck_forward(backend, per_token):
+    weight = torch.randn(20, 12, dtype=torch.float32, requires_grad=True)
+    ids = torch.randint(0, 20, (17,))
+    scale = torch.rand(17) if per_token else None
+    torch.library.opcheck(FWD, (ids, weight, scale, 0.25, normalize_seed(-3), 5, 2, False, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward(backend):
+    grad = torch.randn(17, 12, dtype=torch.bfloat16)
+    ids = torch.randint(0, 20, (17,))
+    torch.library.opcheck(BWD, (grad, ids, 20, 3, True, backend))
+
+
+def test_compiled_module_reproduces_eager_with_fallback_random(monkeypatch):
+    """The seed is a graph input drawn by torch's RNG: same manual_seed, same bits; new seed, new noise."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    emb = NoisyEmbedding(64, 24, noise_alpha=5.0)
+    ids = torch.randint(0, 64, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    compiled = torch.compile(lambda i, m: emb(i, attention_mask=m) * 1, fullgraph=True)
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        eager = emb(ids, attention_mask=mask)
+        torch.manual_seed(seed)
+        assert_bits_equal(compiled(ids, mask), eager)
+    torch.manual_seed(7)
+    assert not torch.equal(compiled(ids, mask), compiled(ids, mask))
+
+
+def test_functional_op_compiles_with_backward():
+    weight = torch.randn(30, 16, requires_grad=True)
+    ids = torch.randint(0, 30, (2, 9))
+    f = torch.compile(lambda w, s: noisy_embedding(ids, w, 5.0, seed=s, padding_idx=1).sum(), fullgraph=True)
+    (grad,) = torch.autograd.grad(f(weight, normalize_seed(11)), weight)
+    (ref,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=11, padding_idx=1).sum(), weight)
+    assert_bits_equal(grad, ref)
+
+
+def test_hugging_face_model_compiles_fullgraph_in_train_and_eval():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE)
+    model.model.embed_tokens = NoisyEmbedding.from_embedding(model.model.embed_tokens, noise_alpha=5.0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (2, 16), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    model.train()
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        eval_logits = compiled(input_ids=ids).logits
+        torch.testing.assert_close(eval_logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
