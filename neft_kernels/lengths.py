@@ -35,6 +35,22 @@ def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float:
     return round_to_float32(alpha / math.sqrt(length * embedding_dim))
 
 
+def _subsequence_lengths(starts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Per token, the real tokens of its sub-sequence (float64); ``starts`` is (rows, width) bool."""
+    starts = starts.clone()
+    starts[:, :1] = True  # every row starts a sub-sequence
+    starts = starts.reshape(-1)
+    n = starts.numel()
+    idx = torch.arange(n, device=starts.device)
+    first = torch.cummax(torch.where(starts, idx, 0), 0).values
+    is_last = torch.ones_like(starts)
+    is_last[:-1] = starts[1:]
+    last = torch.flip(torch.cummin(torch.flip(torch.where(is_last, idx, n), (0,)), 0).values, (0,))
+    weights = real.to(torch.int64) if real is not None else torch.ones(n, dtype=torch.int64, device=starts.device)
+    cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights, 0)])
+    return (cum[last + 1] - cum[first]).to(torch.float64)
+
+
 def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
                  attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
@@ -57,22 +73,11 @@ def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
     n = rows * width
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    if position_ids is not None:
-        starts = position_ids.reshape(rows, width) == 0
-    else:
-        starts = torch.zeros(rows, width, dtype=torch.bool, device=device)
-    starts[:, :1] = True
-    starts = starts.reshape(n)
     real = (attention_mask.reshape(n) != 0) if attention_mask is not None else None
-
-    idx = torch.arange(n, device=device)
-    first = torch.cummax(torch.where(starts, idx, 0), 0).values
-    is_last = torch.ones_like(starts)
-    is_last[:-1] = starts[1:]
-    last = torch.flip(torch.cummin(torch.flip(torch.where(is_last, idx, n), (0,)), 0).values, (0,))
-    weights = real.to(torch.int64) if real is not None else torch.ones(n, dtype=torch.int64, device=device)
-    cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights, 0)])
-    length = (cum[last + 1] - cum[first]).to(torch.float64)
+    if position_ids is None:  # the common padded batch: one sequence per row, L = its real tokens
+        length = real.view(rows, width).sum(-1, keepdim=True, dtype=torch.float64).expand(rows, width).reshape(n)
+    else:
+        length = _subsequence_lengths(position_ids.reshape(rows, width) == 0, real)
 
     root = torch.sqrt(length.clamp(min=1) * embedding_dim)
     # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.

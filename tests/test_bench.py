@@ -55,7 +55,9 @@ def test_quick_benchmark_writes_json_csv_and_plot(tmp_path):
         assert fwd["hf_hook", dtype]["peak_bytes"] >= 3 * fwd["hf_hook", dtype]["output_bytes"]
         if ("neft", "cpu") in impls:  # the fused kernel: its output and O(tokens) bookkeeping only
             assert fwd["neft", dtype]["peak_bytes"] < 1.25 * fwd["neft", dtype]["output_bytes"]
+            assert fwd["neft", dtype]["philox_floor_ms"] > 0
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == len(records)
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert "rand_like_compiled" in res.stdout and "copy bandwidth" in res.stdout
+    assert ("bare Philox stream" in res.stdout) == (("neft", "cpu") in impls)

@@ -244,7 +244,26 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   return gw;
 }
 
+// The bare Philox stream: (n_calls, 4) int32 words of counters offset .. offset + n_calls under
+// seed, from the same vectorised batches as the forward. A test seam and the benchmark's floor.
+torch::Tensor philox_words(int64_t n_calls, int64_t seed, int64_t offset) {
+  torch::Tensor out = torch::empty({n_calls, 4}, torch::kInt);
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  const int64_t n_blocks = (n_calls + kLaneBlock - 1) / kLaneBlock;
+  at::parallel_for(0, n_blocks, 16, [&](int64_t first, int64_t last) {
+    alignas(64) WordBlock words;
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t k0 = b * kLaneBlock, count = std::min(kLaneBlock, n_calls - k0);
+      philox_block(static_cast<uint64_t>(offset) + static_cast<uint64_t>(k0), static_cast<uint64_t>(seed), count, words);
+      for (int64_t i = 0; i < count; ++i)
+        for (int w = 0; w < 4; ++w) dst[(k0 + i) * 4 + w] = words[w][i];
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("philox_words", &philox_words, "Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");
 }

@@ -54,8 +54,20 @@ def _pass_fn(pass_: str, fn, ids, weight, mask, grad_out):
     return lambda: torch.autograd.grad(fn(ids, weight, mask), weight, grad_out)
 
 
+def _philox_floors(device: torch.device, shape_list, reps: int) -> dict[tuple, float]:
+    """CPU only: median ms of the bare vectorised Philox stream for each shape's B*L*d noise values."""
+    try:
+        from .._C_cpu import philox_words
+    except ImportError:
+        return {}
+    if device.type != "cpu":
+        return {}
+    fns = {s: (lambda n=-(-s[0] * s[1] * s[2] // 4): philox_words(n, 1, 0)) for s in shape_list}
+    return {s: measure.summary(t)["median_ms"] for s, t in measure.interleaved_times(fns, device, reps, 1).items()}
+
+
 def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: list[str] | None = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, only_shapes: list[tuple[int, int, int, int]] | None = None) -> list[dict]:
     """Every (shape, dtype, pass, implementation) record, against the copy bandwidth of this run."""
     on_gpu = device.type == "cuda"
     reps, inner = (30, 10) if on_gpu else ((5, 1) if quick else (10, 1))
@@ -65,8 +77,9 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
             "threads": torch.get_num_threads()}
+    floors = _philox_floors(device, only_shapes or shapes(device, quick), reps)
     records = []
-    configs = [(s, dt, p) for s in shapes(device, quick) for dt in dtypes for p in PASSES]
+    configs = [(s, dt, p) for s in (only_shapes or shapes(device, quick)) for dt in dtypes for p in PASSES]
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
         ids, weight, mask, grad_out = _inputs(b, length, d, vocab, dtype, device)
         fns = {i: _pass_fn(pass_, i.fn, ids, weight, mask, grad_out) for i in impls}
@@ -82,6 +95,8 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
                          "dtype": str(dtype).removeprefix("torch."), **stats,
                          "peak_bytes": measure.peak_bytes(fn, device), "output_bytes": b * length * d * elem,
                          "bytes_moved": moved, "gbps": gbps, **meta})
+            if (b, length, d, vocab) in floors:
+                rows[-1]["philox_floor_ms"] = floors[b, length, d, vocab]
         hook_ms = next(r["median_ms"] for r in rows if r["impl"] == "hf_hook")
         for r in rows:
             r["speedup_vs_hf_hook"] = hook_ms / r["median_ms"]
@@ -102,6 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="repeatable; default both")
     parser.add_argument("--backend", action="append", help="neft backends to time (default: the device's best)")
     parser.add_argument("--quick", action="store_true", help="one shape, few reps (under 3 minutes on 2 CPU cores)")
+    parser.add_argument("--shape", action="append", metavar="B,L,d,V",
+                        type=lambda text: tuple(int(x) for x in text.split(",")), help="repeatable; replaces the default shapes")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -109,11 +126,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
-    records = run(device, dtypes, args.quick, args.backend, progress=not args.no_progress)
+    records = run(device, dtypes, args.quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
     first = records[0]
     print(f"\n{first['device_name']} ({first['device']}, {first['threads']} threads), torch {first['torch']}, "
           f"{first['date']}; copy bandwidth {first['copy_gbps']:.1f} GB/s")
     print(report.table(records))
+    for r in records:
+        if r["pass"] == "forward" and r["impl"] == "neft" and "philox_floor_ms" in r:
+            print(f"neft[{r['backend']}] forward {r['B']},{r['L']},{r['d']},{r['V']} {r['dtype']}: "
+                  f"{r['median_ms'] / r['philox_floor_ms']:.2f}x the bare Philox stream "
+                  f"({r['philox_floor_ms'] * 1e6 / (r['tokens'] * r['d']):.3f} ns/element)")
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
