@@ -81,5 +81,21 @@ def test_vectorised_philox_stream_matches_the_reference_across_a_counter_carry()
     from neft_kernels.spec import philox4x32_10
 
     for seed in (0, -5, 2**40 + 7):
-        words = _C_cpu.philox_words(1000, seed, 2**32 - 300).long() & 0xFFFFFFFF
+        words = torch.empty(1000, 4, dtype=torch.int32)
+        _C_cpu.philox_words(words, seed, 2**32 - 300)
+        words = words.long() & 0xFFFFFFFF
         assert torch.equal(words, torch.stack(philox4x32_10(torch.arange(2**32 - 300, 2**32 + 700), seed), 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_forward_special_values(dtype):
+    """inf, NaN, the largest finite values (rounding up to inf) and subnormals, through every path."""
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.3e38, -3.3e38, 6.5e4, 1e-40, -0.0])
+    weight = make_weight(4, 40, torch.float32)
+    weight[1, :8] = special
+    weight[2, 30:38] = special
+    weight = weight.to(dtype)
+    ids = torch.tensor([[1, 2, 0, 1]])
+    out = noisy_embedding(ids, weight, 50.0, seed=4, backend="cpu")
+    assert_bits_equal(out, noisy_embedding(ids, weight, 50.0, seed=4, backend="torch"))
+    assert out.isnan().sum() == 3  # row 1 twice, row 2 once
