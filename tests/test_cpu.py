@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight
 from conftest import DTYPES, assert_bits_equal, requires_cpu_ext
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import resolve
@@ -15,16 +15,10 @@ pytestmark = requires_cpu_ext
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", DIMS + [4099])
-@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
-@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length_mode", LENGTH_MODES)
 def test_cpu_forward_matches_spec_model(dtype, d, kind, length_mode):
-    weight = make_weight(37, d, dtype)
-    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d))
-    mask, pos = side_inputs(kind, (3, 11))
-    for seed, offset in zip(SEEDS, OFFSETS * 2):
-        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
-                              position_ids=pos, length_mode=length_mode, backend="cpu")
-        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+    check_matches_spec_model("cpu", dtype, d, kind, length_mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

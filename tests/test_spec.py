@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spec_model
-from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from cases import DIMS, KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight
 from conftest import DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.lengths import token_scales
@@ -41,16 +41,10 @@ def test_reference_philox_known_answer_and_model():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
-@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length_mode", LENGTH_MODES)
 def test_reference_matches_spec_model(dtype, d, kind, length_mode):
-    weight = make_weight(37, d, dtype)
-    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d))
-    mask, pos = side_inputs(kind, (3, 11))
-    for seed, offset in zip(SEEDS, OFFSETS * 2):
-        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
-                              position_ids=pos, length_mode=length_mode, backend="torch")
-        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+    check_matches_spec_model("torch", dtype, d, kind, length_mode)
 
 
 def test_reference_one_dim_ids_are_one_sequence():

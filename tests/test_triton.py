@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cases import DIMS, OFFSETS, SEEDS, expected, make_weight, side_inputs
+from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, side_inputs
 from conftest import DEVICE, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import triton as triton_backend
@@ -21,16 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("kind", ["none", "mask", "packed", "both"])
-@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length_mode", LENGTH_MODES)
 def test_triton_forward_matches_spec_model(dtype, d, kind, length_mode):
-    weight = make_weight(37, d, dtype, DEVICE)
-    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d)).to(DEVICE)
-    mask, pos = side_inputs(kind, (3, 11), DEVICE)
-    for seed, offset in zip(SEEDS, OFFSETS * 2):
-        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
-                              position_ids=pos, length_mode=length_mode, backend="triton")
-        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+    check_matches_spec_model("triton", dtype, d, kind, length_mode, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../binding_utils.h"
 #include "../philox.h"
 
 namespace {
@@ -196,11 +197,7 @@ void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, tor
 torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
                                       const c10::optional<torch::Tensor>& scales_in, double scale_value,
                                       int64_t seed, int64_t offset) {
-  TORCH_CHECK(weight_in.dim() == 2, "weight must be 2-D");
-  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
-  const torch::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  c10::optional<torch::Tensor> scales;
-  if (scales_in) scales = scales_in->to(torch::kFloat).contiguous();
+  const auto [ids, weight, scales] = neft::prepare_forward(ids_in, weight_in, scales_in);
   torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);

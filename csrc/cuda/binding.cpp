@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../binding_utils.h"
 #include "noisy_embedding.h"
 
 namespace {
@@ -26,10 +27,7 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
                                       int64_t seed, int64_t offset) {
   TORCH_CHECK(weight_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
   const c10::cuda::CUDAGuard guard(weight_in.device());
-  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
-  const torch::Tensor weight = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  c10::optional<torch::Tensor> scales;
-  if (scales_in) scales = scales_in->to(torch::kFloat).contiguous();
+  const auto [ids, weight, scales] = neft::prepare_forward(ids_in, weight_in, scales_in);
   torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   check(neft::noisy_embedding_forward_cuda(
