@@ -37,9 +37,9 @@ def test_opcheck_backward(backend):
     torch.library.opcheck(BWD, (grad, ids, 20, 3, True, backend))
 
 
-def test_compiled_module_reproduces_eager_with_fallback_random(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)
+def test_compiled_module_reproduces_eager_with_fallback_random():
     """The seed is a graph input drawn by torch's RNG: same manual_seed, same bits; new seed, new noise."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     emb = NoisyEmbedding(64, 24, noise_alpha=5.0)
     ids = torch.randint(0, 64, (3, 10))
     mask = torch.ones_like(ids)
