@@ -10,6 +10,8 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then  # already set up: keep it
   .venv/bin/pip install --quiet "torch==2.13.0"
 fi
+# Python 3.12+ venvs come without setuptools, which the build below needs.
+.venv/bin/pip install --quiet "setuptools>=64"
 # No build isolation: the extensions compile against the torch installed above (an isolated
 # build would fetch its own torch).
 .venv/bin/pip install --quiet --no-build-isolation -e ".[test,bench]"

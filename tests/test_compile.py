@@ -63,21 +63,39 @@ def test_functional_op_compiles_with_backward():
     assert_bits_equal(grad, ref)
 
 
-def test_hugging_face_model_compiles_fullgraph_in_train_and_eval():
+@pytest.mark.parametrize("tied", [False, True])
+def test_hugging_face_model_compiles_fullgraph_in_train_and_eval(tied):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=True)
+                                      tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(config).to(DEVICE)
     model.model.embed_tokens = NoisyEmbedding.from_embedding(model.model.embed_tokens, noise_alpha=5.0)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    ids = torch.randint(0, 128, (2, 16), device=DEVICE)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 64, (2, 16), device=DEVICE)  # rows 64.. are never looked up
     compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
     model.train()
     compiled(input_ids=ids, labels=ids).loss.backward()
-    assert model.model.embed_tokens.weight.grad is not None
+    grad = model.model.embed_tokens.weight.grad
+    used = torch.zeros(128, dtype=torch.bool, device=DEVICE)
+    used[ids.flatten()] = True
+    feeds_loss = torch.zeros(128, dtype=torch.bool, device=DEVICE)
+    feeds_loss[ids[:, :-1].flatten()] = True  # the last position's logits are not in the causal loss
+    assert (grad[feeds_loss] != 0).any(dim=1).all()  # the lookup's gradient reached those rows
+    if not tied:
+        assert (grad[~used] == 0).all()  # and nothing else did
     model.eval()
     with torch.no_grad():
         eval_logits = compiled(input_ids=ids).logits
         torch.testing.assert_close(eval_logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@requires_cpu_ext
+def test_compiled_cpu_backend_still_refuses_out_of_range_ids():
+    """Python's range check is skipped inside graphs; the kernel's own check must hold."""
+    weight = torch.randn(10, 4)
+    f = torch.compile(lambda i, s: noisy_embedding(i, weight, 5.0, seed=s, backend="cpu"), fullgraph=True)
+    assert f(torch.tensor([[1, 9]]), normalize_seed(0)).shape == (1, 2, 4)
+    with pytest.raises(Exception, match="must lie in"):
+        f(torch.tensor([[1, 13]]), normalize_seed(0))

@@ -32,9 +32,11 @@ def test_cpu_forward_many_tokens_int32_ids_and_counter_carry(dtype):
     assert_bits_equal(out, expected(ids.long(), weight, 5.0, 77, offset, None, None, "per_sequence"))
 
 
-def test_cpu_forward_non_contiguous_weight():
-    base = make_weight(64, 40, torch.float32)
-    weight = base[:, ::2]
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_forward_row_strided_weight(dtype):
+    """A column slice keeps unit column stride, so the kernel reads rows 40 apart, not 20."""
+    weight = make_weight(64, 40, dtype)[:, :20]
+    assert weight.stride() == (40, 1)
     ids = torch.tensor([[3, 1, 60]])
     assert_bits_equal(noisy_embedding(ids, weight, 5.0, seed=3, backend="cpu"),
                       noisy_embedding(ids, weight.contiguous(), 5.0, seed=3, backend="torch"))

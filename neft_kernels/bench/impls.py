@@ -62,8 +62,9 @@ def implementations(device: torch.device, backends: list[str] | None = None) -> 
     impls = [
         Impl("embedding", "eager", embedding),
         Impl("hf_hook", "eager", hf_hook),
-        Impl("hf_hook_compiled", "inductor", torch.compile(hf_hook)),
-        Impl("rand_like_compiled", "inductor", torch.compile(rand_like)),
+        # Static shapes: the peers get kernels specialised to every shape, their best case.
+        Impl("hf_hook_compiled", "inductor", torch.compile(hf_hook, dynamic=False)),
+        Impl("rand_like_compiled", "inductor", torch.compile(rand_like, dynamic=False)),
     ]
     impls += [Impl("neft", b, _neft(b)) for b in (backends or neft_backends(device))]
     return impls
