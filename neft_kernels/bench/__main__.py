@@ -79,9 +79,10 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
             "threads": torch.get_num_threads()}
-    floors = _philox_floors(device, only_shapes or shapes(device, quick), reps)
+    shape_list = only_shapes or shapes(device, quick)
+    floors = _philox_floors(device, shape_list, reps)
     records = []
-    configs = [(s, dt, p) for s in (only_shapes or shapes(device, quick)) for dt in dtypes for p in PASSES]
+    configs = [(s, dt, p) for s in shape_list for dt in dtypes for p in PASSES]
     inputs_key, inputs = None, None
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
         if inputs_key != ((b, length, d, vocab), dtype):  # configs come grouped by shape and dtype
