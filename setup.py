@@ -2,7 +2,7 @@
 
 * ``neft_kernels._C_cpu``: always (unless ``NEFT_KERNELS_BUILD_EXT=0``).
 * ``neft_kernels._C_cuda``: when torch was built with CUDA and nvcc is found (optional: a failed
-  build warns).
+  build warns), unless ``NEFT_KERNELS_BUILD_CUDA=0``.
 
 Build without isolation so that the installed torch is the one compiled against:
 ``pip install --no-build-isolation -e .``.
@@ -28,7 +28,7 @@ def extensions():
     exts = [CppExtension("neft_kernels._C_cpu", ["csrc/cpu/noisy_embedding_cpu.cpp"],
                          extra_compile_args=HOST_FLAGS, extra_link_args=["-fopenmp"])]
     nvcc = CUDA_HOME and (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
-    if torch.version.cuda and nvcc:
+    if torch.version.cuda and nvcc and os.environ.get("NEFT_KERNELS_BUILD_CUDA", "1") != "0":
         # Optional: a failed CUDA build (say, an nvcc that does not match torch's CUDA) warns and
         # leaves the CPU backend installed; backend="auto" then uses triton.
         exts.append(CUDAExtension(

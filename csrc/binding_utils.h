@@ -19,13 +19,4 @@ inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor
   return args;
 }
 
-// Host tensors only (a device check would need a sync): the kernels index rows with these ids, so
-// this also guards paths that skip Python's validation, such as compiled graphs.
-inline void check_id_range(const torch::Tensor& ids, int64_t num_embeddings) {
-  if (ids.numel() == 0) return;
-  const auto [lo, hi] = torch::aminmax(ids);
-  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < num_embeddings, "input_ids must lie in [0, ",
-              num_embeddings, "), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-}
-
 }  // namespace neft

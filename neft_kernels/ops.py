@@ -12,8 +12,22 @@ from typing import Optional
 import torch
 
 from . import validation
-from .backends import module, resolve
+from .backends import _load, module, resolve
 from .lengths import token_scales
+
+
+def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
+                  seed: torch.Tensor, offset: int, backend: str) -> torch.Tensor:
+    # Here rather than before the op: compiled graphs run this body eagerly with real ids.
+    validation.check_id_range(ids, weight.shape[0])
+    return module(backend).forward(ids, weight, scale_value if scale is None else scale, int(seed), offset)
+
+
+def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
+                   scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
+    validation.check_id_range(ids, num_weights)  # the backward op is public too: no stray writes
+    return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq,
+                                    torch.are_deterministic_algorithms_enabled())
 
 
 @torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())
@@ -25,7 +39,7 @@ def _forward_op(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.T
     ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient; they are inputs here so
     that the registered autograd can see them.
     """
-    return module(backend).forward(ids, weight, scale_value if scale is None else scale, int(seed), offset)
+    return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend)
 
 
 @_forward_op.register_fake
@@ -37,8 +51,7 @@ def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_
 def _backward_op(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                  scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
     """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
-    return module(backend).backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq,
-                                    torch.are_deterministic_algorithms_enabled())
+    return _backward_impl(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend)
 
 
 @_backward_op.register_fake
@@ -55,13 +68,43 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     (ids,) = ctx.saved_tensors
-    padding_idx, scale_grad_by_freq, backend = ctx.options
-    grad_weight = _backward_op(grad_output.contiguous(), ids, ctx.num_weights, padding_idx, scale_grad_by_freq,
-                               backend)
+    grad_weight = _backward_op(grad_output.contiguous(), ids, ctx.num_weights, *ctx.options)
     return None, grad_weight, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without their dispatch.
+
+    Eager calls come here: ``torch.library`` dispatch costs tens of microseconds of host time per
+    call, which on a GPU is longer than the kernel itself at typical batch sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend):
+        ctx.save_for_backward(ids)
+        ctx.num_weights = weight.shape[0]
+        ctx.options = (padding_idx, scale_grad_by_freq, backend)
+        return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (ids,) = ctx.saved_tensors
+        grad_weight = _backward_impl(grad_output, ids, ctx.num_weights, *ctx.options)
+        return None, grad_weight, None, None, None, None, None, None, None
+
+
+def _token_scales(input_ids, alpha, d, attention_mask, position_ids, length_mode):
+    """:func:`token_scales`, through one Triton launch for an eager padded batch on a GPU."""
+    if (attention_mask is not None and attention_mask.is_cuda and position_ids is None and input_ids.dim()
+            and length_mode == "per_sequence" and not torch.compiler.is_compiling()
+            and not isinstance(_load("triton"), ImportError)):
+        return _load("triton").mask_scales(attention_mask, alpha, d)
+    return token_scales(input_ids.shape, alpha, d, attention_mask=attention_mask,
+                        position_ids=position_ids, length_mode=length_mode)
 
 
 def noisy_embedding(
@@ -110,9 +153,9 @@ def noisy_embedding(
         attention_mask = attention_mask.expand(input_ids.shape)
     if position_ids is not None:
         position_ids = position_ids.expand(input_ids.shape)
-    scale = token_scales(input_ids.shape, alpha, d, attention_mask=attention_mask,
-                         position_ids=position_ids, length_mode=length_mode)
+    scale = _token_scales(input_ids, alpha, d, attention_mask, position_ids, length_mode)
     per_token = isinstance(scale, torch.Tensor)
-    out = _forward_op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
-                      seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device))
+    op = _forward_op if torch.compiler.is_compiling() else _EagerFunction.apply
+    out = op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
+             seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device))
     return out.view(*input_ids.shape, d)

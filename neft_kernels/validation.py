@@ -25,12 +25,17 @@ def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != weight.device:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")
-    # Range checks on an accelerator would need a host-device sync, and inside a compiled graph
-    # a data-dependent branch; eager CPU tensors are checked here.
-    if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= weight.shape[0]:
-            raise IndexError(f"input_ids must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
+
+
+def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
+    """Ids index rows: any outside ``[0, num_embeddings)`` is refused before a kernel reads it.
+
+    Host tensors only: reading an accelerator's min/max would need a host-device sync.
+    """
+    if ids.device.type == "cpu" and ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if lo < 0 or hi >= num_embeddings:
+            raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{int(lo)}, {int(hi)}]")
 
 
 def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Tensor) -> None:

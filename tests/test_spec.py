@@ -8,7 +8,7 @@ import torch
 
 import spec_model
 from cases import DIMS, KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight
-from conftest import DTYPES, assert_bits_equal
+from conftest import DEVICE, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.lengths import token_scales
 from neft_kernels.spec import philox4x32_10
@@ -106,10 +106,11 @@ def test_scale_is_one_float64_division_rounded_once():
     want = float(np.float32(alpha / math.sqrt(3 * d)))
     assert token_scales(ids.shape, alpha, d) == want
     assert token_scales(ids.shape, alpha, d, attention_mask=torch.ones(1, 3, dtype=torch.long)).tolist() == [want] * 3
-    for backend in ("torch", "triton"):
-        masked = noisy_embedding(ids, weight, alpha, seed=1, attention_mask=torch.ones(1, 3, dtype=torch.long), backend=backend)
+    weight, ids, mask = weight.to(DEVICE), ids.to(DEVICE), torch.ones(1, 3, dtype=torch.long, device=DEVICE)
+    for backend in ("torch", "triton"):  # the per-token path on the device, against the scalar path
+        masked = noisy_embedding(ids, weight, alpha, seed=1, attention_mask=mask, backend=backend)
         assert_bits_equal(masked, noisy_embedding(ids, weight, alpha, seed=1, backend=backend))
-        assert_bits_equal(masked, expected(ids, weight, alpha, 1, 0, torch.ones(1, 3, dtype=torch.long), None, "per_sequence"))
+        assert_bits_equal(masked, expected(ids, weight, alpha, 1, 0, mask, None, "per_sequence"))
 
 
 def test_side_inputs_broadcast_like_hugging_face_position_ids():

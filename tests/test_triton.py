@@ -15,6 +15,7 @@ from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected,
 from conftest import DEVICE, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import triton as triton_backend
+from neft_kernels.lengths import token_scales
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,24 @@ def test_triton_forward_wide_rows_many_tokens(dtype):
     mask, _ = side_inputs("mask", (2, 9), DEVICE)
     out = noisy_embedding(ids, weight, 15.0, seed=99, attention_mask=mask, backend="triton")
     assert_bits_equal(out, expected(ids.long(), weight, 15.0, 99, 0, mask, None, "per_sequence"))
+
+
+def _masks(width: int):
+    g = torch.Generator().manual_seed(width)
+    rand = torch.randint(0, 2, (3, width), generator=g)
+    rand[1] = 0  # a row with no real tokens
+    left = (torch.arange(width) >= width // 3).long()[None]  # (1, L): broadcast to every row
+    return [rand, rand.bool(), rand.int(), left.expand(3, width), rand.reshape(3, 1, width).expand(3, 2, width)]
+
+
+@pytest.mark.parametrize("width", [1, 7, 1500])  # 1500: two passes of the 1024-wide block
+def test_mask_scales_kernel_gives_token_scales_bits(width):
+    for mask in _masks(width):
+        mask = mask.to(DEVICE)
+        for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
+            got = triton_backend.mask_scales(mask, alpha, d)
+            want = token_scales(mask.shape, alpha, d, attention_mask=mask)
+            assert_bits_equal(got, want)
 
 
 @triton.jit

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import DEVICE
 from neft_kernels import noisy_embedding
 
 
@@ -40,10 +41,11 @@ def test_refused(kwargs, error, match):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_edge_shapes_are_accepted(backend):
-    w = torch.randn(5, 4)
-    empty = torch.zeros(0, 3, dtype=torch.long)
+    w = torch.randn(5, 4, device=DEVICE)
+    empty = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
     assert _call(input_ids=empty, weight=w, attention_mask=empty, backend=backend).shape == (0, 3, 4)
-    scalar = _call(input_ids=torch.tensor(2), weight=w, backend=backend)
+    scalar = _call(input_ids=torch.tensor(2, device=DEVICE), weight=w, backend=backend)
     assert scalar.shape == (4,) and not torch.equal(scalar, w[2])
-    out = _call(input_ids=torch.tensor([[1, 2, 3]]), weight=w, seed=2**64 - 1, offset=2**40, backend=backend)
+    ids = torch.tensor([[1, 2, 3]], device=DEVICE)
+    out = _call(input_ids=ids, weight=w, seed=2**64 - 1, offset=2**40, backend=backend)
     assert out.shape == (1, 3, 4)

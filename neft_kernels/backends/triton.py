@@ -8,6 +8,7 @@ float32 -> bf16) and GPUs (round to nearest even) give the same bits.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 import triton
@@ -123,6 +124,22 @@ def _embedding_bwd_segmented_kernel(
         _store_f32(gw_ptr, idx * d + col, acc, col_mask, OUT_IS_BF16)
 
 
+@triton.jit
+def _mask_scales_kernel(mask_ptr, stride_row, stride_col, table_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    """One row: count its real tokens, then write ``table[count]`` to each of them and 0 elsewhere."""
+    row = tl.program_id(0).to(tl.int64)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, width, BLOCK):
+        col = start + tl.arange(0, BLOCK)
+        m = tl.load(mask_ptr + row * stride_row + col * stride_col, mask=col < width, other=0)
+        count += (m != 0).to(tl.int32)
+    scale = tl.load(table_ptr + tl.sum(count, axis=0))
+    for start in range(0, width, BLOCK):
+        col = start + tl.arange(0, BLOCK)
+        m = tl.load(mask_ptr + row * stride_row + col * stride_col, mask=col < width, other=0)
+        tl.store(out_ptr + row * width + col, tl.where(m != 0, scale, 0.0), mask=col < width)
+
+
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
     """bf16 tensors travel as int16 words (see module docstring)."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
@@ -207,3 +224,28 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
         BLOCK_N=block_n, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+
+
+@lru_cache(maxsize=64)
+def _scale_table(alpha: float, embedding_dim: int, width: int, device: torch.device) -> torch.Tensor:
+    """``table[L]``: the scale of a sequence of ``L`` real tokens, by the ops ``token_scales`` uses."""
+    length = torch.arange(width + 1, dtype=torch.float64, device=device).clamp(min=1)
+    return torch.div(torch.full_like(length, alpha), torch.sqrt(length * embedding_dim)).to(torch.float32)
+
+
+def mask_scales(attention_mask: torch.Tensor, alpha: float, embedding_dim: int) -> torch.Tensor:
+    """``token_scales`` for a padded batch (mask only, ``"per_sequence"``) in one launch.
+
+    The same bits as :func:`neft_kernels.lengths.token_scales`, whose ten-odd small ops cost more
+    host time than the embedding kernel itself on a GPU.
+    """
+    _check_device(attention_mask)
+    width = attention_mask.shape[-1]
+    mask = attention_mask.reshape(-1, width)
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    out = torch.empty(mask.numel(), dtype=torch.float32, device=mask.device)
+    if out.numel():
+        table = _scale_table(alpha, embedding_dim, width, mask.device)
+        _mask_scales_kernel[(mask.shape[0],)](mask, mask.stride(0), mask.stride(1), table, out, width,
+                                              BLOCK=min(triton.next_power_of_2(width), 1024))
+    return out

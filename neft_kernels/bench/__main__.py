@@ -101,6 +101,8 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
                          "dtype": str(dtype).removeprefix("torch."), **stats,
                          "peak_bytes": measure.peak_bytes(fn, device), "output_bytes": b * length * d * elem,
                          "bytes_moved": moved, "gbps": gbps, **meta})
+            if device.type == "cuda":
+                rows[-1]["host_us"] = measure.host_us(fn)
             if (b, length, d, vocab) in floors:
                 rows[-1]["philox_floor_ms"] = floors[b, length, d, vocab]
         hook_ms = next(r["median_ms"] for r in rows if r["impl"] == "hf_hook")

@@ -79,6 +79,21 @@ def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device
     return samples
 
 
+def host_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """GPU: microseconds of host time per call with nothing waited for (launch and Python cost).
+
+    Where this exceeds the kernel time, a call is bound by the host: the GPU idles between kernels
+    unless the caller queues other work, as a training step does.
+    """
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     """Median and spread (20th-80th percentile) in milliseconds."""
     ms = sorted(s * 1e3 for s in samples)
