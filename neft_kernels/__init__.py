@@ -1,8 +1,10 @@
 """Fused NEFTune noisy embeddings: one pass, per-sequence lengths, bit-exact Philox noise."""
 
-from .module import NoisyEmbedding
+from .integrations import patch_model, patched, unpatch_model
+from .module import NoisyEmbedding, make_noisy, make_plain, no_noise
 from .ops import noisy_embedding
 from .spec import SPEC_VERSION
 
-__all__ = ["NoisyEmbedding", "noisy_embedding", "SPEC_VERSION"]
+__all__ = ["NoisyEmbedding", "noisy_embedding", "no_noise", "make_noisy", "make_plain", "patch_model",
+           "unpatch_model", "patched", "SPEC_VERSION"]
 __version__ = "0.1.0"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import cache
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -10,16 +14,40 @@ from .lengths import LENGTH_MODES
 from .ops import noisy_embedding
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
+_no_noise_depth = 0
+
+
+@contextmanager
+def no_noise() -> Iterator[None]:
+    """Within this block every :class:`NoisyEmbedding` is a plain embedding, in train mode too.
+
+    For passes that must see clean embeddings, such as a DPO reference pass through the model
+    being trained. Nests; not thread-local.
+    """
+    global _no_noise_depth
+    _no_noise_depth += 1
+    try:
+        yield
+    finally:
+        _no_noise_depth -= 1
 
 
 class NoisyEmbedding(nn.Embedding):
     """``nn.Embedding`` with NEFTune noise in train mode; the same ``state_dict`` and weight.
 
-    In eval mode, or with ``noise_alpha == 0``, ``forward`` is exactly ``F.embedding``. In train
-    mode each call draws a fresh 64-bit seed from ``generator`` (default: torch's default CPU
-    generator, so ``torch.manual_seed`` makes runs reproducible; CPU draws need no device sync)
-    and calls :func:`neft_kernels.noisy_embedding`. ``noise_alpha`` may be changed at any step.
+    In eval mode, with ``noise_alpha == 0`` or under :func:`no_noise`, ``forward`` is exactly
+    ``F.embedding``. In train mode each call draws a fresh 64-bit seed from ``generator``
+    (default: torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible;
+    CPU draws need no device sync) and calls :func:`neft_kernels.noisy_embedding`.
+    ``noise_alpha`` may be changed at any step.
+
+    ``attention_mask`` and ``position_ids`` come as ``forward`` arguments or, for callers that
+    pass only ids (as Hugging Face models do), from an enclosing :meth:`side_inputs` block.
     """
+
+    # Set by noisy_class for subclasses with their own forward (a scaled embedding, say): noise
+    # then goes on that forward's output instead of into the fused lookup.
+    _noise_after_own_forward = False
 
     def __init__(
         self,
@@ -45,12 +73,41 @@ class NoisyEmbedding(nn.Embedding):
                              "produces a dense gradient")
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
+        self.configure_noise(noise_alpha, length_mode=length_mode, backend=backend, generator=generator)
+
+    def configure_noise(self, noise_alpha: float, *, length_mode: str = "per_sequence", backend: str = "auto",
+                        generator: torch.Generator | None = None) -> None:
+        """Set (or change) the noise options, validated as in ``__init__``."""
         validation.check_choice("length_mode", length_mode, LENGTH_MODES)
         validation.check_choice("backend", backend, validation.BACKENDS)
         self.noise_alpha = validation.check_alpha(noise_alpha)
         self.length_mode = length_mode
         self.backend = backend
         self.generator = generator
+        if not hasattr(self, "_side_input_stack"):
+            self._side_input_stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+
+    @contextmanager
+    def side_inputs(self, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """Supply ``attention_mask`` / ``position_ids`` to calls inside the block that pass only ids.
+
+        Blocks nest; for each of the two, the innermost one given whose shape broadcasts to the
+        ids' is used (a mask over past tokens or a 4-D attention mask is not a per-token mask).
+        """
+        self._side_input_stack.append((attention_mask, position_ids))
+        try:
+            yield
+        finally:
+            self._side_input_stack.pop()
+
+    def _pending_side_inputs(self, input_ids: torch.Tensor):
+        found: list[torch.Tensor | None] = [None, None]
+        for frame in reversed(self._side_input_stack):
+            for i, tensor in enumerate(frame):
+                if found[i] is None and tensor is not None and _fits(tensor, input_ids):
+                    found[i] = tensor != 0 if tensor.is_floating_point() else tensor
+        return found
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
@@ -70,17 +127,77 @@ class NoisyEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.noise_alpha == 0:
+        if not self.training or self.noise_alpha == 0 or _no_noise_depth:
             return super().forward(input_ids)
+        if attention_mask is None and position_ids is None and self._side_input_stack:
+            attention_mask, position_ids = self._pending_side_inputs(input_ids)
+        options = dict(seed=self._draw_seed(), attention_mask=attention_mask, position_ids=position_ids,
+                       length_mode=self.length_mode, backend=self.backend)
+        if self._noise_after_own_forward:
+            # Noise on the subclass's output, through the fused op with ids 0..N-1 into that
+            # output: the noise depends on token positions only, so it is spec v1's noise.
+            out = super().forward(input_ids)
+            rows = out.reshape(-1, out.shape[-1])
+            positions = torch.arange(rows.shape[0], device=out.device).view(input_ids.shape)
+            return noisy_embedding(positions, rows, self.noise_alpha, **options).view(out.shape)
         if self.max_norm is not None:
             with torch.no_grad():  # F.embedding renormalizes the looked-up rows in place too
                 torch.embedding_renorm_(self.weight, input_ids, self.max_norm, self.norm_type)
-        return noisy_embedding(
-            input_ids, self.weight, self.noise_alpha, seed=self._draw_seed(),
-            attention_mask=attention_mask, position_ids=position_ids,
-            length_mode=self.length_mode, padding_idx=self.padding_idx,
-            scale_grad_by_freq=self.scale_grad_by_freq, backend=self.backend,
-        )
+        return noisy_embedding(input_ids, self.weight, self.noise_alpha, padding_idx=self.padding_idx,
+                               scale_grad_by_freq=self.scale_grad_by_freq, **options)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
+
+
+def _fits(tensor: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(tensor.shape, input_ids.shape) == input_ids.shape
+    except RuntimeError:
+        return False
+
+
+@cache
+def noisy_class(cls: type[nn.Embedding]) -> type[NoisyEmbedding]:
+    """The :class:`NoisyEmbedding` class an instance of ``cls`` becomes when made noisy.
+
+    ``nn.Embedding`` maps to ``NoisyEmbedding``. A subclass maps to a class deriving from both,
+    ``NoisyEmbedding`` first: its own ``forward`` (Gemma's scaling, say) still runs, in eval mode
+    as it is, in train mode with the noise added to its output, where transformers' NEFTune hook
+    adds it too.
+    """
+    if issubclass(cls, NoisyEmbedding):
+        return cls
+    if cls is nn.Embedding:
+        return NoisyEmbedding
+    own_forward = cls.forward is not nn.Embedding.forward
+    return type(f"Noisy{cls.__name__}", (NoisyEmbedding, cls),
+                {"_noise_after_own_forward": own_forward, "__module__": __name__})
+
+
+def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> NoisyEmbedding:
+    """Turn ``embedding`` itself into a :class:`NoisyEmbedding`, in place.
+
+    The module object, its weight Parameter (so tied heads stay tied), its buffers and its
+    ``state_dict`` stay the same; only the class changes. Calling it again updates the options.
+    :func:`make_plain` undoes it. ``options``: ``length_mode``, ``backend``, ``generator``.
+    """
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
+    if embedding.sparse:
+        raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward produces a dense gradient")
+    if not isinstance(embedding, NoisyEmbedding):
+        vars(embedding)["_neft_original_class"] = type(embedding)
+        embedding.__class__ = noisy_class(type(embedding))
+    embedding.configure_noise(noise_alpha, **options)
+    return embedding
+
+
+def make_plain(embedding: nn.Embedding) -> nn.Embedding:
+    """Undo :func:`make_noisy`: the original class again, the same module and weight."""
+    original = vars(embedding).pop("_neft_original_class", None)
+    if original is not None:
+        embedding.__class__ = original
+        for name in ("noise_alpha", "length_mode", "backend", "generator", "_side_input_stack"):
+            vars(embedding).pop(name, None)
+    return embedding

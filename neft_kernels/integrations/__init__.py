@@ -1,0 +1,14 @@
+"""Integrations with the fine-tuning ecosystem. ``patch_model`` and friends need no transformers
+import; ``NEFTuneCallback`` imports transformers when first accessed."""
+
+from .hf import patch_model, patched, unpatch_model
+
+__all__ = ["patch_model", "unpatch_model", "patched", "NEFTuneCallback"]
+
+
+def __getattr__(name: str):
+    if name == "NEFTuneCallback":
+        from .trainer import NEFTuneCallback
+
+        return NEFTuneCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""``NEFTuneCallback``: NEFTune for a transformers ``Trainer`` (and TRL's trainers) as a callback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from transformers import Trainer, TrainerCallback
+
+from .. import validation
+from ..lengths import LENGTH_MODES
+from .hf import patch_model, unpatch_model
+
+
+def _running_trainer() -> Trainer | None:
+    """The Trainer whose method is calling us: callbacks are called synchronously by it."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class NEFTuneCallback(TrainerCallback):
+    """Patch the model at train begin, unpatch it at train end, so checkpoints stay plain.
+
+    ``Trainer(..., callbacks=[NEFTuneCallback(noise_alpha=5.0)])``. ``options`` go to
+    :func:`~neft_kernels.patch_model` (``length_mode``, ``backend``, ``generator``). When the
+    callback is passed at construction, the Trainer's ``train`` is also wrapped so that the model
+    is unpatched if training raises. Refuses to run next to ``neftune_noise_alpha`` (transformers'
+    own hook), which would add noise twice.
+    """
+
+    def __init__(self, noise_alpha: float = 5.0, **options) -> None:
+        self.noise_alpha = validation.check_alpha(noise_alpha)
+        validation.check_choice("length_mode", options.get("length_mode", "per_sequence"), LENGTH_MODES)
+        validation.check_choice("backend", options.get("backend", "auto"), validation.BACKENDS)
+        self.options = options
+        self._model = None
+        self._wrapped: set[int] = set()
+
+    def _refuse_double_noise(self, args) -> None:
+        if getattr(args, "neftune_noise_alpha", None) is not None:
+            raise ValueError(
+                f"NEFTuneCallback(noise_alpha={self.noise_alpha}) and TrainingArguments.neftune_noise_alpha="
+                f"{args.neftune_noise_alpha} would both add NEFTune noise: keep one (unset neftune_noise_alpha "
+                "to use neft_kernels' fused, per-sequence noise)")
+
+    def _unpatch(self) -> None:
+        if self._model is not None:
+            unpatch_model(self._model)
+            self._model = None
+
+    def _wrap_train(self, trainer: Trainer | None) -> None:
+        if trainer is None or id(trainer) in self._wrapped:
+            return
+        self._wrapped.add(id(trainer))
+        train = trainer.train
+
+        @functools.wraps(train)
+        def train_then_unpatch(*args, **kwargs):
+            try:
+                return train(*args, **kwargs)
+            finally:
+                self._unpatch()
+
+        trainer.train = train_then_unpatch
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._refuse_double_noise(args)
+        self._wrap_train(_running_trainer())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._refuse_double_noise(args)
+        if model is None:
+            raise ValueError("NEFTuneCallback needs the model, which the Trainer passes to on_train_begin")
+        self._model = patch_model(model, self.noise_alpha, **self.options)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._unpatch()

@@ -1,0 +1,59 @@
+"""Tiny Hugging Face models built from configs (no downloads), one per architecture family."""
+
+import torch
+import transformers
+
+VOCAB = 96
+
+
+def _llama_like(config_cls, model_cls, **extra):
+    def build():
+        config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra)
+        return model_cls(config)
+    return build
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=128, bos_token_id=1, eos_token_id=1))
+
+
+def _gemma3():
+    config = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           max_position_embeddings=128, sliding_window=16)
+    return transformers.Gemma3ForCausalLM(config)
+
+
+ARCHS = {
+    "llama": _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "llama_tied": _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, tie_word_embeddings=True),
+    "qwen2": _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": _llama_like(transformers.MistralConfig, transformers.MistralForCausalLM),
+    "gpt2": _gpt2,
+    "gemma3": _gemma3,
+}
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ARCHS[arch]().float()
+
+
+def padded_batch(seed: int = 0):
+    """(ids, mask): three rows of real lengths 12, 7 and 3, right-padded to 12."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (3, 12), generator=g)
+    mask = (torch.arange(12)[None] < torch.tensor([[12], [7], [3]])).long()
+    return ids * mask, mask
+
+
+def packed_batch(seed: int = 0):
+    """(ids, position_ids): sequences of 5, 9 and 4 tokens packed into one row, as
+    ``DataCollatorWithFlattening`` and TRL's padding-free collator lay them out."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 9, 4]
+    ids = torch.randint(2, VOCAB, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, pos

@@ -1,0 +1,199 @@
+"""patch_model / unpatch_model / no_noise on real transformers classes built from tiny configs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neft_kernels
+from conftest import assert_bits_equal
+from hf_models import ARCHS, build, packed_batch, padded_batch
+from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, patched, unpatch_model
+from neft_kernels.integrations.hf import is_patched
+
+ALPHA = 5.0
+SEED_LOW, SEED_HIGH = -(1 << 63), (1 << 63) - 1
+
+
+def _seed_of(generator_seed: int) -> torch.Tensor:
+    """The seed a NoisyEmbedding with ``torch.Generator().manual_seed(generator_seed)`` draws first."""
+    g = torch.Generator().manual_seed(generator_seed)
+    return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=g)
+
+
+def _capture(module: nn.Module) -> tuple[dict, object]:
+    seen = {}
+    return seen, module.register_forward_hook(lambda m, args, out: seen.update(ids=args[0], out=out.detach()))
+
+
+def _expected(model_before_patch_embedding, emb_class, weight, ids, seed, **side):
+    """What the embedding must output in train mode: spec v1 noise on the module's own output."""
+    if emb_class is nn.Embedding:
+        return noisy_embedding(ids, weight, ALPHA, seed=seed, backend="torch", **side)
+    plain = model_before_patch_embedding(ids).detach()  # a subclass's forward (Gemma's scaling)
+    rows = plain.reshape(-1, plain.shape[-1])
+    positions = torch.arange(rows.shape[0]).view(ids.shape)
+    return noisy_embedding(positions, rows, ALPHA, seed=seed, backend="torch", **side).view(plain.shape)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_patch_is_drop_in_and_unpatch_restores(arch):
+    model = build(arch)
+    emb = model.get_input_embeddings()
+    cls, weight = type(emb), emb.weight
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    tied = model.get_output_embeddings().weight is weight
+    ids, mask = padded_batch()
+    model.eval()
+    eval_logits = model(input_ids=ids, attention_mask=mask).logits
+
+    assert patch_model(model, ALPHA) is model
+    patched_emb = model.get_input_embeddings()
+    assert patched_emb is emb and isinstance(emb, NoisyEmbedding) and isinstance(emb, cls)
+    assert emb.weight is weight and (model.get_output_embeddings().weight is weight) == tied
+    assert list(model.state_dict()) == list(keys)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, eval_logits)  # eval: no noise
+    model.train()
+    with no_noise():
+        clean = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(clean, eval_logits) or arch == "gpt2"  # gpt2 has dropout in train mode
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and weight.grad is not None
+
+    patch_model(model, ALPHA)  # idempotent: one set of hooks, one class swap
+    assert type(emb).__mro__.count(cls) == 1
+
+    assert unpatch_model(model) is model
+    assert type(emb) is cls and emb.weight is weight and not is_patched(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    model.eval()
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, eval_logits)
+    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())  # no optimizer step was taken
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_per_sequence_length_comes_from_the_models_attention_mask(arch):
+    model = build(arch)
+    emb = model.get_input_embeddings()
+    cls = type(emb)
+    ids, mask = padded_batch()
+    plain_forward = cls.forward.__get__(emb)
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(7)).train()
+    seen, handle = _capture(emb)
+    model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    with no_noise():
+        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(7), attention_mask=mask)
+    assert_bits_equal(seen["out"], want)
+    if cls is nn.Embedding:  # the masked tokens have no noise at all
+        assert torch.equal(seen["out"][mask == 0], F.embedding(ids, emb.weight)[mask == 0].detach())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_packed_rows_get_per_subsequence_length_from_position_ids(arch):
+    model = build(arch)
+    emb = model.get_input_embeddings()
+    cls = type(emb)
+    plain_forward = cls.forward.__get__(emb)
+    ids, pos = packed_batch()
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(3)).train()
+    seen, handle = _capture(emb)
+    model(input_ids=ids, position_ids=pos)
+    handle.remove()
+    with no_noise():
+        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(3), position_ids=pos)
+        flattened = _expected(plain_forward, cls, emb.weight, ids, _seed_of(3))  # L = whole row (#34659)
+    assert_bits_equal(seen["out"], want)
+    assert not torch.equal(seen["out"], flattened)
+
+
+def test_gemma_scaled_embedding_keeps_its_scale_and_noise_goes_after_it():
+    model = build("gemma3")
+    emb = model.get_input_embeddings()
+    ids, mask = padded_batch()
+    scaled = emb(ids).detach()
+    assert not torch.equal(scaled, F.embedding(ids, emb.weight))  # the scale is really there
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(1)).train()
+    noisy = emb(ids, attention_mask=mask).detach()
+    noise = (noisy - scaled)[mask.bool()]
+    bound = ALPHA / (3 * 32) ** 0.5  # the shortest row, L=3: noise is not multiplied by the scale
+    assert 0 < noise.abs().max() <= bound * (1 + 1e-6)
+    emb.eval()
+    assert torch.equal(emb(ids), scaled)
+
+
+def test_explicit_arguments_win_and_other_shapes_are_ignored():
+    emb = NoisyEmbedding(10, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 0, 0]])
+    with emb.side_inputs(attention_mask=torch.ones(1, 6, dtype=torch.long)):  # a mask over past tokens too
+        ignored = emb(ids)
+    assert_bits_equal(ignored, noisy_embedding(ids, emb.weight, 5.0, seed=_seed_of(0), backend="torch"))
+    emb.generator.manual_seed(0)
+    with emb.side_inputs(attention_mask=torch.ones_like(ids)):
+        explicit = emb(ids, attention_mask=mask)
+    assert_bits_equal(explicit, noisy_embedding(ids, emb.weight, 5.0, seed=_seed_of(0), attention_mask=mask,
+                                                backend="torch"))
+
+
+def test_no_noise_and_patched_context_managers():
+    model = build("llama")
+    ids, mask = padded_batch()
+    model.train()
+    clean = model(input_ids=ids, attention_mask=mask).logits
+    with patched(model, ALPHA):
+        assert is_patched(model)
+        with no_noise():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, clean)
+        assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, clean)
+    assert not is_patched(model) and type(model.get_input_embeddings()) is nn.Embedding
+    with pytest.raises(RuntimeError, match="boom"):
+        with patched(model, ALPHA):
+            raise RuntimeError("boom")
+    assert not is_patched(model)
+
+
+def test_padded_mode_loss_equals_transformers_neftune_hook_with_the_same_noise(monkeypatch):
+    """Hugging Face's hook (L = padded width, noise on every token) fed our noise gives our loss."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    model = build("llama")
+    ids, mask = padded_batch()
+    patch_model(model, ALPHA, "padded", generator=torch.Generator().manual_seed(5)).train()
+    ours = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    unpatch_model(model)
+
+    emb = model.get_input_embeddings()
+    emb.neftune_noise_alpha = ALPHA
+    e = neft_kernels.spec.noise(ids.numel(), emb.embedding_dim, int(_seed_of(5))).view(*ids.shape, -1)
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, low, high: self.copy_(e * float(high)))
+    handle = emb.register_forward_hook(neftune_post_forward_hook)
+    theirs = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    handle.remove()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    monkeypatch.undo()
+    assert not torch.equal(ours, model(input_ids=ids, attention_mask=mask, labels=ids).loss)
+
+
+def test_save_pretrained_while_patched_loads_as_a_plain_model(tmp_path):
+    model = build("llama_tied")
+    patch_model(model, ALPHA)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    emb = loaded.get_input_embeddings()
+    assert type(emb) is nn.Embedding
+    assert torch.equal(emb.weight, model.get_input_embeddings().weight)
+    assert loaded.get_output_embeddings().weight is emb.weight
+
+
+def test_refuses_models_without_input_embeddings():
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        patch_model(nn.Linear(2, 2))
+
+
+def test_make_noisy_refuses_sparse_and_non_embeddings():
+    with pytest.raises(ValueError, match="sparse"):
+        neft_kernels.make_noisy(nn.Embedding(4, 2, sparse=True))
+    with pytest.raises(TypeError, match="nn.Embedding"):
+        neft_kernels.make_noisy(nn.Linear(2, 2))

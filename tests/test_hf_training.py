@@ -1,0 +1,180 @@
+"""NEFTuneCallback with transformers' Trainer and TRL's SFTTrainer; PEFT models; end to end."""
+
+import datasets
+import peft
+import pytest
+import torch
+import transformers
+import trl
+from torch import nn
+
+from conftest import assert_bits_equal
+from hf_models import VOCAB, build, padded_batch
+from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, unpatch_model
+from neft_kernels.integrations import NEFTuneCallback
+from neft_kernels.integrations.hf import is_patched
+
+ALPHA = 5.0
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Token rows of varied lengths; the collator pads them."""
+
+    def __init__(self, n: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.rows = [torch.randint(2, VOCAB, (int(torch.randint(4, 13, (), generator=g)),), generator=g)
+                     for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i]}
+
+
+def _collate(items):
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, it in enumerate(items):
+        ids[r, :len(it["input_ids"])] = it["input_ids"]
+        mask[r, :len(it["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _args(tmp_path, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+
+
+class _Probe(transformers.TrainerCallback):
+    """Records, at every step, whether the embedding was noisy and what it saw."""
+
+    def __init__(self, fail_at_step: int | None = None):
+        self.patched_during, self.fail_at_step, self.seen = [], fail_at_step, []
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        emb = model.get_input_embeddings()
+        self.patched_during.append(isinstance(emb, NoisyEmbedding))
+        if state.global_step == self.fail_at_step:
+            raise RuntimeError("training failed")
+
+
+def test_trainer_with_callback_trains_noisy_and_leaves_a_plain_model(tmp_path):
+    model = build("llama_tied")
+    weight = model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    probe = _Probe()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+                                   callbacks=[NEFTuneCallback(noise_alpha=ALPHA), probe])
+    result = trainer.train()
+    assert probe.patched_during == [True, True, True]
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    emb = model.get_input_embeddings()
+    assert type(emb) is nn.Embedding and emb.weight is weight and not is_patched(model)
+    assert not torch.equal(weight.detach(), before)  # it trained
+    assert model.get_output_embeddings().weight is weight
+
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = type(model).from_pretrained(str(tmp_path / "final"))
+    assert type(loaded.get_input_embeddings()) is nn.Embedding
+    assert torch.equal(loaded.get_input_embeddings().weight, weight.detach())
+
+
+def test_callback_unpatches_when_training_raises(tmp_path):
+    model = build("llama")
+    probe = _Probe(fail_at_step=1)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+                                   callbacks=[NEFTuneCallback(noise_alpha=ALPHA), probe])
+    with pytest.raises(RuntimeError, match="training failed"):
+        trainer.train()
+    assert probe.patched_during == [True, True]
+    assert type(model.get_input_embeddings()) is nn.Embedding and not is_patched(model)
+
+
+def test_callback_refuses_transformers_own_neftune(tmp_path):
+    with pytest.raises(ValueError, match="neftune_noise_alpha.*|NEFTuneCallback") as info:
+        transformers.Trainer(model=build("llama"), args=_args(tmp_path, neftune_noise_alpha=5.0),
+                             train_dataset=_Rows(), data_collator=_collate, callbacks=[NEFTuneCallback(ALPHA)])
+    assert "NEFTuneCallback" in str(info.value) and "neftune_noise_alpha" in str(info.value)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]])
+def test_peft_lora_model_is_patched_and_trains(modules_to_save):
+    model = build("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      modules_to_save=modules_to_save))
+    ids, mask = padded_batch()
+    lora.eval()
+    eval_logits = lora(input_ids=ids, attention_mask=mask).logits
+    patch_model(lora, ALPHA, generator=torch.Generator().manual_seed(2)).train()
+    active = [m for m in lora.modules() if isinstance(m, NoisyEmbedding)]
+    assert len(active) == (1 if modules_to_save is None else 2)  # the original and the trainable copy
+    captured = {}
+    hooks = [m.register_forward_hook(lambda m, a, out: captured.update(emb=m, ids=a[0], out=out.detach()))
+             for m in active]
+    loss = lora(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    seed = torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64, generator=torch.Generator().manual_seed(2))
+    assert_bits_equal(captured["out"], noisy_embedding(ids, captured["emb"].weight, ALPHA, seed=seed,
+                                                       attention_mask=mask, backend="torch"))
+    lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    trainable_embedding = captured["emb"].weight
+    assert (trainable_embedding.grad is not None) == (modules_to_save is not None)
+    unpatch_model(lora)
+    lora.eval()
+    assert torch.equal(lora(input_ids=ids, attention_mask=mask).logits, eval_logits)
+    assert not any(isinstance(m, NoisyEmbedding) for m in lora.modules())
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(2, VOCAB, (int(torch.randint(3, 10, (), generator=g)),), generator=g).tolist()
+            for _ in range(24)]
+    data = datasets.Dataset.from_dict({"input_ids": rows})
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                           use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32 if mode == "packing" else None,
+                           packing=mode == "packing", padding_free=mode == "padding_free")
+    model = build("llama")
+    seen = []
+
+    def record(emb, args, out):
+        mask, pos = emb._pending_side_inputs(args[0])
+        seen.append((args[0], out.detach(), pos, emb.weight.detach().clone()))
+
+    class _Hook(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            emb = model.get_input_embeddings()
+            if not getattr(emb, "_probe", None):
+                emb._probe = emb.register_forward_hook(record)
+                seeds, draw = [], emb._draw_seed
+                emb._draw_seed = lambda: seeds.append(draw()) or seeds[-1]
+                emb._seeds = seeds
+
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=_tiny_tokenizer(),
+                             callbacks=[NEFTuneCallback(ALPHA), _Hook()])
+    trainer.train()
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    emb_seeds = model.get_input_embeddings().__dict__["_seeds"]
+    assert len(seen) == 2
+    for (ids, out, pos, weight), seed in zip(seen, emb_seeds):
+        assert pos is not None and ids.shape[0] == 1 and int((pos == 0).sum()) > 1  # several sequences per row
+        with no_noise():
+            want = noisy_embedding(ids, weight, ALPHA, seed=seed, position_ids=pos, backend="torch")
+            whole_row = noisy_embedding(ids, weight, ALPHA, seed=seed, backend="torch")
+        assert_bits_equal(out, want)
+        assert not torch.equal(out, whole_row)
