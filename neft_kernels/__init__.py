@@ -4,7 +4,8 @@ from .integrations import patch_model, patched, unpatch_model
 from .module import NoisyEmbedding, make_noisy, make_plain, no_noise
 from .ops import noisy_embedding
 from .spec import SPEC_VERSION
+from .validation import set_id_check
 
 __all__ = ["NoisyEmbedding", "noisy_embedding", "no_noise", "make_noisy", "make_plain", "patch_model",
-           "unpatch_model", "patched", "SPEC_VERSION"]
+           "unpatch_model", "patched", "set_id_check", "SPEC_VERSION"]
 __version__ = "0.1.0"

@@ -87,13 +87,20 @@ class NoisyEmbedding(nn.Embedding):
         if not hasattr(self, "_side_input_stack"):
             self._side_input_stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
 
+    def noise_options(self) -> dict:
+        """The current options, as :meth:`configure_noise` takes them."""
+        return dict(noise_alpha=self.noise_alpha, length_mode=self.length_mode, backend=self.backend,
+                    generator=self.generator)
+
     @contextmanager
     def side_inputs(self, attention_mask: torch.Tensor | None = None,
                     position_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Supply ``attention_mask`` / ``position_ids`` to calls inside the block that pass only ids.
 
-        Blocks nest; for each of the two, the innermost one given whose shape broadcasts to the
-        ids' is used (a mask over past tokens or a 4-D attention mask is not a per-token mask).
+        Blocks nest and the innermost decides both (an encoder's mask must not reach a decoder
+        called without one). A tensor whose shape does not broadcast to the ids' (a mask over
+        past tokens, a 4-D attention mask) or a non-tensor (a dict of masks, a ``BlockMask``) is
+        not a per-token input and is ignored.
         """
         self._side_input_stack.append((attention_mask, position_ids))
         try:
@@ -101,13 +108,18 @@ class NoisyEmbedding(nn.Embedding):
         finally:
             self._side_input_stack.pop()
 
+    @property
+    def noise_alpha(self) -> float:
+        """NEFTune's alpha; settable at any step, refused if negative, NaN or infinite."""
+        return self._noise_alpha
+
+    @noise_alpha.setter
+    def noise_alpha(self, value: float) -> None:
+        self._noise_alpha = validation.check_alpha(value)
+
     def _pending_side_inputs(self, input_ids: torch.Tensor):
-        found: list[torch.Tensor | None] = [None, None]
-        for frame in reversed(self._side_input_stack):
-            for i, tensor in enumerate(frame):
-                if found[i] is None and tensor is not None and _fits(tensor, input_ids):
-                    found[i] = tensor != 0 if tensor.is_floating_point() else tensor
-        return found
+        return [(t != 0 if t.is_floating_point() else t) if _fits(t, input_ids) else None
+                for t in self._side_input_stack[-1]]
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
@@ -150,7 +162,9 @@ class NoisyEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
 
 
-def _fits(tensor: torch.Tensor, input_ids: torch.Tensor) -> bool:
+def _fits(tensor, input_ids: torch.Tensor) -> bool:
+    if not isinstance(tensor, torch.Tensor):
+        return False
     try:
         return torch.broadcast_shapes(tensor.shape, input_ids.shape) == input_ids.shape
     except RuntimeError:
@@ -198,6 +212,6 @@ def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     original = vars(embedding).pop("_neft_original_class", None)
     if original is not None:
         embedding.__class__ = original
-        for name in ("noise_alpha", "length_mode", "backend", "generator", "_side_input_stack"):
+        for name in ("_noise_alpha", "length_mode", "backend", "generator", "_side_input_stack"):
             vars(embedding).pop(name, None)
     return embedding

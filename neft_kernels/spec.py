@@ -130,15 +130,16 @@ def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
     """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, in float32.
 
     The noise is a constant, so this is ``F.embedding``'s gradient, accumulated in float32
-    whatever the dtype and rounded once into it.
+    whatever the dtype and rounded once into it; ``scale_grad_by_freq`` divides each id's float32
+    sum by its count (every backend sums first, then divides).
     """
     g = grad.to(torch.float32)
-    if scale_grad_by_freq:
-        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
-        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-        g = g / counts[ids][:, None]
     if padding_idx is not None:
         g = torch.where((ids == padding_idx)[:, None], 0.0, g)
     grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=torch.float32, device=grad.device)
     grad_weight.index_add_(0, ids, g)
+    if scale_grad_by_freq:
+        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        grad_weight /= counts.clamp(min=1)[:, None]
     return grad_weight.to(grad.dtype)

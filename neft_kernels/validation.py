@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -11,6 +12,19 @@ from .spec import SUPPORTED_DTYPES, num_lanes
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+_check_device_ids = os.environ.get("NEFT_KERNELS_CHECK_IDS", "1") != "0"
+
+
+def set_id_check(enabled: bool) -> bool:
+    """Turn the id range check on accelerator tensors on or off; returns the previous setting.
+
+    On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It costs one fused
+    min/max over the ids and one host-device sync per forward. Off, a bad id is still never
+    read: its output row is NaN and it gets no gradient. CPU ids are always checked (no sync).
+    """
+    global _check_device_ids
+    previous, _check_device_ids = _check_device_ids, bool(enabled)
+    return previous
 
 
 def check_weight(weight: torch.Tensor) -> None:
@@ -27,15 +41,21 @@ def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")
 
 
-def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
-    """Ids index rows: any outside ``[0, num_embeddings)`` is refused before a kernel reads it.
+def check_id_range(ids: torch.Tensor, num_embeddings: int, *, allow_sync: bool = True) -> None:
+    """Ids index rows: any outside ``[0, num_embeddings)`` is refused with an ``IndexError``.
 
-    Host tensors only: reading an accelerator's min/max would need a host-device sync.
+    CPU ids always; accelerator ids when :func:`set_id_check` is on and ``allow_sync`` (one
+    host-device sync), except while a CUDA graph is being captured, where a sync is illegal.
     """
-    if ids.device.type == "cpu" and ids.numel():
-        lo, hi = torch.aminmax(ids)
-        if lo < 0 or hi >= num_embeddings:
-            raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{int(lo)}, {int(hi)}]")
+    if not ids.numel():
+        return
+    if ids.device.type != "cpu":
+        capturing = ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (_check_device_ids and allow_sync) or capturing:
+            return
+    lo, hi = torch.aminmax(ids)
+    if bool((lo < 0) | (hi >= num_embeddings)):  # the one sync
+        raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{int(lo)}, {int(hi)}]")
 
 
 def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Tensor) -> None:

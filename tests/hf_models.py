@@ -57,3 +57,20 @@ def packed_batch(seed: int = 0):
     ids = torch.randint(2, VOCAB, (1, sum(lengths)), generator=g)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     return ids, pos
+
+
+def t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def bart():
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1,
+                                     forced_eos_token_id=None)
+    return transformers.BartForConditionalGeneration(config)

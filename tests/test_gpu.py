@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from cases import KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight, side_inputs
 from conftest import DTYPES, assert_bits_equal, requires_cuda
-from neft_kernels import NoisyEmbedding, noisy_embedding
+from neft_kernels import NoisyEmbedding, noisy_embedding, set_id_check
+from neft_kernels.backends import module
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -63,18 +64,20 @@ def test_compiled_backward_matches_f_embedding(dtype, deterministic):
         assert_bits_equal(weight.grad, first)
 
 
-def test_module_on_cuda_uses_triton_without_host_device_sync():
+def test_module_on_cuda_without_the_id_check_needs_no_host_device_sync():
     emb = NoisyEmbedding(1000, 512, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (4, 128), device="cuda")
     mask = torch.ones_like(ids)
     mask[:, 100:] = 0
     torch.manual_seed(0)
+    previous = set_id_check(False)
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = emb(ids, attention_mask=mask)
         out.float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        set_id_check(previous)
     torch.manual_seed(0)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, attention_mask=mask, backend="torch"))
@@ -120,3 +123,19 @@ def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
     F.embedding(ids, ref_weight, padding_idx=3).backward(grad_out.float())
     tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     torch.testing.assert_close(first.float(), ref_weight.grad.to(dtype).float(), rtol=tol, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bad_ids_raise_on_cuda_and_are_never_read_with_the_check_off(backend):
+    if backend == "cuda":
+        _cuda_ext_or_skip()
+    weight = make_weight(50, 70, torch.bfloat16, "cuda")
+    bad = torch.tensor([[3, 50, -1, 7, 1 << 40]], device="cuda")
+    with pytest.raises(IndexError, match="input_ids must lie in"):
+        noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)
+    out = module(backend).forward(bad.reshape(-1), weight, 0.1, 1, 0)  # the kernel alone, no check
+    assert out[[1, 2, 4]].isnan().all()
+    assert not out[[0, 3]].isnan().any()
+    grad = module(backend).backward(torch.ones(5, 70, device="cuda", dtype=torch.bfloat16), bad.reshape(-1),
+                                    50, None, False, True)
+    assert grad[3].eq(1).all() and grad[7].eq(1).all() and grad.sum() == 2 * 70

@@ -7,6 +7,7 @@ from torch import nn
 
 import neft_kernels
 from conftest import assert_bits_equal
+import hf_models
 from hf_models import ARCHS, build, packed_batch, padded_batch
 from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, patched, unpatch_model
 from neft_kernels.integrations.hf import is_patched
@@ -197,3 +198,95 @@ def test_make_noisy_refuses_sparse_and_non_embeddings():
         neft_kernels.make_noisy(nn.Embedding(4, 2, sparse=True))
     with pytest.raises(TypeError, match="nn.Embedding"):
         neft_kernels.make_noisy(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("build_encdec", [hf_models.t5, hf_models.bart])
+def test_encoder_decoder_noise_in_both_stacks_each_with_its_own_mask(build_encdec):
+    """transformers 5 gives the encoder and decoder their own embedding modules tied to `shared`."""
+    model = build_encdec()
+    ids, mask = padded_batch()
+    labels = torch.randint(2, hf_models.VOCAB, (3, 5), generator=torch.Generator().manual_seed(9))
+    enc, dec = model.get_encoder().embed_tokens, model.get_decoder().embed_tokens
+    assert enc is not dec and enc.weight is dec.weight
+    cls = type(enc)
+    plain = {name: cls.forward.__get__(m) for name, m in (("enc", enc), ("dec", dec))}
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(4)).train()
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, a, out, k=k: seen.update({k: (a[0], out.detach())}))
+               for k, m in (("enc", enc), ("dec", dec))]
+    model(input_ids=ids, attention_mask=mask, labels=labels)
+    for h in handles:
+        h.remove()
+    g = torch.Generator().manual_seed(4)
+    seeds = [torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=g) for _ in range(2)]
+    with no_noise():
+        want_enc = _expected(plain["enc"], cls, enc.weight, seen["enc"][0], seeds[0], attention_mask=mask)
+        # The decoder was called without a mask: its own rows, not the encoder's padding.
+        want_dec = _expected(plain["dec"], cls, dec.weight, seen["dec"][0], seeds[1])
+    assert_bits_equal(seen["enc"][1], want_enc)
+    assert_bits_equal(seen["dec"][1], want_dec)
+    unpatch_model(model)
+    assert type(enc) is cls and type(dec) is cls
+
+
+def test_deepcopy_of_a_patched_model_feeds_and_unpatches_itself():
+    model = patch_model(build("llama"), ALPHA)
+    copy = __import__("copy").deepcopy(model)
+    ids, mask = padded_batch()
+    copy.train()
+    emb, original = copy.get_input_embeddings(), model.get_input_embeddings()
+    seen = {}
+    emb.register_forward_pre_hook(lambda m, a: seen.update(frame=m._side_input_stack[-1]))
+    copy(input_ids=ids, attention_mask=mask)
+    assert seen["frame"][0] is mask and not original._side_input_stack
+    unpatch_model(copy)
+    assert type(copy.get_input_embeddings()) is nn.Embedding and not is_patched(copy) and is_patched(model)
+
+
+def test_patched_restores_earlier_options_and_non_tensor_masks_are_ignored():
+    model = patch_model(build("llama"), ALPHA)
+    with patched(model, 1.0, "padded"):
+        assert model.get_input_embeddings().noise_alpha == 1.0
+    emb = model.get_input_embeddings()
+    assert (emb.noise_alpha, emb.length_mode) == (ALPHA, "per_sequence") and is_patched(model)
+    ids, _ = padded_batch()
+    with emb.side_inputs(attention_mask={"full_attention": torch.ones(3, 1, 12, 12)}):
+        emb.train()(ids)  # a dict of masks (Gemma 3, flex attention) is not a per-token mask
+
+
+def test_frames_left_by_an_interrupted_call_are_dropped_by_the_next_call():
+    model = patch_model(build("llama"), ALPHA).train()
+    emb = model.get_input_embeddings()
+    ids, mask = padded_batch()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt  # skips torch's always_call hooks
+
+    handle = model.model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert len(emb._side_input_stack) == 2  # LlamaForCausalLM's and LlamaModel's frames
+    seen = {}
+    emb.register_forward_pre_hook(lambda m, a: seen.update(depth=len(m._side_input_stack)))
+    model(input_ids=ids)
+    assert seen["depth"] == 2 and not emb._side_input_stack
+
+
+def test_lora_on_the_embedding_itself_noises_the_base_layer():
+    import peft
+
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    base = [m for m in model.modules() if type(m) is nn.Embedding and m.weight.shape[0] == hf_models.VOCAB]
+    assert len(base) == 1
+    ids, mask = padded_batch()
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(6)).train()
+    emb = base[0]
+    assert isinstance(emb, NoisyEmbedding)
+    seen, handle = _capture(emb)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    handle.remove()
+    assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=_seed_of(6), attention_mask=mask,
+                                                   backend="torch"))
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_embedding" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)

@@ -150,17 +150,18 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
                            use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32 if mode == "packing" else None,
                            packing=mode == "packing", padding_free=mode == "padding_free")
     model = build("llama")
-    seen = []
+    seen, batches = [], []  # what the embedding returned; the position_ids the collator produced
 
     def record(emb, args, out):
-        mask, pos = emb._pending_side_inputs(args[0])
-        seen.append((args[0], out.detach(), pos, emb.weight.detach().clone()))
+        seen.append((args[0], out.detach(), emb.weight.detach().clone()))
 
     class _Hook(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
             emb = model.get_input_embeddings()
             if not getattr(emb, "_probe", None):
                 emb._probe = emb.register_forward_hook(record)
+                model.register_forward_pre_hook(lambda m, a, k: batches.append(k.get("position_ids")),
+                                                with_kwargs=True)
                 seeds, draw = [], emb._draw_seed
                 emb._draw_seed = lambda: seeds.append(draw()) or seeds[-1]
                 emb._seeds = seeds
@@ -170,8 +171,8 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     trainer.train()
     assert type(model.get_input_embeddings()) is nn.Embedding
     emb_seeds = model.get_input_embeddings().__dict__["_seeds"]
-    assert len(seen) == 2
-    for (ids, out, pos, weight), seed in zip(seen, emb_seeds):
+    assert len(seen) == len(batches) == 2
+    for (ids, out, weight), pos, seed in zip(seen, batches, emb_seeds):
         assert pos is not None and ids.shape[0] == 1 and int((pos == 0).sum()) > 1  # several sequences per row
         with no_noise():
             want = noisy_embedding(ids, weight, ALPHA, seed=seed, position_ids=pos, backend="torch")

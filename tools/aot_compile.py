@@ -39,20 +39,19 @@ def _variants(embedding_dim: int):
         for per_token in (True, False):
             sig = {"ids_ptr": "*i64", "w_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "scale_ptr": "*fp32",
                    "scale_value": "fp32", "seed": "i64", "offset": "i64", "n_tokens": "i32", "d": "i32",
-                   "n_lanes": "i32", "w_stride": "i32", "PER_TOKEN_SCALE": "constexpr",
+                   "n_lanes": "i32", "w_stride": "i32", "n_rows": "i32", "PER_TOKEN_SCALE": "constexpr",
                    "IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
             consts = {"PER_TOKEN_SCALE": per_token, "IS_BF16": dtype == "bf16", "BLOCK_N": fwd_n,
                       "BLOCK_Q": fwd_q}
             yield ("noisy_embedding_fwd", f"{dtype}, {'per-token' if per_token else 'scalar'} scale",
                    kernels._noisy_embedding_fwd_kernel, sig, consts)
-        sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "count_ptr": "*fp32", "gw_ptr": "*fp32",
-               "n_tokens": "i32", "d": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
-               "GRAD_IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
-        consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "BLOCK_N": bwd_n,
-                  "BLOCK_D": bwd_d}
+        sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "gw_ptr": "*fp32", "n_tokens": "i32", "d": "i32",
+               "n_rows": "i32", "padding_idx": "i32", "GRAD_IS_BF16": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_D": "constexpr"}
+        consts = {"GRAD_IS_BF16": dtype == "bf16", "BLOCK_N": bwd_n, "BLOCK_D": bwd_d}
         yield "embedding_bwd_atomic", dtype, kernels._embedding_bwd_atomic_kernel, sig, consts
         sig = {"grad_ptr": _PTR[dtype], "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64",
-               "gw_ptr": _PTR[dtype], "d": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
+               "gw_ptr": _PTR[dtype], "d": "i32", "n_rows": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
                "GRAD_IS_BF16": "constexpr", "OUT_IS_BF16": "constexpr", "BLOCK_D": "constexpr"}
         consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "OUT_IS_BF16": dtype == "bf16",
                   "BLOCK_D": bwd_d}

@@ -10,6 +10,7 @@
 #endif
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -156,13 +157,18 @@ inline uint16_t from_f32<uint16_t>(float v) {
 
 template <typename T>
 void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scales, float scale_value,
-                  uint64_t seed, uint64_t offset, int64_t first, int64_t last, int64_t d, int64_t w_stride) {
+                  uint64_t seed, uint64_t offset, int64_t first, int64_t last, int64_t d, int64_t w_stride,
+                  int64_t num_rows) {
   const int64_t q = (d + 3) / 4;
   alignas(64) WordBlock words;
   for (int64_t n = first; n < last; ++n) {
     const float scale = scales ? scales[n] : scale_value;
-    const T* row = weight + ids[n] * w_stride;
     T* dst = out + n * d;
+    if (ids[n] < 0 || ids[n] >= num_rows) {  // never read: Python refuses these first, this is a guard
+      std::fill(dst, dst + d, from_f32<T>(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
+    const T* row = weight + ids[n] * w_stride;
     for (int64_t k0 = 0; k0 < q; k0 += kLaneBlock) {
       const int64_t count = std::min(kLaneBlock, q - k0);
       philox_block(offset + static_cast<uint64_t>(n * q + k0), seed, count, words);
@@ -186,7 +192,7 @@ void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, tor
   const float s_val = static_cast<float>(scale_value);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n_tokens, grain, [&](int64_t first, int64_t last) {
-    forward_rows<T>(id_ptr, w_ptr, o_ptr, s_ptr, s_val, seed, offset, first, last, d, w_stride);
+    forward_rows<T>(id_ptr, w_ptr, o_ptr, s_ptr, s_val, seed, offset, first, last, d, w_stride, weight.size(0));
   });
 }
 
@@ -214,14 +220,14 @@ namespace {
 
 template <typename T>
 void backward_segments(const T* grad, const int64_t* order, const int64_t* sorted,
-                       const std::vector<int64_t>& starts, T* gw, int64_t d, int64_t padding_idx,
-                       bool scale_by_freq) {
+                       const std::vector<int64_t>& starts, T* gw, int64_t d, int64_t num_weights,
+                       int64_t padding_idx, bool scale_by_freq) {
   const int64_t n_segments = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, n_segments, 1, [&](int64_t first, int64_t last) {
     std::vector<float> acc(d);
     for (int64_t s = first; s < last; ++s) {
       const int64_t begin = starts[s], end = starts[s + 1], id = sorted[begin];
-      if (id == padding_idx) continue;
+      if (id == padding_idx || id < 0 || id >= num_weights) continue;  // out of range: never written
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t i = begin; i < end; ++i) {  // fixed order: deterministic
         const T* g = grad + order[i] * d;
@@ -258,16 +264,16 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   switch (grad.scalar_type()) {
     case torch::kFloat:
       backward_segments<float>(grad.data_ptr<float>(), order.data(), sorted.data(), starts,
-                               gw.data_ptr<float>(), d, padding_idx, scale_grad_by_freq);
+                               gw.data_ptr<float>(), d, num_weights, padding_idx, scale_grad_by_freq);
       break;
     case torch::kBFloat16:
       backward_segments<uint16_t>(reinterpret_cast<const uint16_t*>(grad.data_ptr()), order.data(),
                                   sorted.data(), starts, reinterpret_cast<uint16_t*>(gw.data_ptr()), d,
-                                  padding_idx, scale_grad_by_freq);
+                                  num_weights, padding_idx, scale_grad_by_freq);
       break;
     case torch::kHalf:
       backward_segments<c10::Half>(grad.data_ptr<c10::Half>(), order.data(), sorted.data(), starts,
-                                   gw.data_ptr<c10::Half>(), d, padding_idx, scale_grad_by_freq);
+                                   gw.data_ptr<c10::Half>(), d, num_weights, padding_idx, scale_grad_by_freq);
       break;
     default: TORCH_CHECK(false, "grad dtype must be float32, bfloat16 or float16, got ", grad.scalar_type());
   }

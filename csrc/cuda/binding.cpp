@@ -33,7 +33,7 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
   check(neft::noisy_embedding_forward_cuda(
       dtype_of(weight), ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(),
       scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value), static_cast<uint64_t>(seed),
-      static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
+      static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0), weight.size(0),
       c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
@@ -50,7 +50,7 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   const torch::Tensor seg_end = torch::searchsorted(sorted_ids, sorted_ids, /*out_int32=*/false, /*right=*/true);
   check(neft::embedding_backward_cuda(
       dtype_of(grad), grad.data_ptr(), sorted_ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-      seg_end.data_ptr<int64_t>(), grad_weight.data_ptr(), ids.numel(), grad.size(1), padding_idx,
+      seg_end.data_ptr<int64_t>(), grad_weight.data_ptr(), ids.numel(), grad.size(1), num_weights, padding_idx,
       scale_grad_by_freq, c10::cuda::getCurrentCUDAStream().stream()));
   return grad_weight;
 }

@@ -29,7 +29,7 @@ template <> struct Io<__half> {
 template <typename T>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* __restrict__ scales, float scale_value, uint64_t seed, uint64_t offset,
-                               int64_t n_tokens, int64_t d, int64_t w_stride) {
+                               int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows) {
   const int64_t q = (d + 3) / 4;
   // tokens on grid x (up to 2^31 - 1 blocks), lanes on grid y; threads along lanes coalesce.
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
@@ -37,11 +37,16 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   if (n >= n_tokens || k >= q) return;
   const float scale = scales ? scales[n] : scale_value;
   const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), seed);
-  const int64_t row = ids[n] * w_stride, dst = n * d;
+  const int64_t id = ids[n], row = id * w_stride, dst = n * d;
+  // An id outside [0, V) (the range check is off, or raced) is never read: its row becomes NaN.
+  const bool in_range = id >= 0 && id < num_rows;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k;
-    if (j < d) Io<T>::store(out, dst + j, neft::noisy_value(Io<T>::load(weight, row + j), r.r[w], scale));
+    if (j < d) {
+      const float value = in_range ? neft::noisy_value(Io<T>::load(weight, row + j), r.r[w], scale) : __int_as_float(0x7FC00000);
+      Io<T>::store(out, dst + j, value);
+    }
   }
 }
 
@@ -50,12 +55,13 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
 template <typename T>
 __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
                                 const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end, void* grad_weight,
-                                int64_t n_tokens, int64_t d, int64_t padding_idx, bool scale_by_freq) {
+                                int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
   const int64_t i = blockIdx.x;  // sorted position (grid x allows 2^31 - 1)
   const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n_tokens || j >= d) return;
   const int64_t id = sorted_ids[i];
-  if ((i > 0 && sorted_ids[i - 1] == id) || id == padding_idx) return;
+  // Out-of-range ids get no row (sorted, so each run is skipped as a whole).
+  if ((i > 0 && sorted_ids[i - 1] == id) || id == padding_idx || id < 0 || id >= num_weights) return;
   const int64_t end = seg_end[i];
   float acc = 0.0f;
   for (int64_t s = i; s < end; ++s) acc = neft::add_rn(acc, Io<T>::load(grad, order[s] * d + j));
@@ -66,23 +72,23 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
 template <typename T>
 cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
                            uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                           cudaStream_t stream) {
+                           int64_t num_rows, cudaStream_t stream) {
   const int64_t q = (d + 3) / 4;
   const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
   const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
                   static_cast<unsigned>((q + block.x - 1) / block.x));
-  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride);
+  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const int64_t* order, const int64_t* seg_end,
-                            void* grad_weight, int64_t n_tokens, int64_t d, int64_t padding_idx, bool scale_by_freq,
-                            cudaStream_t stream) {
+                            void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx,
+                            bool scale_by_freq, cudaStream_t stream) {
   const dim3 block(128);
   const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((d + 127) / 128));
   backward_kernel<T><<<grid, block, 0, stream>>>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d,
-                                                 padding_idx, scale_by_freq);
+                                                 num_weights, padding_idx, scale_by_freq);
   return cudaGetLastError();
 }
 
@@ -92,22 +98,23 @@ namespace neft {
 
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, uint64_t seed, uint64_t offset,
-                                         int64_t n_tokens, int64_t d, int64_t w_stride, cudaStream_t stream) {
+                                         int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows,
+                                         cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch_forward<float>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
-    case DType::kBFloat16: return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
-    case DType::kFloat16: return launch_forward<__half>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, stream);
+    case DType::kFloat32: return launch_forward<float>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
+    case DType::kBFloat16: return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
+    case DType::kFloat16: return launch_forward<__half>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
                                     const int64_t* seg_end, void* grad_weight, int64_t n_tokens, int64_t d,
-                                    int64_t padding_idx, bool scale_by_freq, cudaStream_t stream) {
+                                    int64_t num_weights, int64_t padding_idx, bool scale_by_freq, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch_backward<float>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
-    case DType::kBFloat16: return launch_backward<uint16_t>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
-    case DType::kFloat16: return launch_backward<__half>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, padding_idx, scale_by_freq, stream);
+    case DType::kFloat32: return launch_backward<float>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
+    case DType::kBFloat16: return launch_backward<uint16_t>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
+    case DType::kFloat16: return launch_backward<__half>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -47,18 +47,21 @@ def _store_f32(ptr, offsets, value, mask, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, bits, scale, d, IS_BF16: tl.constexpr):
-    """One quarter of the dims: widen the row, add ``e * scale`` (spec v1 rounding), store."""
+def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, bits, scale, d, IS_BF16: tl.constexpr):
+    """One quarter of the dims: widen the row, add ``e * scale`` (spec v1 rounding), store.
+
+    A token whose id is out of range reads nothing and writes NaN.
+    """
     mask = valid & (col < d)
-    w = _load_f32(w_ptr, w_row + col, mask, IS_BF16)
+    w = _load_f32(w_ptr, w_row + col, mask & in_range, IS_BF16)
     e = tl.uint_to_uniform_float(bits) * 2.0 - 1.0
-    _store_f32(out_ptr, out_row + col, w + e * scale, mask, IS_BF16)
+    _store_f32(out_ptr, out_row + col, tl.where(in_range, w + e * scale, float("nan")), mask, IS_BF16)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _noisy_embedding_fwd_kernel(
     ids_ptr, w_ptr, out_ptr, scale_ptr, scale_value, seed, offset,
-    n_tokens, d, n_lanes, w_stride,
+    n_tokens, d, n_lanes, w_stride, n_rows,
     PER_TOKEN_SCALE: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -68,6 +71,7 @@ def _noisy_embedding_fwd_kernel(
     valid = tok_mask[:, None] & (lane < n_lanes)[None, :]
 
     ids = tl.load(ids_ptr + tok, mask=tok_mask, other=0).to(tl.int64)
+    in_range = ((ids >= 0) & (ids < n_rows))[:, None]
     if PER_TOKEN_SCALE:
         scale = tl.load(scale_ptr + tok, mask=tok_mask, other=0.0)[:, None]
     else:
@@ -79,31 +83,28 @@ def _noisy_embedding_fwd_kernel(
     w_row = ids[:, None] * w_stride
     out_row = tok[:, None] * d
     col = lane[None, :]
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, r0, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, r1, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, r2, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, r3, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, r0, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, r1, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, in_range, r2, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, in_range, r3, scale, d, IS_BF16)
 
 
 @triton.jit
 def _embedding_bwd_atomic_kernel(
-    grad_ptr, ids_ptr, count_ptr, gw_ptr, n_tokens, d, padding_idx,
-    SCALE_BY_FREQ: tl.constexpr, GRAD_IS_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr, ids_ptr, gw_ptr, n_tokens, d, n_rows, padding_idx,
+    GRAD_IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ids = tl.load(ids_ptr + tok, mask=tok < n_tokens, other=padding_idx).to(tl.int64)
-    mask = ((tok < n_tokens) & (ids != padding_idx))[:, None] & (col < d)[None, :]
+    mask = ((tok < n_tokens) & (ids != padding_idx) & (ids >= 0) & (ids < n_rows))[:, None] & (col < d)[None, :]
     g = _load_f32(grad_ptr, tok[:, None] * d + col[None, :], mask, GRAD_IS_BF16)
-    if SCALE_BY_FREQ:
-        g = g / tl.load(count_ptr + tok, mask=tok < n_tokens, other=1.0)[:, None]
     tl.atomic_add(gw_ptr + ids[:, None] * d + col[None, :], g, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _embedding_bwd_segmented_kernel(
-    grad_ptr, sorted_ids_ptr, order_ptr, seg_end_ptr, gw_ptr, d, padding_idx,
+    grad_ptr, sorted_ids_ptr, order_ptr, seg_end_ptr, gw_ptr, d, n_rows, padding_idx,
     SCALE_BY_FREQ: tl.constexpr, GRAD_IS_BF16: tl.constexpr, OUT_IS_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -113,14 +114,14 @@ def _embedding_bwd_segmented_kernel(
     col_mask = col < d
     idx = tl.load(sorted_ids_ptr + i).to(tl.int64)
     prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
-    if (idx != prev) & (idx != padding_idx):
+    if (idx != prev) & (idx != padding_idx) & (idx >= 0) & (idx < n_rows):
         end = tl.load(seg_end_ptr + i)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for j in range(i, end):
             row = tl.load(order_ptr + j)
             acc += _load_f32(grad_ptr, row * d + col, col_mask, GRAD_IS_BF16)
         if SCALE_BY_FREQ:
-            acc = acc / (end - i).to(tl.float32)
+            acc = tl.div_rn(acc, (end - i).to(tl.float32))  # IEEE, as the other backends divide
         _store_f32(gw_ptr, idx * d + col, acc, col_mask, OUT_IS_BF16)
 
 
@@ -180,7 +181,7 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float
     _noisy_embedding_fwd_kernel[grid](
         ids.contiguous(), _bits_view(weight), _bits_view(out), scale_arg,
         0.0 if per_token else float(scale), seed, offset,
-        n_tokens, d, q, weight.stride(0),
+        n_tokens, d, q, weight.stride(0), weight.shape[0],
         PER_TOKEN_SCALE=per_token, IS_BF16=weight.dtype == torch.bfloat16,
         BLOCK_N=block_n, BLOCK_Q=block_q, **LAUNCH_OPTIONS,
     )
@@ -206,23 +207,22 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
         sorted_ids, order = torch.sort(ids, stable=True)
         seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
         _embedding_bwd_segmented_kernel[(n_tokens, triton.cdiv(d, block_d))](
-            grad, sorted_ids, order, seg_end, _bits_view(grad_weight), d, pad,
+            grad, sorted_ids, order, seg_end, _bits_view(grad_weight), d, num_weights, pad,
             SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16, OUT_IS_BF16=is_bf16,
             BLOCK_D=block_d, **LAUNCH_OPTIONS,
         )
         return grad_weight
 
     acc = torch.zeros(num_weights, d, dtype=torch.float32, device=grad.device)
-    counts = acc  # unused unless scale_grad_by_freq
-    if scale_grad_by_freq:
-        per_id = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
-        per_id.index_add_(0, ids, torch.ones(n_tokens, dtype=torch.float32, device=grad.device))
-        counts = per_id[ids]
     _embedding_bwd_atomic_kernel[(triton.cdiv(n_tokens, block_n), triton.cdiv(d, block_d))](
-        grad, ids, counts, acc, n_tokens, d, pad,
-        SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16,
-        BLOCK_N=block_n, BLOCK_D=block_d, **LAUNCH_OPTIONS,
+        grad, ids, acc, n_tokens, d, num_weights, pad,
+        GRAD_IS_BF16=is_bf16, BLOCK_N=block_n, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )
+    if scale_grad_by_freq:  # sum first, then divide, as every backend does
+        in_range = (ids >= 0) & (ids < num_weights)
+        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
+        counts.index_add_(0, ids.clamp(0, max(num_weights - 1, 0)), in_range.to(torch.float32))
+        acc /= counts.clamp(min=1)[:, None]
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
 
 

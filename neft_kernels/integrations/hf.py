@@ -5,14 +5,16 @@ weight Parameter, same ``state_dict``), and forward hooks on the modules above i
 ``forward`` takes ``attention_mask`` or ``position_ids`` hand those arguments to the embedding,
 so that ``L`` is per sequence, or per packed sub-sequence. Duck-typed: any module with
 ``get_input_embeddings()`` works, transformers is never imported here.
+
+No registry: the patch lives in the model itself (the embeddings' class, the marked hooks), so a
+``deepcopy`` of a patched model is a patched model that :func:`unpatch_model` can undo, and
+each hook finds its embeddings below the module it runs on.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterator
 
 from torch import nn
@@ -20,76 +22,115 @@ from torch import nn
 from ..module import NoisyEmbedding, make_noisy, make_plain
 
 _SIDE_INPUTS = ("attention_mask", "position_ids")
+_MARK = "_neft_side_input_hook"
 
 
-@dataclass
-class _Patch:
-    embeddings: list[NoisyEmbedding]
-    handles: list = field(default_factory=list)
+def _input_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    """Every distinct ``nn.Embedding`` that looks up the input embedding's weight.
 
-
-_PATCHES: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
-
-
-def _input_embeddings(model: nn.Module) -> tuple[list[str], list[nn.Embedding]]:
-    """Every qualified name of, and every distinct ``nn.Embedding`` in, ``model.get_input_embeddings()``.
-
-    Usually that is the embedding itself; PEFT's ``modules_to_save`` wraps it with a trainable
-    copy (both are patched, the wrapper picks one), LoRA on the embedding wraps it as its base
-    layer. A shared embedding (T5's) has several names: the modules above each get hooks.
+    That is ``get_input_embeddings()`` itself, the embeddings inside it (PEFT's
+    ``modules_to_save`` wrapper and its trainable copy, LoRA's base layer), and any other module
+    sharing its weight: transformers 5 gives T5 and BART separate encoder and decoder embeddings
+    tied to ``shared``, and the model only ever calls those.
     """
     if not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); pass a transformers or PEFT model")
     root = model.get_input_embeddings()
-    wanted = {id(m) for m in root.modules() if isinstance(m, nn.Embedding)}
-    names, embeddings = [], {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if id(m) in wanted:
-            names.append(name)
-            embeddings.setdefault(id(m), m)
-    if not embeddings:
+    inner = [m for m in root.modules() if isinstance(m, nn.Embedding)]
+    if not inner:
         raise TypeError(f"the input embeddings of {type(model).__name__} hold no nn.Embedding "
                         f"(got {type(root).__name__})")
-    return names, list(embeddings.values())
+    weights = {id(m.weight) for m in inner}
+    found = {id(m): m for m in inner}
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and id(m.weight) in weights:
+            found.setdefault(id(m), m)
+    return list(found.values())
 
 
-def _ancestors(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    """Modules above the embeddings (the model included) whose forward takes a side input."""
-    prefixes = {".".join(name.split(".")[:i]) for name in names for i in range(name.count(".") + 1)}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    out, seen = [], set()
-    for prefix in sorted(prefixes, key=len):
-        module = modules.get(prefix)
-        if module is None or id(module) in seen or isinstance(module, nn.Embedding):
-            continue
-        seen.add(id(module))
+def _noisy_below(module: nn.Module, paths: tuple[str, ...]) -> list[NoisyEmbedding]:
+    """The noisy embeddings at (or inside, once PEFT has wrapped them) ``paths`` below ``module``."""
+    out = []
+    for path in paths:
         try:
-            params = inspect.signature(module.forward).parameters
-        except (TypeError, ValueError):
+            sub = module.get_submodule(path)
+        except AttributeError:
             continue
-        if any(p in params for p in _SIDE_INPUTS):
-            out.append(module)
+        out.extend(m for m in sub.modules() if isinstance(m, NoisyEmbedding))
     return out
 
 
-def _hooks(module: nn.Module, embeddings: list[NoisyEmbedding]):
-    signature = inspect.signature(module.forward)
+def _make_hooks(paths: tuple[str, ...], signature: inspect.Signature, outermost: bool):
+    """A pre-hook that pushes this call's side inputs onto each embedding's stack, and a hook that
+    pops exactly that frame. The outermost module's pre-hook first drops frames that an
+    interrupted call (``KeyboardInterrupt`` skips ``always_call`` hooks) left behind."""
 
-    def push(_, args, kwargs):
+    def push(module, args, kwargs):
         try:
             bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
         frame = tuple(bound.get(name) for name in _SIDE_INPUTS)
-        for emb in embeddings:
+        for emb in _noisy_below(module, paths):
+            if outermost:
+                emb._side_input_stack.clear()
             emb._side_input_stack.append(frame)
 
-    def pop(*_):
-        for emb in embeddings:
-            if emb._side_input_stack:
-                emb._side_input_stack.pop()
+    def pop(module, *_):
+        for emb in _noisy_below(module, paths):
+            stack = emb._side_input_stack
+            if stack:
+                stack.pop()
 
+    setattr(push, _MARK, True)
+    setattr(pop, _MARK, True)
     return push, pop
+
+
+def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
+    """Hook every module above an embedding whose forward takes a side input (once per module)."""
+    targets = {id(e) for e in embeddings}
+    names = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in targets]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    hooked = set()
+    prefixes = sorted({".".join(n.split(".")[:i]) for n in names for i in range(n.count(".") + 1)}, key=len)
+    for prefix in prefixes:
+        module = modules[prefix]
+        if id(module) in hooked or isinstance(module, nn.Embedding) or _has_our_hook(module):
+            continue
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            continue
+        if not any(p in signature.parameters for p in _SIDE_INPUTS):
+            continue
+        outermost = not hooked  # prefixes come shortest first
+        hooked.add(id(module))
+        paths = tuple(n[len(prefix) + 1:] if prefix else n for n in names if not prefix or n.startswith(prefix + "."))
+        push, pop = _make_hooks(paths, signature, outermost)
+        module.register_forward_pre_hook(push, with_kwargs=True)
+        module.register_forward_hook(pop, always_call=True)
+
+
+def _has_our_hook(module: nn.Module) -> bool:
+    return any(getattr(fn, _MARK, False) for fn in module._forward_pre_hooks.values())
+
+
+def _remove_our_hooks(module: nn.Module) -> None:
+    # What RemovableHandle.remove does, for hooks whose handles a deepcopy did not carry over.
+    for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                          (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                   module._forward_hooks_always_called))):
+        for key in [k for k, fn in hooks.items() if getattr(fn, _MARK, False)]:
+            del hooks[key]
+            for extra in extras:
+                extra.pop(key, None)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` holds a noisy embedding or our hooks (from :func:`patch_model`)."""
+    return any(isinstance(m, NoisyEmbedding) and "_neft_original_class" in vars(m) or _has_our_hook(m)
+               for m in model.modules())
 
 
 def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence", *,
@@ -100,51 +141,34 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
         model: a transformers ``PreTrainedModel``, a PEFT ``PeftModel``, or any module with
             ``get_input_embeddings()``.
         noise_alpha, length_mode, backend, generator: as for :class:`~neft_kernels.NoisyEmbedding`.
-            ``"per_sequence"`` takes ``L`` from the ``attention_mask`` and ``position_ids`` the
-            model is called with (packed rows: each sub-sequence starts where the position is 0).
+            ``"per_sequence"`` takes ``L`` from the ``attention_mask`` and ``position_ids`` that
+            the innermost hooked module (the one calling the embedding) was called with; packed
+            rows start a sub-sequence wherever the position is 0.
 
     Idempotent: patching again only updates the options. Undo with :func:`unpatch_model`.
     """
-    options = dict(length_mode=length_mode, backend=backend, generator=generator)
-    patch = _PATCHES.get(model)
-    if patch is not None:
-        for emb in patch.embeddings:
-            emb.configure_noise(noise_alpha, **options)
-        return model
-    names, found = _input_embeddings(model)
-    embeddings = [make_noisy(emb, noise_alpha, **options) for emb in found]
-    patch = _Patch(embeddings)
-    for module in _ancestors(model, names):
-        push, pop = _hooks(module, embeddings)
-        patch.handles.append(module.register_forward_pre_hook(push, with_kwargs=True))
-        patch.handles.append(module.register_forward_hook(pop, always_call=True))
-    _PATCHES[model] = patch
+    embeddings = [make_noisy(e, noise_alpha, length_mode=length_mode, backend=backend, generator=generator)
+                  for e in _input_embeddings(model)]
+    _hook_ancestors(model, embeddings)
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch_model`: the original embedding class, the same module and weight."""
-    patch = _PATCHES.pop(model, None)
-    if patch is not None:
-        for handle in patch.handles:
-            handle.remove()
-        for emb in patch.embeddings:
-            make_plain(emb)
+    """Undo :func:`patch_model` on ``model`` and everything in it (copies of a patched model too):
+    the original embedding classes, the same modules and weights, no hooks left."""
+    for module in model.modules():
+        _remove_our_hooks(module)
+        if isinstance(module, nn.Embedding):
+            make_plain(module)
     return model
-
-
-def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch_model` patched ``model`` (and it was not unpatched since)."""
-    return model in _PATCHES
 
 
 @contextmanager
 def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence",
             **options) -> Iterator[nn.Module]:
-    """``patch_model`` for the ``with`` block only (unpatched on exit, also on an exception).
-
-    A model that was already patched on entry stays patched on exit.
-    """
+    """``patch_model`` for the ``with`` block only: on exit (also on an exception) the model is
+    as it was on entry, unpatched, or patched with its earlier options."""
+    before = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
     was_patched = is_patched(model)
     patch_model(model, noise_alpha, length_mode, **options)
     try:
@@ -152,3 +176,5 @@ def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_
     finally:
         if not was_patched:
             unpatch_model(model)
+        for emb, opts in before:
+            emb.configure_noise(**opts)
