@@ -34,3 +34,20 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     both_nan = actual.isnan() & expected.isnan()
     mismatched = ((a != e) & ~both_nan).sum().item()
     assert mismatched == 0, f"{mismatched} of {a.numel()} elements differ in bits"
+
+
+def _backend_devices() -> list[tuple[str, str]]:
+    """(backend, device) for every backend this machine can run, each on its own device."""
+    pairs = [("torch", DEVICE), ("triton", DEVICE)]
+    if os.environ.get("NEFT_KERNELS_BUILD_EXT") != "0":
+        pairs.append(("cpu", "cpu"))
+    if torch.cuda.is_available():
+        try:
+            from neft_kernels import _C_cuda  # noqa: F401
+            pairs.append(("cuda", "cuda"))
+        except ImportError:
+            pass
+    return pairs
+
+
+BACKEND_DEVICES = _backend_devices()

@@ -1,0 +1,79 @@
+"""Property-based tests (hypothesis): random shapes, dtypes, masks, packed rows, seeds and offsets
+through every backend, bit-exact with the independent spec model; gradients equal F.embedding's.
+
+CI runs a fixed (derandomized) set of examples; ``NEFT_FUZZ_EXAMPLES=2000`` runs more, at random.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cases import expected
+from conftest import BACKEND_DEVICES, DTYPES, assert_bits_equal
+from neft_kernels import noisy_embedding
+
+_EXAMPLES = int(os.environ.get("NEFT_FUZZ_EXAMPLES", "40"))
+_SETTINGS = settings(max_examples=_EXAMPLES, deadline=None, derandomize="NEFT_FUZZ_EXAMPLES" not in os.environ,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+backends = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+
+
+@st.composite
+def batches(draw):
+    rows, width = draw(st.integers(1, 3)), draw(st.integers(1, 10))
+    vocab, d = draw(st.integers(1, 12)), draw(st.integers(1, 19))
+    ids = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=rows * width, max_size=rows * width)))
+    ids = ids.view(rows, width)
+    mask = pos = None
+    if draw(st.booleans()):
+        mask = torch.tensor(draw(st.lists(st.integers(0, 1), min_size=rows * width, max_size=rows * width)))
+        mask = mask.view(rows, width)
+    if draw(st.booleans()):  # packed rows: a sub-sequence restarts at 0 wherever `starts` says
+        starts = torch.tensor(draw(st.lists(st.booleans(), min_size=rows * width, max_size=rows * width)))
+        starts = starts.view(rows, width).clone()
+        starts[:, 0] = True
+        index = torch.arange(width).expand(rows, width)
+        last_start = torch.cummax(torch.where(starts, index, 0), dim=1).values
+        pos = index - last_start
+    dtype = draw(st.sampled_from(DTYPES))
+    values = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=vocab * d, max_size=vocab * d))
+    weight = torch.tensor(values, dtype=torch.float32).view(vocab, d).to(dtype)
+    return dict(ids=ids, weight=weight, mask=mask, pos=pos,
+                alpha=draw(st.sampled_from([0.0, 1.0, 5.0, 15.0, 0.1])),
+                seed=draw(st.integers(-(1 << 63), (1 << 64) - 1)), offset=draw(st.integers(0, 1 << 40)),
+                length_mode=draw(st.sampled_from(["per_sequence", "padded"])))
+
+
+def _to(b: dict, device: str) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+@backends
+@_SETTINGS
+@given(b=batches())
+def test_forward_is_bit_exact_with_the_spec_model(backend, device, b):
+    x = _to(b, device)
+    out = noisy_embedding(x["ids"], x["weight"], b["alpha"], seed=b["seed"], offset=b["offset"],
+                          attention_mask=x["mask"], position_ids=x["pos"], length_mode=b["length_mode"],
+                          backend=backend)
+    assert_bits_equal(out, expected(b["ids"], b["weight"], b["alpha"], b["seed"], b["offset"], b["mask"], b["pos"],
+                                    b["length_mode"]))
+
+
+@backends
+@_SETTINGS
+@given(b=batches(), padding=st.booleans(), data=st.data())
+def test_weight_gradient_equals_f_embedding(backend, device, b, padding, data):
+    x = _to(b, device)
+    weight = x["weight"].float().requires_grad_()
+    padding_idx = data.draw(st.integers(0, weight.shape[0] - 1)) if padding else None
+    grad_out = torch.randn(*b["ids"].shape, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(device)
+    out = noisy_embedding(x["ids"], weight, b["alpha"], seed=b["seed"], attention_mask=x["mask"],
+                          position_ids=x["pos"], padding_idx=padding_idx, backend=backend)
+    (ours,) = torch.autograd.grad(out, weight, grad_out)
+    (theirs,) = torch.autograd.grad(F.embedding(x["ids"], weight, padding_idx=padding_idx), weight, grad_out)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)

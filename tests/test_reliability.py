@@ -1,0 +1,162 @@
+"""Reliability promises, on every backend this machine runs: bad input refused, edge cases,
+64-bit indexing, determinism."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import expected, make_weight, side_inputs
+from conftest import BACKEND_DEVICES, assert_bits_equal
+from neft_kernels import NoisyEmbedding, noisy_embedding, set_id_check
+from neft_kernels.backends import module
+
+KERNEL_BACKENDS = [(b, d) for b, d in BACKEND_DEVICES if b != "torch"]  # the reference relies on torch's checks
+ids_of = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+
+
+@ids_of
+@pytest.mark.parametrize("bad", [[[1, 5]], [[-1, 2]], [[0, 1 << 40]]])
+def test_out_of_range_ids_are_refused(backend, device, bad):
+    weight = torch.zeros(5, 4, device=device)
+    with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 5\), got values in"):
+        noisy_embedding(torch.tensor(bad, device=device), weight, 1.0, seed=0, backend=backend)
+
+
+def test_cpu_ids_are_checked_even_with_the_device_check_off():
+    previous = set_id_check(False)
+    try:
+        with pytest.raises(IndexError):
+            noisy_embedding(torch.tensor([7]), torch.zeros(5, 4), 1.0, seed=0)
+    finally:
+        set_id_check(previous)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=[b for b, _ in KERNEL_BACKENDS])
+def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
+    """Called with no check at all, a bad id yields a NaN row and no gradient, never a stray access."""
+    weight = make_weight(6, 9, torch.float32, device)
+    ids = torch.tensor([2, 6, -1, 5, -(1 << 40), 1 << 40], device=device)
+    out = module(backend).forward(ids, weight, 0.25, 3, 0)
+    bad = torch.tensor([False, True, True, False, True, True])
+    assert out[bad.to(device)].isnan().all() and not out[~bad.to(device)].isnan().any()
+    for deterministic in (False, True):
+        grad = module(backend).backward(torch.ones(6, 9, device=device), ids, 6, None, True, deterministic)
+        want = torch.zeros(6, 9)
+        want[[2, 5]] = 1
+        assert torch.equal(grad.cpu(), want)
+
+
+@ids_of
+def test_edge_shapes_and_dtypes(backend, device):
+    weight = make_weight(11, 6, torch.float32, device)  # d not a multiple of 4
+    empty = torch.zeros(0, 4, dtype=torch.long, device=device)
+    assert noisy_embedding(empty, weight, 5.0, seed=1, attention_mask=empty, backend=backend).shape == (0, 4, 6)
+    one_d = torch.tensor([3, 1, 4, 1, 5], device=device)
+    out = noisy_embedding(one_d, weight, 5.0, seed=1, backend=backend)
+    assert_bits_equal(out, expected(one_d, weight, 5.0, 1, 0, None, None, "per_sequence"))
+    assert_bits_equal(noisy_embedding(one_d.int(), weight, 5.0, seed=1, backend=backend), out)
+    scalar = noisy_embedding(torch.tensor(4, device=device), weight, 5.0, seed=1, backend=backend)
+    assert scalar.shape == (6,)
+    d1 = make_weight(11, 1, torch.bfloat16, device)
+    assert_bits_equal(noisy_embedding(one_d, d1, 5.0, seed=2, backend=backend),
+                      expected(one_d, d1, 5.0, 2, 0, None, None, "per_sequence"))
+
+
+@ids_of
+def test_non_contiguous_weights_give_the_contiguous_bits(backend, device):
+    base = make_weight(13, 20, torch.bfloat16, device)
+    ids = torch.randint(0, 13, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    for weight in (base[:, 3:17], base.t().contiguous().t(), base[::2]):
+        ids_w = ids % weight.shape[0]
+        out = noisy_embedding(ids_w, weight, 5.0, seed=4, backend=backend)
+        assert_bits_equal(out, noisy_embedding(ids_w, weight.contiguous(), 5.0, seed=4, backend=backend))
+
+
+@ids_of
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_with_no_real_tokens_are_untouched_and_finite(backend, device, dtype):
+    weight = make_weight(17, 8, dtype, device)
+    ids = torch.randint(0, 17, (3, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    mask, pos = side_inputs("both", (3, 11), device)  # row 2 has no real token
+    out = noisy_embedding(ids, weight, 5.0, seed=9, attention_mask=mask, position_ids=pos, backend=backend)
+    assert torch.isfinite(out.float()).all()
+    assert_bits_equal(out[2], F.embedding(ids[2], weight))
+    assert_bits_equal(out[mask == 0], F.embedding(ids, weight)[mask == 0])
+
+
+@ids_of
+def test_negative_padding_idx_counts_from_the_end(backend, device):
+    weight = make_weight(9, 5, torch.float32, device).requires_grad_()
+    ids = torch.tensor([[8, 1, 8, 2]], device=device)
+    noisy_embedding(ids, weight, 5.0, seed=0, padding_idx=-1, backend=backend).sum().backward()
+    assert weight.grad[8].eq(0).all() and weight.grad[1].eq(1).all() and weight.grad[2].eq(1).all()
+
+
+@ids_of
+def test_same_seed_same_bits_other_seed_other_noise(backend, device):
+    weight = make_weight(30, 24, torch.bfloat16, device)
+    ids = torch.randint(0, 30, (4, 9), generator=torch.Generator().manual_seed(2)).to(device)
+    mask, _ = side_inputs("mask", (4, 9), device)
+    runs = [noisy_embedding(ids, weight, 5.0, seed=s, attention_mask=mask, backend=backend) for s in (11, 11, 12)]
+    assert_bits_equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_deterministic_backward_is_bitwise_reproducible_and_equal_across_backends(dtype, scale_grad_by_freq):
+    ids = torch.randint(0, 20, (6, 33), generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(6, 33, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    grads = {}
+    torch.use_deterministic_algorithms(True)
+    try:
+        for backend, device in BACKEND_DEVICES:
+            weight = make_weight(20, 16, dtype, device).requires_grad_()
+            runs = []
+            for _ in range(2):
+                out = noisy_embedding(ids.to(device), weight, 5.0, seed=5, padding_idx=4,
+                                      scale_grad_by_freq=scale_grad_by_freq, backend=backend)
+                runs.append(torch.autograd.grad(out, weight, grad.to(device))[0].cpu())
+            assert_bits_equal(runs[0], runs[1])
+            grads[backend] = runs[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    first = next(iter(grads.values()))
+    for backend, g in grads.items():  # every backend sums each id's rows in token order in float32
+        assert_bits_equal(g, first)
+
+
+def test_noise_alpha_is_validated_when_set_on_the_module():
+    emb = NoisyEmbedding(5, 3)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_alpha"):
+            emb.noise_alpha = bad
+    assert emb.noise_alpha == 5.0
+
+
+def test_tensors_on_different_devices_are_refused():
+    weight = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="input_ids on meta but weight on cpu"):
+        noisy_embedding(torch.zeros(2, dtype=torch.long, device="meta"), weight, 1.0, seed=0)
+    with pytest.raises(ValueError, match="attention_mask on meta"):
+        noisy_embedding(torch.zeros(1, 2, dtype=torch.long), weight, 1.0, seed=0,
+                        attention_mask=torch.ones(1, 2, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_64_bit_indexing_beyond_2_to_the_31_elements(backend):
+    """V * d > 2**31 (a 4.3 GB bf16 table): rows past the int32 element range come from the right place."""
+    vocab, d = (1 << 20) + 64, 2048
+    weight = torch.empty(vocab, d, dtype=torch.bfloat16)  # untouched pages cost nothing
+    rows = torch.tensor([vocab - 1, vocab - 2, (1 << 20) + 7, 0])
+    values = torch.randn(4, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weight[rows] = values
+    ids = rows.view(1, 4)
+    out = noisy_embedding(ids, weight, 5.0, seed=3, backend=backend)
+    # The noise depends on token positions only: the same four rows as a small table give the same bits.
+    assert_bits_equal(out, noisy_embedding(torch.arange(4).view(1, 4), values, 5.0, seed=3, backend="torch"))
+    if backend == "cpu":  # the backward writes rows past 2**31 elements too (another 4.3 GB)
+        weight.requires_grad_()
+        grad = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=3, backend=backend), weight,
+                                   torch.ones(1, 4, d, dtype=torch.bfloat16))[0]
+        assert grad[vocab - 1].eq(1).all() and grad[(1 << 20) + 7].eq(1).all() and grad[1].eq(0).all()
