@@ -2,10 +2,10 @@
 
 from .integrations import patch_model, patched, unpatch_model
 from .module import NoisyEmbedding, make_noisy, make_plain, no_noise
-from .ops import noisy_embedding
+from .ops import add_noise, noisy_embedding
 from .spec import SPEC_VERSION
 from .validation import set_id_check
 
-__all__ = ["NoisyEmbedding", "noisy_embedding", "no_noise", "make_noisy", "make_plain", "patch_model",
+__all__ = ["NoisyEmbedding", "noisy_embedding", "add_noise", "no_noise", "make_noisy", "make_plain", "patch_model",
            "unpatch_model", "patched", "set_id_check", "SPEC_VERSION"]
 __version__ = "0.1.0"

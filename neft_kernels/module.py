@@ -11,7 +11,8 @@ from torch import nn
 
 from . import validation
 from .lengths import LENGTH_MODES
-from .ops import noisy_embedding
+from .distributed import is_dtensor, rank_offset
+from .ops import add_noise, noisy_embedding
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
 _no_noise_depth = 0
@@ -67,16 +68,18 @@ class NoisyEmbedding(nn.Embedding):
         length_mode: str = "per_sequence",
         backend: str = "auto",
         generator: torch.Generator | None = None,
+        tp_group=None,
     ) -> None:
         if sparse:
             raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward "
                              "produces a dense gradient")
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
-        self.configure_noise(noise_alpha, length_mode=length_mode, backend=backend, generator=generator)
+        self.configure_noise(noise_alpha, length_mode=length_mode, backend=backend, generator=generator,
+                             tp_group=tp_group)
 
     def configure_noise(self, noise_alpha: float, *, length_mode: str = "per_sequence", backend: str = "auto",
-                        generator: torch.Generator | None = None) -> None:
+                        generator: torch.Generator | None = None, tp_group=None) -> None:
         """Set (or change) the noise options, validated as in ``__init__``."""
         validation.check_choice("length_mode", length_mode, LENGTH_MODES)
         validation.check_choice("backend", backend, validation.BACKENDS)
@@ -84,13 +87,14 @@ class NoisyEmbedding(nn.Embedding):
         self.length_mode = length_mode
         self.backend = backend
         self.generator = generator
+        self.tp_group = tp_group
         if not hasattr(self, "_side_input_stack"):
             self._side_input_stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
 
     def noise_options(self) -> dict:
         """The current options, as :meth:`configure_noise` takes them."""
         return dict(noise_alpha=self.noise_alpha, length_mode=self.length_mode, backend=self.backend,
-                    generator=self.generator)
+                    generator=self.generator, tp_group=self.tp_group)
 
     @contextmanager
     def side_inputs(self, attention_mask: torch.Tensor | None = None,
@@ -143,20 +147,33 @@ class NoisyEmbedding(nn.Embedding):
             return super().forward(input_ids)
         if attention_mask is None and position_ids is None and self._side_input_stack:
             attention_mask, position_ids = self._pending_side_inputs(input_ids)
-        options = dict(seed=self._draw_seed(), attention_mask=attention_mask, position_ids=position_ids,
-                       length_mode=self.length_mode, backend=self.backend)
+        options = dict(seed=self._draw_seed(), offset=rank_offset(self.tp_group, self.weight),
+                       attention_mask=attention_mask, position_ids=position_ids, length_mode=self.length_mode,
+                       backend=self.backend)
+        if is_dtensor(self.weight):
+            return self._noise_after_reduction(input_ids, options)
         if self._noise_after_own_forward:
-            # Noise on the subclass's output, through the fused op with ids 0..N-1 into that
-            # output: the noise depends on token positions only, so it is spec v1's noise.
-            out = super().forward(input_ids)
-            rows = out.reshape(-1, out.shape[-1])
-            positions = torch.arange(rows.shape[0], device=out.device).view(input_ids.shape)
-            return noisy_embedding(positions, rows, self.noise_alpha, **options).view(out.shape)
+            # Noise on the subclass's output (after Gemma's scale, say), as transformers' hook adds it.
+            return add_noise(super().forward(input_ids), self.noise_alpha, **options)
         if self.max_norm is not None:
             with torch.no_grad():  # F.embedding renormalizes the looked-up rows in place too
                 torch.embedding_renorm_(self.weight, input_ids, self.max_norm, self.norm_type)
         return noisy_embedding(input_ids, self.weight, self.noise_alpha, padding_idx=self.padding_idx,
                                scale_grad_by_freq=self.scale_grad_by_freq, **options)
+
+    def _noise_after_reduction(self, input_ids, options: dict) -> torch.Tensor:
+        """Tensor parallel (a DTensor weight, e.g. ``RowwiseParallel``): look up, reduce the partial
+        rows once, add the noise (the same on every rank of the group), hand back a replicated
+        DTensor that the parallel style lays out as it was asked to."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        out = super().forward(input_ids)
+        mesh = out.device_mesh
+        full = out.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+        if isinstance(options["attention_mask"], DTensor) or isinstance(options["position_ids"], DTensor):
+            raise TypeError("tensor-parallel side inputs must be plain (replicated) tensors")
+        noisy = add_noise(full, self.noise_alpha, **options)
+        return DTensor.from_local(noisy, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
@@ -207,11 +224,22 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
     return embedding
 
 
+@cache
+def _without_noise(cls: type, noisy: type, original: type) -> type:
+    """``cls`` with ``noisy`` replaced by ``original`` among its bases: a class that wrapped ours
+    later (FSDP2's ``fully_shard`` makes ``FSDP<cls>``) keeps its wrapping."""
+    if cls is noisy:
+        return original
+    bases = tuple(_without_noise(b, noisy, original) if issubclass(b, noisy) else b for b in cls.__bases__)
+    return type(cls.__name__.replace(noisy.__name__, original.__name__), bases,
+                {"__module__": cls.__module__})
+
+
 def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     """Undo :func:`make_noisy`: the original class again, the same module and weight."""
     original = vars(embedding).pop("_neft_original_class", None)
     if original is not None:
-        embedding.__class__ = original
-        for name in ("_noise_alpha", "length_mode", "backend", "generator", "_side_input_stack"):
+        embedding.__class__ = _without_noise(type(embedding), noisy_class(original), original)
+        for name in ("_noise_alpha", "length_mode", "backend", "generator", "tp_group", "_side_input_stack"):
             vars(embedding).pop(name, None)
     return embedding

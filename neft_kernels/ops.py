@@ -160,3 +160,19 @@ def noisy_embedding(
     out = op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
              seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device))
     return out.view(*input_ids.shape, d)
+
+
+def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, offset: int = 0,
+              attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+              length_mode: str = "per_sequence", backend: str = "auto") -> torch.Tensor:
+    """``x`` (``(..., L, d)`` embeddings already looked up) plus spec v1 noise, differentiable.
+
+    Spec v1 noise depends on token positions, not on ids, so this is the fused op with ids
+    ``0..N-1`` into ``x``'s rows: the same noise :func:`noisy_embedding` adds for the same seed,
+    offset and side inputs. For embeddings computed some other way: scaled subclasses, or a
+    tensor-parallel lookup after its reduction.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
+    return noisy_embedding(positions, rows, noise_alpha, seed=seed, offset=offset, attention_mask=attention_mask,
+                           position_ids=position_ids, length_mode=length_mode, backend=backend).view(x.shape)

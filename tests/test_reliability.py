@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from cases import expected, make_weight, side_inputs
 from conftest import BACKEND_DEVICES, assert_bits_equal
-from neft_kernels import NoisyEmbedding, noisy_embedding, set_id_check
+from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding, set_id_check
+from neft_kernels.distributed import rank_offset
 from neft_kernels.backends import module
 
 KERNEL_BACKENDS = [(b, d) for b, d in BACKEND_DEVICES if b != "torch"]  # the reference relies on torch's checks
@@ -160,3 +161,18 @@ def test_64_bit_indexing_beyond_2_to_the_31_elements(backend):
         grad = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=3, backend=backend), weight,
                                    torch.ones(1, 4, d, dtype=torch.bfloat16))[0]
         assert grad[vocab - 1].eq(1).all() and grad[(1 << 20) + 7].eq(1).all() and grad[1].eq(0).all()
+
+
+@ids_of
+def test_add_noise_on_looked_up_rows_equals_the_fused_op(backend, device):
+    weight = make_weight(40, 13, torch.bfloat16, device)
+    ids = torch.randint(0, 40, (3, 11), generator=torch.Generator().manual_seed(5)).to(device)
+    mask, pos = side_inputs("both", (3, 11), device)
+    options = dict(seed=77, offset=1 << 48, attention_mask=mask, position_ids=pos, backend=backend)
+    assert_bits_equal(add_noise(F.embedding(ids, weight), 5.0, **options),
+                      noisy_embedding(ids, weight, 5.0, **options))
+
+
+def test_without_torch_distributed_the_noise_rank_is_zero():
+    assert not torch.distributed.is_initialized()
+    assert rank_offset() == 0 and rank_offset(weight=torch.zeros(2, 2)) == 0

@@ -134,21 +134,22 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence", *,
-                backend: str = "auto", generator=None) -> nn.Module:
+                backend: str = "auto", generator=None, tp_group=None) -> nn.Module:
     """Add NEFTune noise to ``model``'s input embeddings in train mode; returns ``model``.
 
     Args:
         model: a transformers ``PreTrainedModel``, a PEFT ``PeftModel``, or any module with
             ``get_input_embeddings()``.
-        noise_alpha, length_mode, backend, generator: as for :class:`~neft_kernels.NoisyEmbedding`.
+        noise_alpha, length_mode, backend, generator, tp_group: as for
+            :class:`~neft_kernels.NoisyEmbedding`.
             ``"per_sequence"`` takes ``L`` from the ``attention_mask`` and ``position_ids`` that
             the innermost hooked module (the one calling the embedding) was called with; packed
             rows start a sub-sequence wherever the position is 0.
 
     Idempotent: patching again only updates the options. Undo with :func:`unpatch_model`.
     """
-    embeddings = [make_noisy(e, noise_alpha, length_mode=length_mode, backend=backend, generator=generator)
-                  for e in _input_embeddings(model)]
+    options = dict(length_mode=length_mode, backend=backend, generator=generator, tp_group=tp_group)
+    embeddings = [make_noisy(e, noise_alpha, **options) for e in _input_embeddings(model)]
     _hook_ancestors(model, embeddings)
     return model
 
