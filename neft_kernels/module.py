@@ -156,8 +156,13 @@ class NoisyEmbedding(nn.Embedding):
             # Noise on the subclass's output (after Gemma's scale, say), as transformers' hook adds it.
             return add_noise(super().forward(input_ids), self.noise_alpha, **options)
         if self.max_norm is not None:
-            with torch.no_grad():  # F.embedding renormalizes the looked-up rows in place too
-                torch.embedding_renorm_(self.weight, input_ids, self.max_norm, self.norm_type)
+            # F.embedding renormalizes the looked-up rows in place too; the ids are refused first
+            # (ATen's renorm does not bounds-check on a GPU), or clamped where the check is off.
+            validation.check_ids(input_ids, self.weight)
+            validation.check_id_range(input_ids, self.num_embeddings)
+            with torch.no_grad():
+                torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
+                                        self.norm_type)
         return noisy_embedding(input_ids, self.weight, self.noise_alpha, padding_idx=self.padding_idx,
                                scale_grad_by_freq=self.scale_grad_by_freq, **options)
 
@@ -231,8 +236,8 @@ def _without_noise(cls: type, noisy: type, original: type) -> type:
     if cls is noisy:
         return original
     bases = tuple(_without_noise(b, noisy, original) if issubclass(b, noisy) else b for b in cls.__bases__)
-    return type(cls.__name__.replace(noisy.__name__, original.__name__), bases,
-                {"__module__": cls.__module__})
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}  # FSDP's __deepcopy__
+    return type(cls.__name__.replace(noisy.__name__, original.__name__), bases, namespace)
 
 
 def make_plain(embedding: nn.Embedding) -> nn.Embedding:

@@ -17,9 +17,10 @@ from .lengths import token_scales
 
 
 def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
-                  seed: torch.Tensor, offset: int, backend: str) -> torch.Tensor:
+                  seed: torch.Tensor, offset: int, backend: str, check_ids: bool) -> torch.Tensor:
     # Here rather than before the op: compiled graphs run this body eagerly with real ids.
-    validation.check_id_range(ids, weight.shape[0])
+    if check_ids:
+        validation.check_id_range(ids, weight.shape[0])
     return module(backend).forward(ids, weight, scale_value if scale is None else scale, int(seed), offset)
 
 
@@ -34,17 +35,18 @@ def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padd
 @torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())
 def _forward_op(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
                 seed: torch.Tensor, offset: int, padding_idx: Optional[int], scale_grad_by_freq: bool,
-                backend: str) -> torch.Tensor:
+                backend: str, check_ids: bool = True) -> torch.Tensor:
     """(N,) ids -> (N, d) noisy rows, spec v1: ``scale`` per token, or ``scale_value`` for all.
 
     ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient; they are inputs here so
-    that the registered autograd can see them.
+    that the registered autograd can see them. ``check_ids=False`` is for ids that are in range
+    by construction (``add_noise``'s positions): no range check, so no sync on a GPU.
     """
-    return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend)
+    return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend, check_ids)
 
 
 @_forward_op.register_fake
-def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend):
+def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend, check_ids=True):
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
@@ -61,7 +63,7 @@ def _(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    ids, weight, _, _, _, _, padding_idx, scale_grad_by_freq, backend = inputs
+    ids, weight, _, _, _, _, padding_idx, scale_grad_by_freq, backend = inputs[:9]
     ctx.save_for_backward(ids)
     ctx.num_weights = weight.shape[0]
     ctx.options = (padding_idx, scale_grad_by_freq, backend)
@@ -70,7 +72,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     (ids,) = ctx.saved_tensors
     grad_weight = _backward_op(grad_output.contiguous(), ids, ctx.num_weights, *ctx.options)
-    return None, grad_weight, None, None, None, None, None, None, None
+    return None, grad_weight, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -84,18 +86,19 @@ class _EagerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend):
+    def forward(ctx, ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend,
+                check_ids):
         ctx.save_for_backward(ids)
         ctx.num_weights = weight.shape[0]
         ctx.options = (padding_idx, scale_grad_by_freq, backend)
-        return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend)
+        return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend, check_ids)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (ids,) = ctx.saved_tensors
         grad_weight = _backward_impl(grad_output, ids, ctx.num_weights, *ctx.options)
-        return None, grad_weight, None, None, None, None, None, None, None
+        return None, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _token_scales(input_ids, alpha, d, attention_mask, position_ids, length_mode):
@@ -145,6 +148,12 @@ def noisy_embedding(
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable
         with respect to ``weight``.
     """
+    return _noisy_embedding(input_ids, weight, noise_alpha, seed, offset, attention_mask, position_ids,
+                            length_mode, padding_idx, scale_grad_by_freq, backend, check_ids=True)
+
+
+def _noisy_embedding(input_ids, weight, noise_alpha, seed, offset, attention_mask, position_ids, length_mode,
+                     padding_idx, scale_grad_by_freq, backend, check_ids: bool) -> torch.Tensor:
     alpha, seed = validation.check_all(input_ids, weight, noise_alpha, seed, offset,
                                        attention_mask, position_ids, length_mode, backend)
     padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
@@ -158,7 +167,7 @@ def noisy_embedding(
     per_token = isinstance(scale, torch.Tensor)
     op = _forward_op if torch.compiler.is_compiling() else _EagerFunction.apply
     out = op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
-             seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device))
+             seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device), check_ids)
     return out.view(*input_ids.shape, d)
 
 
@@ -174,5 +183,6 @@ def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, 
     """
     rows = x.reshape(-1, x.shape[-1])
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
-    return noisy_embedding(positions, rows, noise_alpha, seed=seed, offset=offset, attention_mask=attention_mask,
-                           position_ids=position_ids, length_mode=length_mode, backend=backend).view(x.shape)
+    # The positions are in range by construction: no id check, so no host-device sync on a GPU.
+    return _noisy_embedding(positions, rows, noise_alpha, seed, offset, attention_mask, position_ids, length_mode,
+                            None, False, backend, check_ids=False).view(x.shape)

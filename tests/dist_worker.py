@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
 from hf_models import build, padded_batch
@@ -77,13 +77,13 @@ def fsdp2(rank: int) -> dict:
         losses.append(loss.item())
     unpatch_model(model)
     assert type(emb).__name__ == "FSDPEmbedding" and isinstance(emb, FSDPModule), type(emb).__mro__
-    return dict(calls=seen, mask=padded_batch(0)[1], losses=losses, weight=emb.weight.full_tensor().detach().clone())
+    return dict(calls=seen, mask=padded_batch(0)[1], losses=losses, final_weight=emb.weight.full_tensor().detach())
 
 
-def _tp_embedding(mesh, tp_group=None) -> NoisyEmbedding:
+def _tp_embedding(mesh, tp_group=None, output_layouts=Replicate()) -> NoisyEmbedding:
     torch.manual_seed(0)
     emb = NoisyEmbedding(96, 32, noise_alpha=5.0, tp_group=tp_group)  # same init on every rank
-    return parallelize_module(emb, mesh, RowwiseParallel(input_layouts=Replicate()))
+    return parallelize_module(emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=output_layouts))
 
 
 def tp(rank: int) -> dict:
@@ -95,7 +95,12 @@ def tp(rank: int) -> dict:
     with emb.side_inputs(attention_mask=mask):
         out = emb(ids)
     (out.full_tensor() if isinstance(out, DTensor) else out).sum().backward()
-    return dict(calls=seen, mask=mask, grad=_full(emb.weight.grad).clone())
+    # Sequence parallel: each rank keeps its slice of the sequence dim of the same noisy rows.
+    sp = _tp_embedding(mesh, output_layouts=Shard(1))
+    sp_seen = _capture(sp)
+    with sp.side_inputs(attention_mask=mask):
+        sp(ids)
+    return dict(calls=seen, mask=mask, grad=_full(emb.weight.grad).clone(), sp_calls=sp_seen)
 
 
 def mesh4(rank: int) -> dict:

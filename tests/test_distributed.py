@@ -57,7 +57,7 @@ def test_fsdp2_trains_a_patched_model_with_rank_aware_noise(tmp_path):
         call = r["calls"][0]
         assert_bits_equal(call["out"], _spec(call, rank << RANK_SHIFT, r["mask"]))
     assert not torch.equal(ranks[0]["calls"][0]["out"], ranks[1]["calls"][0]["out"])
-    assert_bits_equal(ranks[0]["weight"], ranks[1]["weight"])  # the sharded weight, gathered
+    assert not torch.equal(ranks[0]["final_weight"], ranks[0]["calls"][0]["weight"])  # the sharded embedding trained
 
 
 def test_tensor_parallel_noise_is_added_once_and_equals_one_process(tmp_path):
@@ -70,6 +70,10 @@ def test_tensor_parallel_noise_is_added_once_and_equals_one_process(tmp_path):
     grad.index_add_(0, call["ids"].reshape(-1), torch.ones(call["ids"].numel(), 32))
     for r in ranks:
         assert_bits_equal(r["grad"], grad)
+    # Sequence parallel (output Shard(1)): the ranks' slices put together are the same noisy rows.
+    sp = [r["sp_calls"][0] for r in ranks]
+    assert sp[0]["out"].shape == (3, 6, 32)
+    assert_bits_equal(torch.cat([c["out"] for c in sp], dim=1), _spec(sp[0], 0, ranks[0]["mask"]))
 
 
 def test_two_by_two_mesh_shares_noise_within_tp_and_not_across_dp(tmp_path):

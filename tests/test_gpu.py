@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cases import KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight, side_inputs
 from conftest import DTYPES, assert_bits_equal, requires_cuda
-from neft_kernels import NoisyEmbedding, noisy_embedding, set_id_check
+from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding, set_id_check
 from neft_kernels.backends import module
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -139,3 +139,36 @@ def test_bad_ids_raise_on_cuda_and_are_never_read_with_the_check_off(backend):
     grad = module(backend).backward(torch.ones(5, 70, device="cuda", dtype=torch.bfloat16), bad.reshape(-1),
                                     50, None, False, True)
     assert grad[3].eq(1).all() and grad[7].eq(1).all() and grad.sum() == 2 * 70
+
+
+def test_add_noise_positions_need_no_sync_even_with_the_id_check_on():
+    """add_noise's ids are positions, in range by construction: no aminmax, no host-device sync."""
+    x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(4, 64, dtype=torch.long, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = add_noise(x, 5.0, seed=3, offset=1 << 48, attention_mask=mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_bits_equal(out, noisy_embedding(torch.arange(256, device="cuda").view(4, 64), x.view(256, 128), 5.0,
+                                           seed=3, offset=1 << 48, attention_mask=mask, backend="torch"))
+
+
+def test_forward_captures_in_a_cuda_graph_with_the_id_check_on():
+    """The id check (a sync) is skipped while a graph is captured; replays give the eager bits."""
+    weight = make_weight(100, 256, torch.bfloat16, "cuda")
+    ids = torch.randint(0, 100, (4, 32), device="cuda")
+    mask = torch.ones_like(ids)
+    seed = torch.tensor(11)
+    eager = noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
+        noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bits_equal(captured, eager)

@@ -176,3 +176,14 @@ def test_add_noise_on_looked_up_rows_equals_the_fused_op(backend, device):
 def test_without_torch_distributed_the_noise_rank_is_zero():
     assert not torch.distributed.is_initialized()
     assert rank_offset() == 0 and rank_offset(weight=torch.zeros(2, 2)) == 0
+
+
+def test_max_norm_refuses_bad_ids_before_renormalizing_anything():
+    emb = NoisyEmbedding(5, 4, max_norm=1.0).train()
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    before = emb.weight.detach().clone()
+    for bad in ([[-1]], [[5]]):
+        with pytest.raises(IndexError, match="input_ids must lie in"):
+            emb(torch.tensor(bad))
+    assert torch.equal(emb.weight, before)
