@@ -73,40 +73,41 @@ def test_patch_is_drop_in_and_unpatch_restores(arch):
     assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())  # no optimizer step was taken
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_per_sequence_length_comes_from_the_models_attention_mask(arch):
+def _train_call(arch: str, generator_seed: int, **side):
+    """Patch a fresh ``arch``, call it once in train mode with ``side`` inputs; return what its
+    embedding output and a function giving spec v1's expected output for any side inputs."""
     model = build(arch)
     emb = model.get_input_embeddings()
     cls = type(emb)
-    ids, mask = padded_batch()
     plain_forward = cls.forward.__get__(emb)
-    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(7)).train()
+    ids = side.pop("input_ids")
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(generator_seed)).train()
     seen, handle = _capture(emb)
-    model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids, **side)
     handle.remove()
-    with no_noise():
-        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(7), attention_mask=mask)
-    assert_bits_equal(seen["out"], want)
-    if cls is nn.Embedding:  # the masked tokens have no noise at all
-        assert torch.equal(seen["out"][mask == 0], F.embedding(ids, emb.weight)[mask == 0].detach())
+
+    def expected(**spec_side):
+        with no_noise():
+            return _expected(plain_forward, cls, emb.weight, ids, _seed_of(generator_seed), **spec_side)
+
+    return seen["out"], expected, emb
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_per_sequence_length_comes_from_the_models_attention_mask(arch):
+    ids, mask = padded_batch()
+    out, expected, emb = _train_call(arch, 7, input_ids=ids, attention_mask=mask)
+    assert_bits_equal(out, expected(attention_mask=mask))
+    if vars(emb)["_neft_original_class"] is nn.Embedding:  # plain: the masked tokens get no noise at all
+        assert torch.equal(out[mask == 0], F.embedding(ids, emb.weight)[mask == 0].detach())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_packed_rows_get_per_subsequence_length_from_position_ids(arch):
-    model = build(arch)
-    emb = model.get_input_embeddings()
-    cls = type(emb)
-    plain_forward = cls.forward.__get__(emb)
     ids, pos = packed_batch()
-    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(3)).train()
-    seen, handle = _capture(emb)
-    model(input_ids=ids, position_ids=pos)
-    handle.remove()
-    with no_noise():
-        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(3), position_ids=pos)
-        flattened = _expected(plain_forward, cls, emb.weight, ids, _seed_of(3))  # L = whole row (#34659)
-    assert_bits_equal(seen["out"], want)
-    assert not torch.equal(seen["out"], flattened)
+    out, expected, _ = _train_call(arch, 3, input_ids=ids, position_ids=pos)
+    assert_bits_equal(out, expected(position_ids=pos))
+    assert not torch.equal(out, expected())  # L = the whole row would differ (transformers #34659)
 
 
 def test_gemma_scaled_embedding_keeps_its_scale_and_noise_goes_after_it():
