@@ -26,8 +26,6 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch
 
 def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                    scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
-    # The forward checked these ids; the op is public too, and on CPU the check needs no sync.
-    validation.check_id_range(ids, num_weights, allow_sync=False)
     return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq,
                                     torch.are_deterministic_algorithms_enabled())
 
@@ -54,6 +52,8 @@ def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_
 def _backward_op(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                  scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
     """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
+    # The op is public: ids from elsewhere than our forward are checked (on CPU; no sync).
+    validation.check_id_range(ids, num_weights, allow_sync=False)
     return _backward_impl(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend)
 
 
