@@ -8,15 +8,11 @@ namespace neft {
 struct ForwardArgs {
   torch::Tensor ids;     // int64, contiguous
   torch::Tensor weight;  // unit stride along the embedding dim
-  c10::optional<torch::Tensor> scales;  // float32, contiguous, or none
 };
 
-inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor& weight,
-                                   const c10::optional<torch::Tensor>& scales) {
+inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
-  ForwardArgs args{ids.to(torch::kLong).contiguous(), weight.stride(1) == 1 ? weight : weight.contiguous(), c10::nullopt};
-  if (scales) args.scales = scales->to(torch::kFloat).contiguous();
-  return args;
+  return {ids.to(torch::kLong).contiguous(), weight.stride(1) == 1 ? weight : weight.contiguous()};
 }
 
 }  // namespace neft

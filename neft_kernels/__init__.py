@@ -4,7 +4,7 @@ from .integrations import patch_model, patched, unpatch_model
 from .module import NoisyEmbedding, make_noisy, make_plain, no_noise
 from .ops import add_noise, noisy_embedding
 from .spec import SPEC_VERSION
-from .validation import set_id_check
+from .id_check import set_id_check
 
 __all__ = ["NoisyEmbedding", "noisy_embedding", "add_noise", "no_noise", "make_noisy", "make_plain", "patch_model",
            "unpatch_model", "patched", "set_id_check", "SPEC_VERSION"]

@@ -51,9 +51,17 @@ def _subsequence_lengths(starts: torch.Tensor, real: torch.Tensor | None) -> tor
     return (cum[last + 1] - cum[first]).to(torch.float64)
 
 
+def _cu_starts(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) bool: which flat tokens an entry of ``cu_seqlens`` starts (entries outside [0, n) mark none)."""
+    flags = torch.zeros(n + 1, dtype=torch.bool, device=cu_seqlens.device)
+    flags.scatter_(0, cu_seqlens.to(torch.int64).clamp(0, n), True)
+    return flags[:n]
+
+
 def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
                  attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
+                 cu_seqlens: torch.Tensor | None = None,
                  length_mode: str = "per_sequence") -> torch.Tensor | float:
     """``scale_n`` of every token of an ``input_ids`` of ``shape``, flattened row-major.
 
@@ -61,23 +69,30 @@ def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
     else a float32 tensor of ``numel`` scales, 0 for tokens that get no noise.
 
     * ``"padded"``: Hugging Face's rule, ``L`` = the row width, every token noised.
-    * ``"per_sequence"``: a sub-sequence starts at each row start and wherever ``position_ids``
-      is 0; ``L_n`` counts the real (``attention_mask != 0``) tokens of token n's sub-sequence;
-      masked tokens get no noise.
+    * ``"per_sequence"``: a sub-sequence starts at each row start, wherever ``position_ids``
+      is 0 and at each entry of ``cu_seqlens`` (flat token indices); ``L_n`` counts the real
+      (``attention_mask != 0``) tokens of token n's sub-sequence; masked tokens get no noise.
+
+    The reference for every backend's on-device scales: about ten tensor ops per call.
     """
     rows, width = _rows(shape)
-    if length_mode == "padded" or (attention_mask is None and position_ids is None):
+    if length_mode == "padded" or (attention_mask is None and position_ids is None and cu_seqlens is None):
         return scale_for_length(alpha, max(width, 1), embedding_dim)
 
-    device = (attention_mask if attention_mask is not None else position_ids).device
+    device = next(t for t in (attention_mask, position_ids, cu_seqlens) if t is not None).device
     n = rows * width
     if n == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
-    real = (attention_mask.reshape(n) != 0) if attention_mask is not None else None
-    if position_ids is None:  # the common padded batch: one sequence per row, L = its real tokens
+    real = (attention_mask.expand(shape).reshape(n) != 0) if attention_mask is not None else None
+    if position_ids is None and cu_seqlens is None:  # a padded batch: one sequence per row
         length = real.view(rows, width).sum(-1, keepdim=True, dtype=torch.float64).expand(rows, width).reshape(n)
     else:
-        length = _subsequence_lengths(position_ids.reshape(rows, width) == 0, real)
+        starts = torch.zeros(n, dtype=torch.bool, device=device)
+        if position_ids is not None:
+            starts |= position_ids.expand(shape).reshape(n) == 0
+        if cu_seqlens is not None:
+            starts |= _cu_starts(cu_seqlens, n)
+        length = _subsequence_lengths(starts.view(rows, width), real)
 
     root = torch.sqrt(length.clamp(min=1) * embedding_dim)
     # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.

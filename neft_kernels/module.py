@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from . import validation
-from .lengths import LENGTH_MODES
 from .distributed import is_dtensor, rank_offset
-from .ops import add_noise, noisy_embedding
+from .id_check import check_id_range
+from .lengths import LENGTH_MODES
+from .ops import _noisy_embedding, add_noise
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
 _no_noise_depth = 0
@@ -89,7 +90,7 @@ class NoisyEmbedding(nn.Embedding):
         self.generator = generator
         self.tp_group = tp_group
         if not hasattr(self, "_side_input_stack"):
-            self._side_input_stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+            self._side_input_stack: list[tuple[torch.Tensor | None, ...]] = []
 
     def noise_options(self) -> dict:
         """The current options, as :meth:`configure_noise` takes them."""
@@ -97,16 +98,17 @@ class NoisyEmbedding(nn.Embedding):
                     generator=self.generator, tp_group=self.tp_group)
 
     @contextmanager
-    def side_inputs(self, attention_mask: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None) -> Iterator[None]:
-        """Supply ``attention_mask`` / ``position_ids`` to calls inside the block that pass only ids.
+    def side_inputs(self, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                    cu_seqlens: torch.Tensor | None = None) -> Iterator[None]:
+        """Supply ``attention_mask`` / ``position_ids`` / ``cu_seqlens`` to calls inside the block that
+        pass only ids.
 
         Blocks nest and the innermost decides both (an encoder's mask must not reach a decoder
         called without one). A tensor whose shape does not broadcast to the ids' (a mask over
         past tokens, a 4-D attention mask) or a non-tensor (a dict of masks, a ``BlockMask``) is
         not a per-token input and is ignored.
         """
-        self._side_input_stack.append((attention_mask, position_ids))
+        self._side_input_stack.append((attention_mask, position_ids, cu_seqlens))
         try:
             yield
         finally:
@@ -122,7 +124,8 @@ class NoisyEmbedding(nn.Embedding):
         self._noise_alpha = validation.check_alpha(value)
 
     def _pending_side_inputs(self, input_ids: torch.Tensor):
-        return [(t != 0 if t.is_floating_point() else t) if _fits(t, input_ids) else None
+        shape = input_ids.shape
+        return [(t != 0 if t.is_floating_point() else t) if validation.broadcasts_to(t, shape) else None
                 for t in self._side_input_stack[-1]]
 
     @classmethod
@@ -138,33 +141,56 @@ class NoisyEmbedding(nn.Embedding):
         return module
 
     def _draw_seed(self) -> torch.Tensor:
-        # A CPU tensor, never a Python int: compiled graphs take it as an input, eager needs no sync.
+        """A 0-d int64 tensor, never a Python int, so that compiled graphs take it as an input.
+
+        Eagerly it comes from ``generator`` (default: torch's CPU generator), with no sync. On a CUDA
+        weight, while a CUDA graph is captured or a graph compiled, it is drawn on the device (from
+        ``generator`` if that is a CUDA generator, else the device's default one), whose Philox state
+        is graph-safe: every replay draws a new seed, reproducibly from ``torch.manual_seed``.
+        """
+        device = self.weight.device
+        if device.type == "cuda" and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            generator = self.generator
+            if generator is not None and generator.device.type != "cuda":
+                raise RuntimeError("NoisyEmbedding(generator=...) is a CPU generator: under CUDA graph capture its "
+                                   "seeds would be frozen into the graph. Pass a CUDA generator, or none")
+            return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
         return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.noise_alpha == 0 or _no_noise_depth:
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or self._noise_alpha == 0 or _no_noise_depth:
             return super().forward(input_ids)
-        if attention_mask is None and position_ids is None and self._side_input_stack:
-            attention_mask, position_ids = self._pending_side_inputs(input_ids)
-        options = dict(seed=self._draw_seed(), offset=rank_offset(self.tp_group, self.weight),
-                       attention_mask=attention_mask, position_ids=position_ids, length_mode=self.length_mode,
-                       backend=self.backend)
+        if attention_mask is None and position_ids is None and cu_seqlens is None and self._side_input_stack:
+            attention_mask, position_ids, cu_seqlens = self._pending_side_inputs(input_ids)
+        seed, offset = self._draw_seed(), rank_offset(self.tp_group, self.weight)
+        if is_dtensor(self.weight) or self._noise_after_own_forward or self.max_norm is not None:
+            return self._forward_special(input_ids, dict(
+                seed=seed, offset=offset, attention_mask=attention_mask, position_ids=position_ids,
+                cu_seqlens=cu_seqlens, length_mode=self.length_mode, backend=self.backend))
+        return _noisy_embedding(input_ids, self.weight, self._noise_alpha, seed, offset, attention_mask, position_ids,
+                                cu_seqlens, self.length_mode, self.padding_idx, self.scale_grad_by_freq, self.backend,
+                                check_ids=True)
+
+    def _forward_special(self, input_ids: torch.Tensor, options: dict) -> torch.Tensor:
+        """The forward of a tensor-parallel weight, a subclass's own forward, or ``max_norm``."""
         if is_dtensor(self.weight):
             return self._noise_after_reduction(input_ids, options)
         if self._noise_after_own_forward:
             # Noise on the subclass's output (after Gemma's scale, say), as transformers' hook adds it.
             return add_noise(super().forward(input_ids), self.noise_alpha, **options)
-        if self.max_norm is not None:
-            # F.embedding renormalizes the looked-up rows in place too; the ids are refused first
-            # (ATen's renorm does not bounds-check on a GPU), or clamped where the check is off.
-            validation.check_ids(input_ids, self.weight)
-            validation.check_id_range(input_ids, self.num_embeddings)
-            with torch.no_grad():
-                torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
-                                        self.norm_type)
-        return noisy_embedding(input_ids, self.weight, self.noise_alpha, padding_idx=self.padding_idx,
-                               scale_grad_by_freq=self.scale_grad_by_freq, **options)
+        # max_norm: F.embedding renormalizes the looked-up rows in place too; the ids are refused
+        # first (ATen's renorm does not bounds-check on a GPU; this check syncs there), or clamped
+        # where the check is off.
+        validation.check_ids(input_ids, self.weight)
+        check_id_range(input_ids, self.num_embeddings)
+        with torch.no_grad():
+            torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
+                                    self.norm_type)
+        return _noisy_embedding(input_ids, self.weight, self._noise_alpha, options["seed"], options["offset"],
+                                options["attention_mask"], options["position_ids"], options["cu_seqlens"],
+                                self.length_mode, self.padding_idx, self.scale_grad_by_freq, self.backend,
+                                check_ids=True)
 
     def _noise_after_reduction(self, input_ids, options: dict) -> torch.Tensor:
         """Tensor parallel (a DTensor weight, e.g. ``RowwiseParallel``): look up, reduce the partial
@@ -182,15 +208,6 @@ class NoisyEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
-
-
-def _fits(tensor, input_ids: torch.Tensor) -> bool:
-    if not isinstance(tensor, torch.Tensor):
-        return False
-    try:
-        return torch.broadcast_shapes(tensor.shape, input_ids.shape) == input_ids.shape
-    except RuntimeError:
-        return False
 
 
 @cache

@@ -1,8 +1,11 @@
-"""The functional op and its ``torch.library`` registration.
+"""The functional op: O(1) host work per call, one autograd definition, and the ``torch.library`` ops.
 
-``neft_kernels::noisy_embedding_fwd`` and ``neft_kernels::embedding_bwd`` are custom ops with fake
-kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through them. The seed
-is a tensor input of the op, never a constant baked into a graph.
+Per call, Python reads shapes, dtypes and devices only; everything per token (scales from the side
+inputs, the id range) happens in the backend, on the tensors' device. Eager calls and compiled
+graphs share :class:`_NoisyEmbeddingFunction`: eagerly it calls the backend directly (dispatch
+through ``torch.library`` costs more host time than the kernel takes on a GPU); under
+``torch.compile`` it calls the custom ops ``neft_kernels::noisy_embedding_fwd`` and
+``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break.
 """
 
 from __future__ import annotations
@@ -12,39 +15,54 @@ from typing import Optional
 import torch
 
 from . import validation
-from .backends import _load, module, resolve
-from .lengths import token_scales
+from .backends import module, resolve
+from .id_check import check_id_range, device_id_flag, raise_pending
+from .lengths import LENGTH_MODES, scale_for_length
+
+_NONE = (None, None, None)
 
 
-def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
-                  seed: torch.Tensor, offset: int, backend: str, check_ids: bool) -> torch.Tensor:
-    # Here rather than before the op: compiled graphs run this body eagerly with real ids.
-    if check_ids:
-        validation.check_id_range(ids, weight.shape[0])
-    return module(backend).forward(ids, weight, scale_value if scale is None else scale, int(seed), offset)
+def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float,
+                  alpha: float, width: int, attention_mask: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], per_sequence: bool,
+                  backend: str, check_ids: bool) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor) and seed.device.type == "cpu":
+        seed = int(seed)
+    flag = device_id_flag(ids, weight.shape[0]) if check_ids and ids.device.type != "cpu" else None
+    out = module(backend).forward(ids, weight, seed, offset, None if per_sequence else scale, alpha, width,
+                                  attention_mask, position_ids, cu_seqlens, None if flag is None else flag.buffer)
+    if flag is not None:
+        flag.read_back()
+    return out
 
 
 def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                    scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
+    if grad.device.type == "cuda":
+        raise_pending(grad.device)  # bad ids of this step's forward, if its record has landed
     return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq,
                                     torch.are_deterministic_algorithms_enabled())
 
 
 @torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())
-def _forward_op(ids: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float,
-                seed: torch.Tensor, offset: int, padding_idx: Optional[int], scale_grad_by_freq: bool,
-                backend: str, check_ids: bool = True) -> torch.Tensor:
-    """(N,) ids -> (N, d) noisy rows, spec v1: ``scale`` per token, or ``scale_value`` for all.
+def _forward_op(ids: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, offset: int, scale: float, alpha: float,
+                width: int, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor], per_sequence: bool, padding_idx: Optional[int],
+                scale_grad_by_freq: bool, backend: str, check_ids: bool = True) -> torch.Tensor:
+    """(N,) ids -> (N, d) noisy rows, spec v1.
 
-    ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient; they are inputs here so
-    that the registered autograd can see them. ``check_ids=False`` is for ids that are in range
-    by construction (``add_noise``'s positions): no range check, so no sync on a GPU.
+    ``scale`` for every token, or with ``per_sequence`` the scales the backend derives from
+    ``alpha`` and the side inputs (``(rows, width)`` views; ``cu_seqlens`` 1-D). ``seed``: a 0-d
+    int64 tensor on the CPU or on the weight's device (read by the kernel: graph-safe).
+    ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient.
     """
-    return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend, check_ids)
+    return _forward_impl(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens,
+                         per_sequence, backend, check_ids)
 
 
 @_forward_op.register_fake
-def _(ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend, check_ids=True):
+def _(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens, per_sequence,
+      padding_idx, scale_grad_by_freq, backend, check_ids=True):
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
@@ -53,7 +71,7 @@ def _backward_op(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, paddin
                  scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
     """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
     # The op is public: ids from elsewhere than our forward are checked (on CPU; no sync).
-    validation.check_id_range(ids, num_weights, allow_sync=False)
+    check_id_range(ids, num_weights, allow_sync=False)
     return _backward_impl(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend)
 
 
@@ -62,53 +80,62 @@ def _(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend):
     return grad.new_empty(num_weights, grad.shape[1])
 
 
-def _setup_context(ctx, inputs, output):
-    ids, weight, _, _, _, _, padding_idx, scale_grad_by_freq, backend = inputs[:9]
-    ctx.save_for_backward(ids)
-    ctx.num_weights = weight.shape[0]
-    ctx.options = (padding_idx, scale_grad_by_freq, backend)
+class _NoisyEmbeddingFunction(torch.autograd.Function):
+    """The one autograd definition: eager calls run the backend, compiled graphs the custom ops.
 
-
-def _backward(ctx, grad_output):
-    (ids,) = ctx.saved_tensors
-    grad_weight = _backward_op(grad_output.contiguous(), ids, ctx.num_weights, *ctx.options)
-    return None, grad_weight, None, None, None, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerFunction(torch.autograd.Function):
-    """The same forward and backward as the registered ops, without their dispatch.
-
-    Eager calls come here: ``torch.library`` dispatch costs tens of microseconds of host time per
-    call, which on a GPU is longer than the kernel itself at typical batch sizes.
+    ``save`` and ``weight_grad`` are also the forward op's registered autograd, so the op is
+    differentiable on its own with the same rule.
     """
 
     @staticmethod
-    def forward(ctx, ids, weight, scale, scale_value, seed, offset, padding_idx, scale_grad_by_freq, backend,
-                check_ids):
+    def save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend) -> None:
         ctx.save_for_backward(ids)
-        ctx.num_weights = weight.shape[0]
-        ctx.options = (padding_idx, scale_grad_by_freq, backend)
-        return _forward_impl(ids, weight, scale, scale_value, seed, offset, backend, check_ids)
+        ctx.grad_args = (weight.shape[0], padding_idx, scale_grad_by_freq, backend)
+
+    @staticmethod
+    def weight_grad(ctx, grad_output, via_op: bool):
+        """The weight gradient, through the backward op (traced graphs) or the backend directly."""
+        (ids,) = ctx.saved_tensors
+        return (_backward_op if via_op else _backward_impl)(grad_output.contiguous(), ids, *ctx.grad_args)
+
+    @staticmethod
+    def forward(ctx, ids, weight, seed, attention_mask, position_ids, cu_seqlens, args):
+        offset, scale, alpha, width, per_sequence, padding_idx, scale_grad_by_freq, backend, check_ids = args
+        _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
+        if torch.compiler.is_compiling():
+            if not isinstance(seed, torch.Tensor):
+                seed = torch.tensor(seed, dtype=torch.int64)
+            return _forward_op(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids,
+                               cu_seqlens, per_sequence, padding_idx, scale_grad_by_freq, backend, check_ids)
+        return _forward_impl(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens,
+                             per_sequence, backend, check_ids)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        (ids,) = ctx.saved_tensors
-        grad_weight = _backward_impl(grad_output, ids, ctx.num_weights, *ctx.options)
-        return None, grad_weight, None, None, None, None, None, None, None, None
+        grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+        return None, grad_weight, None, None, None, None, None
 
 
-def _token_scales(input_ids, alpha, d, attention_mask, position_ids, length_mode):
-    """:func:`token_scales`, through one Triton launch for an eager padded batch on a GPU."""
-    if (attention_mask is not None and attention_mask.is_cuda and position_ids is None and input_ids.dim()
-            and length_mode == "per_sequence" and not torch.compiler.is_compiling()
-            and not isinstance(_load("triton"), ImportError)):
-        return _load("triton").mask_scales(attention_mask, alpha, d)
-    return token_scales(input_ids.shape, alpha, d, attention_mask=attention_mask,
-                        position_ids=position_ids, length_mode=length_mode)
+def _op_setup_context(ctx, inputs, output):
+    ids, weight, *_, padding_idx, scale_grad_by_freq, backend, _check_ids = inputs
+    _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
+
+
+def _op_backward(ctx, grad_output):
+    return (None, _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, True), *(None,) * 13)
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _rows(t: Optional[torch.Tensor], shape: torch.Size, rows: int, width: int) -> Optional[torch.Tensor]:
+    """A side input as a (rows, width) view; broadcast dims keep stride 0 (no copy for 2-D ids)."""
+    if t is None:
+        return None
+    if t.shape != shape:
+        t = t.expand(shape)
+    return t if t.dim() == 2 else t.reshape(rows, width)
 
 
 def noisy_embedding(
@@ -120,6 +147,7 @@ def noisy_embedding(
     offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     length_mode: str = "per_sequence",
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
@@ -131,12 +159,16 @@ def noisy_embedding(
         input_ids: integer token ids of any shape; the last dim is the sequence.
         weight: ``(num_embeddings, embedding_dim)`` float32, bfloat16 or float16 table.
         noise_alpha: NEFTune's alpha; the noise is ``Uniform(-1, 1) * alpha / sqrt(L * d)``.
-        seed: 64-bit Philox key: an int in ``[-2**63, 2**64)``, or a 0-d int64 CPU tensor
-            (what :class:`NoisyEmbedding` passes, so that compiled graphs take it as an input).
+        seed: 64-bit Philox key: an int in ``[-2**63, 2**64)``, or a 0-d int64 tensor on the CPU
+            or on the weight's device (read by the kernel there, so a captured CUDA graph uses
+            the seed each replay draws).
         offset: first Philox counter; lets one seed serve disjoint calls.
         attention_mask: masked tokens (0) get no noise and do not count towards ``L``.
         position_ids: packed rows; each sub-sequence starts where the value is 0. Both may be
             any shape that broadcasts to ``input_ids``'s.
+        cu_seqlens: packed sequences in flash-attention's convention: 1-D int32 (or int64)
+            cumulative starts ``[0, l0, l0 + l1, ...]`` over the flattened tokens; a sub-sequence
+            starts at each entry (the same ``L`` as the equivalent ``position_ids``).
         length_mode: ``"per_sequence"`` (the paper's per-sequence ``L``) or ``"padded"``
             (Hugging Face's: ``L`` = padded width, every token noised).
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.
@@ -148,32 +180,41 @@ def noisy_embedding(
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable
         with respect to ``weight``.
     """
-    return _noisy_embedding(input_ids, weight, noise_alpha, seed, offset, attention_mask, position_ids,
-                            length_mode, padding_idx, scale_grad_by_freq, backend, check_ids=True)
+    return _noisy_embedding(input_ids, weight, validation.check_alpha(noise_alpha), seed, offset, attention_mask,
+                            position_ids, cu_seqlens, length_mode, padding_idx, scale_grad_by_freq, backend,
+                            check_ids=True)
 
 
-def _noisy_embedding(input_ids, weight, noise_alpha, seed, offset, attention_mask, position_ids, length_mode,
-                     padding_idx, scale_grad_by_freq, backend, check_ids: bool) -> torch.Tensor:
-    alpha, seed = validation.check_all(input_ids, weight, noise_alpha, seed, offset,
-                                       attention_mask, position_ids, length_mode, backend)
-    padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
-    d = weight.shape[1]
-    # Hugging Face models often build position_ids as (1, L) for a (B, L) batch.
-    if attention_mask is not None:
-        attention_mask = attention_mask.expand(input_ids.shape)
-    if position_ids is not None:
-        position_ids = position_ids.expand(input_ids.shape)
-    scale = _token_scales(input_ids, alpha, d, attention_mask, position_ids, length_mode)
-    per_token = isinstance(scale, torch.Tensor)
-    op = _forward_op if torch.compiler.is_compiling() else _EagerFunction.apply
-    out = op(input_ids.reshape(-1), weight, scale if per_token else None, 0.0 if per_token else scale,
-             seed, offset, padding_idx, bool(scale_grad_by_freq), resolve(backend, weight.device), check_ids)
-    return out.view(*input_ids.shape, d)
+def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_mask, position_ids, cu_seqlens,
+                     length_mode, padding_idx, scale_grad_by_freq, backend, check_ids: bool) -> torch.Tensor:
+    """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function."""
+    validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens)
+    if length_mode not in LENGTH_MODES:
+        validation.check_choice("length_mode", length_mode, LENGTH_MODES)
+    seed = validation.normalize_seed(seed, weight.device)
+    if padding_idx is not None:
+        padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
+    shape, d = input_ids.shape, weight.shape[1]
+    width = shape[-1] if shape else 1
+    n = input_ids.numel()
+    rows = n // width if width else 0
+    per_sequence = length_mode == "per_sequence" and (
+        attention_mask is not None or position_ids is not None or cu_seqlens is not None)
+    if per_sequence:
+        side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens)
+        scale = 0.0
+    else:
+        side, scale = _NONE, scale_for_length(alpha, max(width, 1), d)
+    args = (offset, scale, alpha, width, per_sequence, padding_idx, bool(scale_grad_by_freq),
+            resolve(backend, weight.device), check_ids)
+    out = _NoisyEmbeddingFunction.apply(input_ids.reshape(-1), weight, seed, *side, args)
+    return out.view(*shape, d)
 
 
 def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, offset: int = 0,
               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-              length_mode: str = "per_sequence", backend: str = "auto") -> torch.Tensor:
+              cu_seqlens: torch.Tensor | None = None, length_mode: str = "per_sequence",
+              backend: str = "auto") -> torch.Tensor:
     """``x`` (``(..., L, d)`` embeddings already looked up) plus spec v1 noise, differentiable.
 
     Spec v1 noise depends on token positions, not on ids, so this is the fused op with ids
@@ -181,8 +222,11 @@ def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, 
     offset and side inputs. For embeddings computed some other way: scaled subclasses, or a
     tensor-parallel lookup after its reduction.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError(f"add_noise: x must be a tensor of embeddings (..., d), got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")
     rows = x.reshape(-1, x.shape[-1])
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
-    # The positions are in range by construction: no id check, so no host-device sync on a GPU.
-    return _noisy_embedding(positions, rows, noise_alpha, seed, offset, attention_mask, position_ids, length_mode,
-                            None, False, backend, check_ids=False).view(x.shape)
+    # The positions are in range by construction: no id check.
+    return _noisy_embedding(positions, rows, validation.check_alpha(noise_alpha), seed, offset, attention_mask,
+                            position_ids, cu_seqlens, length_mode, None, False, backend, check_ids=False).view(x.shape)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -12,22 +11,11 @@ from .spec import SUPPORTED_DTYPES, num_lanes
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
-_check_device_ids = os.environ.get("NEFT_KERNELS_CHECK_IDS", "1") != "0"
-
-
-def set_id_check(enabled: bool) -> bool:
-    """Turn the id range check on accelerator tensors on or off; returns the previous setting.
-
-    On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It costs one fused
-    min/max over the ids and one host-device sync per forward. Off, a bad id is still never
-    read: its output row is NaN and it gets no gradient. CPU ids are always checked (no sync).
-    """
-    global _check_device_ids
-    previous, _check_device_ids = _check_device_ids, bool(enabled)
-    return previous
 
 
 def check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
@@ -35,37 +23,32 @@ def check_weight(weight: torch.Tensor) -> None:
 
 
 def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != weight.device:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")
 
 
-def check_id_range(ids: torch.Tensor, num_embeddings: int, *, allow_sync: bool = True) -> None:
-    """Ids index rows: any outside ``[0, num_embeddings)`` is refused with an ``IndexError``.
-
-    CPU ids always; accelerator ids when :func:`set_id_check` is on and ``allow_sync`` (one
-    host-device sync), except while a CUDA graph is being captured, where a sync is illegal.
-    """
-    if not ids.numel():
-        return
-    if ids.device.type != "cpu":
-        capturing = ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not (_check_device_ids and allow_sync) or capturing:
-            return
-    lo, hi = torch.aminmax(ids)
-    if bool((lo < 0) | (hi >= num_embeddings)):  # the one sync
-        raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{int(lo)}, {int(hi)}]")
+def broadcasts_to(tensor, shape: torch.Size) -> bool:
+    """Whether ``tensor`` is a tensor whose shape broadcasts to ``shape`` (equal shapes: no work)."""
+    if not isinstance(tensor, torch.Tensor):
+        return False
+    if tensor.shape == shape:
+        return True
+    try:
+        return torch.broadcast_shapes(tensor.shape, shape) == shape
+    except RuntimeError:
+        return False
 
 
 def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Tensor) -> None:
     if tensor is None:
         return
-    try:
-        fits = torch.broadcast_shapes(tensor.shape, input_ids.shape) == input_ids.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if not broadcasts_to(tensor, input_ids.shape):
         raise ValueError(f"{name} must have (or broadcast to) the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(tensor.shape)}")
     if tensor.device != input_ids.device:
@@ -74,22 +57,22 @@ def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Te
         raise TypeError(f"{name} must be an integer or bool tensor, got {tensor.dtype}")
 
 
-def normalize_seed(seed: int | torch.Tensor) -> torch.Tensor:
-    """The seed as a 0-d int64 CPU tensor with the same two's-complement bits.
+def normalize_seed(seed: int | torch.Tensor, device: torch.device | None = None) -> int | torch.Tensor:
+    """The seed as a signed int64 value (same two's-complement bits), or as a 0-d int64 tensor.
 
-    Ints may lie anywhere in ``[-2**63, 2**64)``; tensors must be one int64 value on the CPU
-    (reading a device tensor would need a host-device sync).
+    Ints may lie anywhere in ``[-2**63, 2**64)``. Tensors must hold one int64 value, on the CPU or
+    on ``device`` (the weight's), where the kernel reads it without a host-device sync.
     """
     if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
-            raise TypeError(f"a tensor seed must hold one int64 value on the CPU, got {seed.dtype} "
-                            f"of shape {tuple(seed.shape)} on {seed.device}")
+        if seed.dtype != torch.int64 or seed.numel() != 1 or (seed.device.type != "cpu" and seed.device != device):
+            raise TypeError(f"a tensor seed must hold one int64 value on the CPU or on the weight's device "
+                            f"({device}), got {seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {type(seed).__name__}")
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
-    return torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.int64)
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
@@ -120,15 +103,26 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return padding_idx % num_embeddings
 
 
-def check_all(input_ids: torch.Tensor, weight: torch.Tensor, noise_alpha: float, seed: int | torch.Tensor,
-              offset: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-              length_mode: str, backend: str) -> tuple[float, torch.Tensor]:
-    """Every check of :func:`neft_kernels.noisy_embedding`; returns (alpha, normalized seed)."""
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+    """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device. Its values are never
+    read on the host (that would sync): entries outside ``[0, N]`` or out of order mark no start."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be a 1-D int32 or int64 tensor, got {cu_seqlens.dtype} of shape "
+                        f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != input_ids.device:
+        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but input_ids on {input_ids.device}")
+
+
+def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
+    """The per-call checks of :func:`neft_kernels.noisy_embedding`: shapes, dtypes and devices only."""
     check_weight(weight)
     check_ids(input_ids, weight)
     check_side_input("attention_mask", attention_mask, input_ids)
     check_side_input("position_ids", position_ids, input_ids)
-    check_choice("length_mode", length_mode, LENGTH_MODES)
-    check_choice("backend", backend, BACKENDS)
+    check_cu_seqlens(cu_seqlens, input_ids)
     check_offset(offset, input_ids.numel(), weight.shape[1])
-    return check_alpha(noise_alpha), normalize_seed(seed)

@@ -8,9 +8,6 @@ import torch._inductor.config
 from cases import make_weight
 from conftest import DEVICE, assert_bits_equal, requires_cpu_ext
 from neft_kernels import NoisyEmbedding, noisy_embedding
-from neft_kernels.backends import resolve
-from neft_kernels.lengths import token_scales
-from neft_kernels.validation import normalize_seed
 
 FWD = torch.ops.neft_kernels.noisy_embedding_fwd.default
 BWD = torch.ops.neft_kernels.embedding_bwd.default
@@ -25,12 +22,15 @@ def _fresh_dynamo():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("per_token", [False, True])
-def test_opcheck_forward(backend, per_token):
+@pytest.mark.parametrize("side", ["none", "mask", "positions", "cu_seqlens"])
+def test_opcheck_forward(backend, side):
     weight = torch.randn(20, 12, dtype=torch.float32, requires_grad=True)
-    ids = torch.randint(0, 20, (17,))
-    scale = torch.rand(17) if per_token else None
-    torch.library.opcheck(FWD, (ids, weight, scale, 0.25, normalize_seed(-3), 5, 2, False, backend))
+    ids = torch.randint(0, 20, (18,))
+    mask = torch.randint(0, 2, (3, 6)) if side == "mask" else None
+    pos = torch.tensor([0, 1, 2, 0, 1, 2]).expand(3, 6) if side == "positions" else None
+    cu = torch.tensor([0, 4, 11, 18], dtype=torch.int32) if side == "cu_seqlens" else None
+    torch.library.opcheck(FWD, (ids, weight, torch.tensor(-3), 5, 0.25, 4.0, 6, mask, pos, cu, side != "none", 2, False,
+                                backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,7 +61,7 @@ def test_functional_op_compiles_with_backward():
     weight = torch.randn(30, 16, requires_grad=True)
     ids = torch.randint(0, 30, (2, 9))
     f = torch.compile(lambda w, s: noisy_embedding(ids, w, 5.0, seed=s, padding_idx=1).sum(), fullgraph=True)
-    (grad,) = torch.autograd.grad(f(weight, normalize_seed(11)), weight)
+    (grad,) = torch.autograd.grad(f(weight, torch.tensor(11)), weight)
     (ref,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=11, padding_idx=1).sum(), weight)
     assert_bits_equal(grad, ref)
 
@@ -99,25 +99,28 @@ def test_compiled_cpu_backend_still_refuses_out_of_range_ids():
     """Python's range check is skipped inside graphs; the kernel's own check must hold."""
     weight = torch.randn(10, 4)
     f = torch.compile(lambda i, s: noisy_embedding(i, weight, 5.0, seed=s, backend="cpu"), fullgraph=True)
-    assert f(torch.tensor([[1, 9]]), normalize_seed(0)).shape == (1, 2, 4)
+    assert f(torch.tensor([[1, 9]]), torch.tensor(0)).shape == (1, 2, 4)
     with pytest.raises(IndexError, match="must lie in"):
-        f(torch.tensor([[1, 13]]), normalize_seed(0))
+        f(torch.tensor([[1, 13]]), torch.tensor(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_path_matches_the_registered_op(dtype):
-    """Eager calls skip torch.library dispatch; the op that graphs call must give the same bits."""
+@pytest.mark.parametrize("side", ["mask", "positions", "cu_seqlens"])
+def test_eager_path_matches_the_registered_ops(dtype, side):
+    """Eager calls run the backend directly; compiled graphs run the custom ops: the same bits, forward and backward."""
     weight = make_weight(50, 12, dtype, DEVICE).requires_grad_()
     ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
+    kwargs = {"mask": dict(attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([5, 6, 7]), 0)),
+              "positions": dict(position_ids=torch.tensor([0, 1, 2, 0, 1, 0, 1, 2]).to(DEVICE)),
+              "cu_seqlens": dict(cu_seqlens=torch.tensor([0, 5, 13, 24], dtype=torch.int32, device=DEVICE))}[side]
     grad = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
-    eager = noisy_embedding(ids, weight, 5.0, seed=7, attention_mask=mask, padding_idx=3)
+
+    def f(w):
+        return noisy_embedding(ids, w, 5.0, seed=7, padding_idx=3, **kwargs)
+
+    eager = f(weight)
     (eager_grad,) = torch.autograd.grad(eager, weight, grad)
-    scale = token_scales(ids.shape, 5.0, 12, attention_mask=mask)
-    backend = resolve("auto", weight.device)
-    op = torch.ops.neft_kernels.noisy_embedding_fwd(ids.reshape(-1), weight, scale, 0.0, normalize_seed(7), 0, 3,
-                                                    False, backend)
-    (op_grad,) = torch.autograd.grad(op, weight, grad.reshape(-1, 12))
-    assert_bits_equal(eager.reshape(-1, 12), op)
-    assert_bits_equal(eager_grad, op_grad)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(weight)
+    (compiled_grad,) = torch.autograd.grad(compiled, weight, grad)
+    assert_bits_equal(compiled, eager)
+    assert_bits_equal(compiled_grad, eager_grad)

@@ -38,22 +38,60 @@ def test_triton_forward_wide_rows_many_tokens(dtype):
     assert_bits_equal(out, expected(ids.long(), weight, 15.0, 99, 0, mask, None, "per_sequence"))
 
 
-def _masks(width: int):
+def _side_inputs(width: int):
+    """(attention_mask, position_ids, cu_seqlens) cases for a (3, width) batch, each as the op passes them."""
     g = torch.Generator().manual_seed(width)
     rand = torch.randint(0, 2, (3, width), generator=g)
     rand[1] = 0  # a row with no real tokens
-    left = (torch.arange(width) >= width // 3).long()[None]  # (1, L): broadcast to every row
-    return [rand, rand.bool(), rand.int(), left.expand(3, width), rand.reshape(3, 1, width).expand(3, 2, width)]
+    left = (torch.arange(width) >= width // 3).long()[None].expand(3, width)  # broadcast: stride 0
+    pos = torch.arange(width).repeat(3, 1)
+    for row in range(3):  # random sub-sequence starts, some long, some of one token
+        for start in sorted(torch.randint(0, width, (4,), generator=g).tolist()):
+            pos[row, start:] = torch.arange(width - start)
+    cu = torch.unique(torch.cat([torch.tensor([0, 3 * width]), torch.randint(0, 3 * width, (5,), generator=g)]))
+    for mask in (rand, rand.bool(), rand.int(), left):
+        yield mask, None, None
+    yield None, pos, None
+    yield None, None, cu.int()
+    yield rand, pos, None
+    yield rand.bool(), pos[:1].expand(3, width), cu  # positions broadcast, cu_seqlens int64
+    yield None, None, torch.tensor([0, 1, 1, 2, 3 * width + 5], dtype=torch.int32)  # repeats, an entry past the end
 
 
-@pytest.mark.parametrize("width", [1, 7, 1500])  # 1500: two passes of the 1024-wide block
-def test_mask_scales_kernel_gives_token_scales_bits(width):
-    for mask in _masks(width):
-        mask = mask.to(DEVICE)
+@pytest.mark.parametrize("width,block,walk", [(1, None, None), (7, None, None), (1500, None, None),
+                                              (7, 2, 2), (37, 4, 2), (37, 8, 16)])
+def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatch):
+    """The one-launch scales kernel against the reference's tensor ops; small blocks make every
+    program walk across its neighbours, as long packed rows do at full size."""
+    if block:
+        monkeypatch.setattr(triton_backend, "_SCALES_BLOCK", block)
+        monkeypatch.setattr(triton_backend, "_SCALES_WALK", walk)
+    for mask, pos, cu in _side_inputs(width):
+        mask, pos, cu = (None if t is None else t.to(DEVICE) for t in (mask, pos, cu))
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
-            got = triton_backend.mask_scales(mask, alpha, d)
-            want = token_scales(mask.shape, alpha, d, attention_mask=mask)
+            got = triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, cu)
+            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
             assert_bits_equal(got, want)
+
+
+def test_forward_kernel_records_out_of_range_ids():
+    """What the GPU id check reads back: the (min, max) of the bad ids, folded into the buffer."""
+    weight = make_weight(6, 9, torch.float32, DEVICE)
+    flag = torch.tensor([2**63 - 1, -2**63], device=DEVICE)
+    ids = torch.tensor([2, 6, -1, 5, 9], device=DEVICE)
+    out = triton_backend.fused_forward(ids, weight, 0.25, 3, 0, bad_ids=flag)
+    assert flag.tolist() == [-1, 9] and out[[1, 2, 4]].isnan().all()
+    triton_backend.fused_forward(torch.tensor([0, -7], device=DEVICE), weight, 0.25, 3, 0, bad_ids=flag)
+    assert flag.tolist() == [-7, 9]
+
+
+def test_device_seed_gives_the_seed_bits():
+    """A seed the kernel reads from memory (graph-safe) is the same key as a host seed."""
+    weight = make_weight(20, 13, torch.bfloat16, DEVICE)
+    ids = torch.randint(0, 20, (9,)).to(DEVICE)
+    host = triton_backend.fused_forward(ids, weight, 0.125, -12345, 7)
+    device = triton_backend.fused_forward(ids, weight, 0.125, torch.tensor(-12345, device=DEVICE), 7)
+    assert_bits_equal(device, host)
 
 
 @triton.jit
@@ -94,9 +132,13 @@ def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     assert res.returncode == 0, res.stderr
     reports = [json.loads(line) for line in res.stdout.splitlines()]
     kernels = {(r["kernel"], r["variant"], r["arch"]) for r in reports}
-    assert len(kernels) == len(reports) == 2 * 3 * 4  # archs x dtypes x (2 forward + 2 backward)
+    assert len(kernels) == len(reports) == 2 * (3 + 3 * (3 + 2))  # archs x (scales + dtypes x (forward + backward))
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90"}
     for r in reports:
         assert 0 < r["registers"] <= 255, r
         assert r["spill_bytes"] == 0, r
-        assert r["sass_ffma"] == 0 and r["ptx_ftz"] == 0, r  # spec v1: no FMA, no flush-to-zero
+        assert r["ptx_fma"] == 0 and r["ptx_ftz"] == 0, r  # spec v1: no FMA, no flush-to-zero
+        if r["kernel"] == "token_scales":  # ptxas expands the IEEE f64 div/sqrt with exact FFMAs of its own
+            assert r["ptx_f64_div_sqrt"] == ["div.rn.f64", "sqrt.rn.f64"], r
+        else:
+            assert r["sass_ffma"] == 0 and r["ptx_f64_div_sqrt"] == [], r

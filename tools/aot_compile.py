@@ -1,8 +1,10 @@
 """Compile the Triton kernels ahead of time for NVIDIA GPUs, with no GPU present.
 
 Prints one JSON line per (kernel, variant, arch) with registers, stack, shared memory and spills read
-from the cubin by ``cuobjdump --dump-resource-usage``, plus the count of FFMA instructions in
-the SASS and of flush-to-zero instructions in the PTX (spec v1 allows neither).
+from the cubin by ``cuobjdump --dump-resource-usage``, plus the count of FMA instructions in the
+PTX and SASS and of flush-to-zero instructions in the PTX (spec v1 allows neither), and the float64
+division and square-root instructions of the scales kernel (spec v1 needs them rounded to nearest;
+ptxas expands those IEEE instructions with FFMAs of its own, which are exact by construction).
 
     python tools/aot_compile.py                 # sm_80 and sm_90
     python tools/aot_compile.py --arch 90 --keep out/   # also keep .ptx/.cubin files
@@ -32,30 +34,42 @@ _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bf16 travels as int
 
 
 def _variants(embedding_dim: int):
-    """(kernel name, variant name, JITFunction, signature, constexprs) with the launchers' blocks."""
+    """(kernel name, variant name, JITFunction, signature, constexprs, options) as the launchers use them."""
     fwd_n, fwd_q = kernels.forward_blocks(embedding_dim)
     bwd_n, bwd_d = kernels.backward_blocks(embedding_dim)
+    for has_mask, has_pos, has_cu, variant in ((True, False, False, "mask"), (True, True, False, "mask + positions"),
+                                               (False, False, True, "cu_seqlens")):
+        sig = {"mask_ptr": "*i64", "m_s0": "i64", "m_s1": "i64", "pos_ptr": "*i64", "p_s0": "i64", "p_s1": "i64",
+               "cu_ptr": "*i32", "n_cu": "i32", "cu_steps": "i32", "out_ptr": "*fp32", "width": "i32",
+               "alpha_bits": "i64", "d": "i32", "HAS_MASK": "constexpr", "HAS_POS": "constexpr",
+               "HAS_CU": "constexpr", "BLOCK": "constexpr", "WALK": "constexpr"}
+        consts = {"HAS_MASK": has_mask, "HAS_POS": has_pos, "HAS_CU": has_cu, "BLOCK": kernels._SCALES_BLOCK,
+                  "WALK": kernels._SCALES_WALK}
+        yield "token_scales", variant, kernels._token_scales_kernel, sig, consts, kernels.SCALES_LAUNCH_OPTIONS
     for dtype in ("fp32", "bf16", "fp16"):
-        for per_token in (True, False):
+        for per_token, seed_ptr, variant in ((False, False, "scalar scale"), (True, False, "per-token scale"),
+                                             (True, True, "per-token scale, device seed")):
             sig = {"ids_ptr": "*i64", "w_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "scale_ptr": "*fp32",
-                   "scale_value": "fp32", "seed": "i64", "offset": "i64", "n_tokens": "i32", "d": "i32",
-                   "n_lanes": "i32", "w_stride": "i32", "n_rows": "i32", "PER_TOKEN_SCALE": "constexpr",
+                   "scale_value": "fp32", "seed": "i64", "seed_ptr": "*i64", "offset": "i64", "bad_ptr": "*i64",
+                   "n_tokens": "i32", "d": "i32", "n_lanes": "i32", "w_stride": "i32", "n_rows": "i32",
+                   "PER_TOKEN_SCALE": "constexpr", "SEED_FROM_PTR": "constexpr", "RECORD_BAD": "constexpr",
                    "IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
-            consts = {"PER_TOKEN_SCALE": per_token, "IS_BF16": dtype == "bf16", "BLOCK_N": fwd_n,
-                      "BLOCK_Q": fwd_q}
-            yield ("noisy_embedding_fwd", f"{dtype}, {'per-token' if per_token else 'scalar'} scale",
-                   kernels._noisy_embedding_fwd_kernel, sig, consts)
+            consts = {"PER_TOKEN_SCALE": per_token, "SEED_FROM_PTR": seed_ptr, "RECORD_BAD": True,
+                      "IS_BF16": dtype == "bf16", "BLOCK_N": fwd_n, "BLOCK_Q": fwd_q}
+            yield ("noisy_embedding_fwd", f"{dtype}, {variant}", kernels._noisy_embedding_fwd_kernel, sig, consts,
+                   kernels.LAUNCH_OPTIONS)
         sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "gw_ptr": "*fp32", "n_tokens": "i32", "d": "i32",
                "n_rows": "i32", "padding_idx": "i32", "GRAD_IS_BF16": "constexpr", "BLOCK_N": "constexpr",
                "BLOCK_D": "constexpr"}
         consts = {"GRAD_IS_BF16": dtype == "bf16", "BLOCK_N": bwd_n, "BLOCK_D": bwd_d}
-        yield "embedding_bwd_atomic", dtype, kernels._embedding_bwd_atomic_kernel, sig, consts
+        yield "embedding_bwd_atomic", dtype, kernels._embedding_bwd_atomic_kernel, sig, consts, kernels.LAUNCH_OPTIONS
         sig = {"grad_ptr": _PTR[dtype], "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64",
                "gw_ptr": _PTR[dtype], "d": "i32", "n_rows": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
                "GRAD_IS_BF16": "constexpr", "OUT_IS_BF16": "constexpr", "BLOCK_D": "constexpr"}
         consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "OUT_IS_BF16": dtype == "bf16",
                   "BLOCK_D": bwd_d}
-        yield "embedding_bwd_segmented", dtype, kernels._embedding_bwd_segmented_kernel, sig, consts
+        yield ("embedding_bwd_segmented", dtype, kernels._embedding_bwd_segmented_kernel, sig, consts,
+               kernels.LAUNCH_OPTIONS)
 
 
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -80,12 +94,9 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
         out_dir = keep or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         for arch in archs:
-            for name, variant, fn, sig, consts in _variants(embedding_dim):
-                compiled = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=consts),
-                    target=GPUTarget("cuda", arch, 32),
-                    options=kernels.LAUNCH_OPTIONS,  # what the launchers use
-                )
+            for name, variant, fn, sig, consts, options in _variants(embedding_dim):
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
                 stem = f"{name}_{re.sub(r'[^a-z0-9]+', '_', variant)}_sm{arch}"
                 cubin = out_dir / f"{stem}.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
@@ -94,7 +105,11 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
                                 **_resource_usage(cubin),
                                 # Spec v1 forbids contraction and flushing subnormals: count both.
                                 "sass_ffma": len(re.findall(r"\bFFMA\b", _cuobjdump("-sass", cubin))),
-                                "ptx_ftz": len(re.findall(r"\.ftz\b", compiled.asm["ptx"]))})
+                                "ptx_ftz": len(re.findall(r"\.ftz\b", compiled.asm["ptx"])),
+                                "ptx_fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
+                                # The scales' float64 divide and root must be IEEE (round to nearest).
+                                "ptx_f64_div_sqrt": sorted(set(re.findall(r"\b(?:div|sqrt)\.\w+\.f64\b",
+                                                                          compiled.asm["ptx"])))})
     return reports
 
 

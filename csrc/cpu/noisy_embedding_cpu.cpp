@@ -181,14 +181,12 @@ void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scal
 }
 
 template <typename T>
-void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, torch::Tensor& out,
-                      const c10::optional<torch::Tensor>& scales, double scale_value, uint64_t seed,
-                      uint64_t offset) {
+void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, torch::Tensor& out, const float* s_ptr,
+                      double scale_value, uint64_t seed, uint64_t offset) {
   const int64_t n_tokens = ids.numel(), d = weight.size(1), w_stride = weight.stride(0);
   const int64_t* id_ptr = ids.data_ptr<int64_t>();
   const T* w_ptr = reinterpret_cast<const T*>(weight.data_ptr());
   T* o_ptr = reinterpret_cast<T*>(out.data_ptr());
-  const float* s_ptr = scales ? scales->data_ptr<float>() : nullptr;
   const float s_val = static_cast<float>(scale_value);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n_tokens, grain, [&](int64_t first, int64_t last) {
@@ -198,21 +196,126 @@ void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, tor
 
 }  // namespace
 
-// (N,) int64 ids into a (V, d) weight -> (N, d) noisy rows, spec v1. ``scales``: (N,) float32
-// per-token scales, or none to use ``scale_value`` (already a float32 value) for every token.
-torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
-                                      const c10::optional<torch::Tensor>& scales_in, double scale_value,
-                                      int64_t seed, int64_t offset) {
-  const auto [ids, weight, scales] = neft::prepare_forward(ids_in, weight_in, scales_in);
-  torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
-  if (ids.numel() == 0 || weight.size(1) == 0) return out;
+namespace {
+
+// An integer or bool tensor read element by element whatever its dtype (masks and position ids
+// arrive as bool, uint8, int32 or int64; a per-element switch costs far less than a conversion).
+struct IntView {
+  const void* data = nullptr;
+  torch::ScalarType dtype = torch::kLong;
+  int64_t stride0 = 0, stride1 = 0;
+
+  explicit IntView(const c10::optional<torch::Tensor>& t) {
+    if (!t) return;
+    TORCH_CHECK(t->dim() <= 2, "side inputs reach the kernel as (rows, width)");
+    data = t->data_ptr();
+    dtype = t->scalar_type();
+    stride0 = t->dim() == 2 ? t->stride(0) : 0;
+    stride1 = t->dim() ? t->stride(-1) : 0;
+  }
+  bool present() const { return data != nullptr; }
+  int64_t operator()(int64_t row, int64_t col) const {
+    const int64_t i = row * stride0 + col * stride1;
+    switch (dtype) {
+      case torch::kBool: return static_cast<const bool*>(data)[i];
+      case torch::kByte: return static_cast<const uint8_t*>(data)[i];
+      case torch::kChar: return static_cast<const int8_t*>(data)[i];
+      case torch::kShort: return static_cast<const int16_t*>(data)[i];
+      case torch::kInt: return static_cast<const int32_t*>(data)[i];
+      case torch::kLong: return static_cast<const int64_t*>(data)[i];
+      default: TORCH_CHECK(false, "side inputs must be integer or bool tensors, got ", dtype);
+    }
+  }
+};
+
+// Spec v1's per-token scale: float32(alpha / sqrt(L * d)) in double, rounded once; 0 unless real.
+// A sub-sequence starts at every row start, where position_ids is 0 and at every cu_seqlens entry;
+// L counts its real (attention_mask != 0) tokens. Rows are independent, so they run in parallel.
+void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alpha, int64_t d, const IntView& mask,
+                         const IntView& positions, const IntView& cu_seqlens, int64_t n_cu) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(width, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t base = r * width;
+      // The first cu_seqlens entry past this row's first token (entries are cumulative, ascending).
+      int64_t k = 0;
+      if (cu_seqlens.present()) {
+        int64_t lo = 0, hi = n_cu;
+        while (lo < hi) {
+          const int64_t mid = (lo + hi) / 2;
+          if (cu_seqlens(0, mid) <= base) lo = mid + 1; else hi = mid;
+        }
+        k = lo;
+      }
+      for (int64_t a = 0; a < width;) {
+        int64_t b = a + 1, count = mask.present() ? (mask(r, a) != 0) : 1;
+        for (; b < width; ++b) {
+          bool start = positions.present() && positions(r, b) == 0;
+          if (cu_seqlens.present()) {
+            while (k < n_cu && cu_seqlens(0, k) < base + b) ++k;
+            start = start || (k < n_cu && cu_seqlens(0, k) == base + b);
+          }
+          if (start) break;
+          count += mask.present() ? (mask(r, b) != 0) : 1;
+        }
+        const float s = static_cast<float>(alpha / std::sqrt(static_cast<double>(std::max<int64_t>(count, 1)) *
+                                                             static_cast<double>(d)));
+        for (int64_t j = a; j < b; ++j) scales[base + j] = (!mask.present() || mask(r, j) != 0) ? s : 0.0f;
+        a = b;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// (N,) ids into a (V, d) weight -> ((N, d) noisy rows, min id, max id), spec v1.
+// Scales: with ``per_sequence`` the kernel derives each token's scale from ``alpha`` and the side
+// inputs (``mask`` / ``positions`` as (rows, width) views, ``cu_seqlens`` 1-D; rows * width = N);
+// otherwise every token takes ``scale_value`` (already a float32 value). The id range is returned,
+// not raised: the caller raises in Python (a C++ exception inside a compiled graph is not safe).
+std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward(
+    const torch::Tensor& ids_in, const torch::Tensor& weight_in, int64_t seed, int64_t offset, double scale_value,
+    bool per_sequence, double alpha, int64_t width, const c10::optional<torch::Tensor>& mask,
+    const c10::optional<torch::Tensor>& positions, const c10::optional<torch::Tensor>& cu_seqlens) {
+  const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
+  const int64_t n = ids.numel(), d = weight.size(1);
+  torch::Tensor out = torch::empty({n, d}, weight.options());
+  const int64_t* id_ptr = ids.data_ptr<int64_t>();
+  int64_t id_min = 0, id_max = -1;
+  if (n) {
+    const auto [lo, hi] = std::minmax_element(id_ptr, id_ptr + n);
+    id_min = *lo;
+    id_max = *hi;
+  }
+  if (n == 0 || d == 0) return {out, id_min, id_max};
+  std::vector<float> scales;
+  if (per_sequence) {
+    TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
+    if (cu_seqlens) TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
+    scales.resize(n);
+    per_sequence_scales(scales.data(), n / width, width, alpha, d, IntView(mask), IntView(positions),
+                        IntView(cu_seqlens), cu_seqlens ? cu_seqlens->numel() : 0);
+  }
+  const float* s_ptr = per_sequence ? scales.data() : nullptr;
   const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   switch (weight.scalar_type()) {
-    case torch::kFloat: dispatch_forward<float>(ids, weight, out, scales, scale_value, s, o); break;
-    case torch::kBFloat16: dispatch_forward<uint16_t>(ids, weight, out, scales, scale_value, s, o); break;
-    case torch::kHalf: dispatch_forward<c10::Half>(ids, weight, out, scales, scale_value, s, o); break;
+    case torch::kFloat: dispatch_forward<float>(ids, weight, out, s_ptr, scale_value, s, o); break;
+    case torch::kBFloat16: dispatch_forward<uint16_t>(ids, weight, out, s_ptr, scale_value, s, o); break;
+    case torch::kHalf: dispatch_forward<c10::Half>(ids, weight, out, s_ptr, scale_value, s, o); break;
     default: TORCH_CHECK(false, "weight dtype must be float32, bfloat16 or float16, got ", weight.scalar_type());
   }
+  return {out, id_min, id_max};
+}
+
+// The per-token scales alone (a test seam: the reference computes them with torch ops).
+torch::Tensor token_scales(int64_t n, double alpha, int64_t d, int64_t width, const c10::optional<torch::Tensor>& mask,
+                           const c10::optional<torch::Tensor>& positions,
+                           const c10::optional<torch::Tensor>& cu_seqlens) {
+  torch::Tensor out = torch::empty({n}, torch::kFloat);
+  if (n == 0) return out;
+  TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
+  per_sequence_scales(out.data_ptr<float>(), n / width, width, alpha, d, IntView(mask), IntView(positions),
+                      IntView(cu_seqlens), cu_seqlens ? cu_seqlens->numel() : 0);
   return out;
 }
 
@@ -301,6 +404,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
-  m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1");
+  m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1, scales from side inputs");
+  m.def("token_scales", &token_scales, "spec v1 per-token scales from attention_mask / position_ids / cu_seqlens");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");
 }

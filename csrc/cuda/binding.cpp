@@ -22,18 +22,27 @@ void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA
 
 }  // namespace
 
+// seed_tensor: a 0-d int64 CUDA tensor read by the kernel (graph-safe), else ``seed``. bad_ids: a
+// (2,) int64 CUDA tensor {min, max} that records out-of-range ids, or none.
 torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
                                       const c10::optional<torch::Tensor>& scales_in, double scale_value,
-                                      int64_t seed, int64_t offset) {
+                                      int64_t seed, int64_t offset, const c10::optional<torch::Tensor>& seed_tensor,
+                                      const c10::optional<torch::Tensor>& bad_ids) {
   TORCH_CHECK(weight_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
   const c10::cuda::CUDAGuard guard(weight_in.device());
-  const auto [ids, weight, scales] = neft::prepare_forward(ids_in, weight_in, scales_in);
+  const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
+  const c10::optional<torch::Tensor> scales =
+      scales_in ? c10::optional<torch::Tensor>(scales_in->to(torch::kFloat).contiguous()) : c10::nullopt;
   torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
+  if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
+  if (bad_ids) TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 2, "bad_ids");
   check(neft::noisy_embedding_forward_cuda(
       dtype_of(weight), ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(),
-      scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value), static_cast<uint64_t>(seed),
+      scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value),
+      seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed),
       static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0), weight.size(0),
+      bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr,
       c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }

@@ -28,18 +28,26 @@ template <> struct Io<__half> {
 // One thread per (token, lane): one Philox call feeds the lane's dim in each of the 4 quarters.
 template <typename T>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
-                               const float* __restrict__ scales, float scale_value, uint64_t seed, uint64_t offset,
-                               int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows) {
+                               const float* __restrict__ scales, float scale_value, const int64_t* __restrict__ seed_ptr,
+                               uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
+                               int64_t num_rows, long long* bad_ids) {
   const int64_t q = (d + 3) / 4;
   // tokens on grid x (up to 2^31 - 1 blocks), lanes on grid y; threads along lanes coalesce.
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
   const int64_t k = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= n_tokens || k >= q) return;
   const float scale = scales ? scales[n] : scale_value;
-  const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), seed);
+  // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
+  const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
+  const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), key);
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
-  // An id outside [0, V) (the range check is off, or raced) is never read: its row becomes NaN.
+  // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids is recorded
+  // in bad_ids (min, max) for the host to raise without a sync.
   const bool in_range = id >= 0 && id < num_rows;
+  if (!in_range && bad_ids && k == 0) {
+    atomicMin(bad_ids, static_cast<long long>(id));
+    atomicMax(bad_ids + 1, static_cast<long long>(id));
+  }
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k;
@@ -50,8 +58,8 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   }
 }
 
-// One block per sorted position and 128 dims: at each id's first sorted position, the thread at a segment's first sorted position sums its rows
-// in order (deterministic) into float32 and rounds once.
+// One block per sorted position and 128 dims. The blocks at each id's first sorted position sum
+// that id's rows in order (deterministic) into float32 and round once; the others exit.
 template <typename T>
 __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
                                 const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end, void* grad_weight,
@@ -71,13 +79,14 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
 
 template <typename T>
 cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
-                           uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                           int64_t num_rows, cudaStream_t stream) {
+                           const int64_t* seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d,
+                           int64_t w_stride, int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
   const int64_t q = (d + 3) / 4;
   const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
   const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
                   static_cast<unsigned>((q + block.x - 1) / block.x));
-  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows);
+  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
+                                                w_stride, num_rows, bad_ids);
   return cudaGetLastError();
 }
 
@@ -97,13 +106,19 @@ cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const i
 namespace neft {
 
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
-                                         const float* scales, float scale_value, uint64_t seed, uint64_t offset,
-                                         int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows,
-                                         cudaStream_t stream) {
+                                         const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
+                                         uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
+                                         int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch_forward<float>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
-    case DType::kBFloat16: return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
-    case DType::kFloat16: return launch_forward<__half>(ids, weight, out, scales, scale_value, seed, offset, n_tokens, d, w_stride, num_rows, stream);
+    case DType::kFloat32:
+      return launch_forward<float>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride,
+                                   num_rows, bad_ids, stream);
+    case DType::kBFloat16:
+      return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
+                                      w_stride, num_rows, bad_ids, stream);
+    case DType::kFloat16:
+      return launch_forward<__half>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride,
+                                    num_rows, bad_ids, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,4 +1,4 @@
-"""The backend interface over a compiled extension (``csrc/``): both compiled backends share it."""
+"""The backend interface over the compiled extensions (``csrc/``)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,54 @@ from typing import Callable
 
 import torch
 
+from ..id_check import raise_out_of_range
+from ..lengths import token_scales
 
-def backend_functions(ext: ModuleType) -> tuple[Callable, Callable]:
-    """``forward`` and ``backward`` with the backend signatures, calling ``ext``."""
 
-    def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
-                seed: int, offset: int) -> torch.Tensor:
-        if isinstance(scale, torch.Tensor):
-            return ext.forward(ids, weight, scale, 0.0, seed, offset)
-        return ext.forward(ids, weight, None, scale, seed, offset)
-
+def _backward(ext: ModuleType) -> Callable:
     def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
                  scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
         del deterministic  # always deterministic: each id's rows are summed in token order
         return ext.backward(grad, ids, num_weights, -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
 
-    return forward, backward
+    return backward
+
+
+def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable]:
+    """``forward`` and ``backward`` over ``_C_cpu``: one C++ call derives the scales and checks the ids."""
+
+    def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, scale: float | None, alpha: float,
+                width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+        del bad_ids  # CPU ids are refused here, synchronously
+        out, lo, hi = ext.forward(ids, weight, seed, offset, 0.0 if scale is None else scale, scale is None, alpha,
+                                  width, attention_mask, position_ids, cu_seqlens)
+        if lo < 0 or hi >= weight.shape[0]:
+            raise_out_of_range(lo, hi, weight.shape[0])
+        return out
+
+    return forward, _backward(ext)
+
+
+def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable]:
+    """``forward`` and ``backward`` over ``_C_cuda``; per-token scales from the Triton kernel where
+    Triton is installed, else from the reference's tensor ops (no sync either way)."""
+    from . import _load
+
+    def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
+                alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+        scales = None
+        if scale is None:
+            triton_backend = _load("triton")
+            if isinstance(triton_backend, ImportError):
+                scales = token_scales((ids.numel() // width, width), alpha, weight.shape[1],
+                                      attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
+            else:
+                scales = triton_backend.token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask,
+                                                     position_ids, cu_seqlens)
+        seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+        return ext.forward(ids, weight, scales, 0.0 if scale is None else scale, 0 if seed_tensor is not None else seed,
+                           offset, seed_tensor, bad_ids)
+
+    return forward, _backward(ext)

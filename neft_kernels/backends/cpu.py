@@ -1,6 +1,7 @@
-"""The compiled CPU backend (``csrc/cpu``): fused forward, deterministic float32-accumulating backward."""
+"""The compiled CPU backend (``csrc/cpu``): fused forward with scales and id check in C++, deterministic
+float32-accumulating backward."""
 
 from .. import _C_cpu
-from ._extension import backend_functions
+from ._extension import cpu_functions
 
-forward, backward = backend_functions(_C_cpu)
+forward, backward = cpu_functions(_C_cpu)

@@ -8,12 +8,13 @@ float32 -> bf16) and GPUs (round to nearest even) give the same bits.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from ..id_check import check_id_range
 from ..spec import num_lanes
 
 # Elements handled per program; bounds registers per thread at 4 warps.
@@ -22,6 +23,8 @@ _BWD_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
 # Never let a kernel contract a*b + c into an FMA: spec v1 rounds the product first.
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
+# The scales kernel holds a 1024-token block in several scans: 8 warps keep it out of local memory.
+SCALES_LAUNCH_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -60,9 +63,9 @@ def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, bits, s
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _noisy_embedding_fwd_kernel(
-    ids_ptr, w_ptr, out_ptr, scale_ptr, scale_value, seed, offset,
+    ids_ptr, w_ptr, out_ptr, scale_ptr, scale_value, seed, seed_ptr, offset, bad_ptr,
     n_tokens, d, n_lanes, w_stride, n_rows,
-    PER_TOKEN_SCALE: tl.constexpr, IS_BF16: tl.constexpr,
+    PER_TOKEN_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, RECORD_BAD: tl.constexpr, IS_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,14 +74,24 @@ def _noisy_embedding_fwd_kernel(
     valid = tok_mask[:, None] & (lane < n_lanes)[None, :]
 
     ids = tl.load(ids_ptr + tok, mask=tok_mask, other=0).to(tl.int64)
-    in_range = ((ids >= 0) & (ids < n_rows))[:, None]
+    tok_in_range = (ids >= 0) & (ids < n_rows)
+    in_range = tok_in_range[:, None]
+    if RECORD_BAD:  # the (min, max) of out-of-range ids, for the host to raise without a sync
+        if tl.program_id(1) == 0:
+            bad = tok_mask & ~tok_in_range
+            tl.atomic_min(bad_ptr + tl.zeros_like(ids), ids, mask=bad, sem="relaxed")
+            tl.atomic_max(bad_ptr + 1 + tl.zeros_like(ids), ids, mask=bad, sem="relaxed")
     if PER_TOKEN_SCALE:
         scale = tl.load(scale_ptr + tok, mask=tok_mask, other=0.0)[:, None]
     else:
         scale = scale_value
+    if SEED_FROM_PTR:  # read on the device: each replay of a captured CUDA graph sees its own seed
+        key = tl.load(seed_ptr)
+    else:
+        key = seed.to(tl.int64)
 
     counter = offset + tok[:, None] * n_lanes + lane[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed.to(tl.int64), counter)
+    r0, r1, r2, r3 = tl.randint4x(key, counter)
 
     w_row = ids[:, None] * w_stride
     out_row = tok[:, None] * d
@@ -126,19 +139,94 @@ def _embedding_bwd_segmented_kernel(
 
 
 @triton.jit
-def _mask_scales_kernel(mask_ptr, stride_row, stride_col, table_ptr, out_ptr, width, BLOCK: tl.constexpr):
-    """One row: count its real tokens, then write ``table[count]`` to each of them and 0 elsewhere."""
+def _starts_and_real(row, col, width, mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps,
+                     HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_CU: tl.constexpr):
+    """Per column of one row: does a sub-sequence start here, and is the token real (unmasked)?"""
+    inside = (col >= 0) & (col < width)
+    start = col == 0
+    if HAS_POS:
+        start = start | (tl.load(pos_ptr + row * p_s0 + col * p_s1, mask=inside, other=1) == 0)
+    if HAS_CU:  # is the flat index an entry of cu_seqlens? A binary search over its ascending entries.
+        n = row * width + col
+        lo = tl.zeros_like(n)
+        hi = lo + n_cu
+        for _ in range(cu_steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            right = active & (tl.load(cu_ptr + mid, mask=active & inside, other=0).to(tl.int64) <= n)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(active & ~right, mid, hi)
+        start = start | (tl.load(cu_ptr + lo - 1, mask=(lo > 0) & inside, other=-1).to(tl.int64) == n)
+    if HAS_MASK:
+        real = tl.load(mask_ptr + row * m_s0 + col * m_s1, mask=inside, other=0) != 0
+    else:
+        real = inside
+    return start & inside, real & inside
+
+
+@triton.jit
+def _max_op(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_op(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit(do_not_specialize=["alpha_bits"])
+def _token_scales_kernel(mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps, out_ptr, width, alpha_bits,
+                         d, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_CU: tl.constexpr,
+                         BLOCK: tl.constexpr, WALK: tl.constexpr):
+    """Spec v1 ``scale_n`` of BLOCK tokens of one row (grid: rows x blocks of a row).
+
+    Within the block, scans find each token's sub-sequence piece and its real tokens; a piece that
+    crosses the block's edge adds what a walk over the neighbouring chunks (WALK at a time, until
+    the next start) counts. So a long packed row is spread over many programs, none serialised.
+    """
     row = tl.program_id(0).to(tl.int64)
-    count = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, width, BLOCK):
-        col = start + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + row * stride_row + col * stride_col, mask=col < width, other=0)
-        count += (m != 0).to(tl.int32)
-    scale = tl.load(table_ptr + tl.sum(count, axis=0))
-    for start in range(0, width, BLOCK):
-        col = start + tl.arange(0, BLOCK)
-        m = tl.load(mask_ptr + row * stride_row + col * stride_col, mask=col < width, other=0)
-        tl.store(out_ptr + row * width + col, tl.where(m != 0, scale, 0.0), mask=col < width)
+    first = tl.program_id(1).to(tl.int64) * BLOCK
+    idx = tl.arange(0, BLOCK)
+    col = first + idx
+    start, real = _starts_and_real(row, col, width, mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps,
+                                   HAS_MASK, HAS_POS, HAS_CU)
+    after, _ = _starts_and_real(row, col + 1, width, mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps,
+                                HAS_MASK, HAS_POS, HAS_CU)
+    # Piece of token i within the block: [piece_lo, piece_hi); -1 / BLOCK where it crosses an edge.
+    piece_lo = tl.associative_scan(tl.where(start, idx, -1), 0, _max_op)
+    piece_hi = tl.associative_scan(tl.where(after, idx + 1, BLOCK), 0, _min_op, reverse=True)
+    count = tl.cumsum(real.to(tl.int32), 0)
+    length = tl.gather(count, piece_hi - 1, 0) - tl.where(piece_lo > 0, tl.gather(count, tl.maximum(piece_lo - 1, 0), 0), 0)
+
+    # Real tokens of the first piece before the block, and of the last piece after it.
+    carry_in = tl.sum(tl.zeros_like(count), 0)
+    done = tl.max(tl.where(idx == 0, start.to(tl.int32), 0), 0) != 0
+    pos = first
+    while not done:
+        c = pos - WALK + tl.arange(0, WALK)
+        s, r = _starts_and_real(row, c, width, mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps,
+                                HAS_MASK, HAS_POS, HAS_CU)
+        last = tl.max(tl.where(s, c, -1), 0)
+        carry_in += tl.sum((r & (c >= last)).to(tl.int32), 0)
+        done = last >= 0
+        pos -= WALK
+    carry_out = tl.sum(tl.zeros_like(count), 0)
+    pos = first + BLOCK
+    done = pos >= width
+    while not done:
+        c = pos + tl.arange(0, WALK)
+        s, r = _starts_and_real(row, c, width, mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps,
+                                HAS_MASK, HAS_POS, HAS_CU)
+        nxt = tl.min(tl.where(s, c, width), 0)
+        carry_out += tl.sum((r & (c < nxt)).to(tl.int32), 0)
+        pos += WALK
+        done = (nxt < width) | (pos >= width)
+    length += tl.where(piece_lo < 0, carry_in, 0) + tl.where(piece_hi >= BLOCK, carry_out, 0)
+
+    # float32(alpha / sqrt(L * d)) in float64 (IEEE div and sqrt), rounded once; alpha arrives as its bits.
+    alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    scale = (alpha / tl.sqrt(tl.maximum(length, 1).to(tl.float64) * d)).to(tl.float32)
+    tl.store(out_ptr + row * width + col, tl.where(real, scale, 0.0), mask=col < width)
 
 
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
@@ -164,9 +252,26 @@ def _check_device(t: torch.Tensor) -> None:
                            "triton is imported to run the kernels on the CPU")
 
 
-def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
-            seed: int, offset: int) -> torch.Tensor:
-    """(N,) ids into a (V, d) weight -> (N, d) noisy rows, spec v1; ``seed`` a signed int64 value."""
+def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
+            alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The backend contract (see ``backends/__init__.py``): at most two launches, scales then rows."""
+    _check_device(weight)
+    if ids.device.type == "cpu":  # the interpreter: CPU ids are checked on the host, no device to sync
+        check_id_range(ids, weight.shape[0])
+    if scale is None:
+        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens)
+    return fused_forward(ids, weight, scale, seed, offset, bad_ids)
+
+
+def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float, seed: int | torch.Tensor,
+                  offset: int, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) ids into a (V, d) weight -> (N, d) noisy rows, spec v1, in one launch.
+
+    ``seed``: a signed int64 value, or a 0-d int64 tensor on the weight's device that the kernel
+    reads (graph-safe). ``bad_ids``: an int64 ``(2,)`` tensor on that device into which the kernel
+    folds the (min, max) of ids outside ``[0, V)``, or None.
+    """
     _check_device(weight)
     n_tokens, d = ids.numel(), weight.shape[1]
     out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
@@ -177,12 +282,14 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float
     block_n, block_q = forward_blocks(d)
     per_token = isinstance(scale, torch.Tensor)
     scale_arg = scale.to(torch.float32).contiguous() if per_token else out  # unused when scalar
+    seed_ptr = isinstance(seed, torch.Tensor)
     grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(q, block_q))
     _noisy_embedding_fwd_kernel[grid](
         ids.contiguous(), _bits_view(weight), _bits_view(out), scale_arg,
-        0.0 if per_token else float(scale), seed, offset,
-        n_tokens, d, q, weight.stride(0), weight.shape[0],
-        PER_TOKEN_SCALE=per_token, IS_BF16=weight.dtype == torch.bfloat16,
+        0.0 if per_token else float(scale), 0 if seed_ptr else seed, seed if seed_ptr else ids, offset,
+        ids if bad_ids is None else bad_ids, n_tokens, d, q, weight.stride(0), weight.shape[0],
+        PER_TOKEN_SCALE=per_token, SEED_FROM_PTR=seed_ptr, RECORD_BAD=bad_ids is not None,
+        IS_BF16=weight.dtype == torch.bfloat16,
         BLOCK_N=block_n, BLOCK_Q=block_q, **LAUNCH_OPTIONS,
     )
     return out
@@ -226,26 +333,34 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
 
 
-@lru_cache(maxsize=64)
-def _scale_table(alpha: float, embedding_dim: int, width: int, device: torch.device) -> torch.Tensor:
-    """``table[L]``: the scale of a sequence of ``L`` real tokens, by the ops ``token_scales`` uses."""
-    length = torch.arange(width + 1, dtype=torch.float64, device=device).clamp(min=1)
-    return torch.div(torch.full_like(length, alpha), torch.sqrt(length * embedding_dim)).to(torch.float32)
+_SCALES_BLOCK = 1024  # tokens of a row per program
+_SCALES_WALK = 4096  # tokens per step of the walk past a block's edge
 
 
-def mask_scales(attention_mask: torch.Tensor, alpha: float, embedding_dim: int) -> torch.Tensor:
-    """``token_scales`` for a padded batch (mask only, ``"per_sequence"``) in one launch.
+def token_scales(width: int, n_tokens: int, alpha: float, embedding_dim: int, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Spec v1 per-token scales (``"per_sequence"``) of ``n_tokens`` tokens in rows of ``width``.
 
-    The same bits as :func:`neft_kernels.lengths.token_scales`, whose ten-odd small ops cost more
-    host time than the embedding kernel itself on a GPU.
+    ``attention_mask`` / ``position_ids``: (rows, width) views (broadcast strides welcome);
+    ``cu_seqlens``: 1-D cumulative sequence starts over the flat tokens. One launch; the same bits
+    as :func:`neft_kernels.lengths.token_scales`.
     """
-    _check_device(attention_mask)
-    width = attention_mask.shape[-1]
-    mask = attention_mask.reshape(-1, width)
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    out = torch.empty(mask.numel(), dtype=torch.float32, device=mask.device)
-    if out.numel():
-        table = _scale_table(alpha, embedding_dim, width, mask.device)
-        _mask_scales_kernel[(mask.shape[0],)](mask, mask.stride(0), mask.stride(1), table, out, width,
-                                              BLOCK=min(triton.next_power_of_2(width), 1024))
+    some = next(t for t in (attention_mask, position_ids, cu_seqlens) if t is not None)
+    _check_device(some)
+    out = torch.empty(n_tokens, dtype=torch.float32, device=some.device)
+    if not n_tokens:
+        return out
+    rows = n_tokens // width
+    mask = attention_mask.view(torch.uint8) if attention_mask is not None and attention_mask.dtype == torch.bool \
+        else attention_mask
+    n_cu = 0 if cu_seqlens is None else cu_seqlens.numel()
+    block = min(triton.next_power_of_2(width), _SCALES_BLOCK)
+    _token_scales_kernel[(rows, triton.cdiv(width, block))](
+        out if mask is None else mask, *(mask.stride() if mask is not None else (0, 0)),
+        out if position_ids is None else position_ids, *(position_ids.stride() if position_ids is not None else (0, 0)),
+        out if cu_seqlens is None else cu_seqlens, n_cu, n_cu.bit_length(), out, width,
+        struct.unpack("<q", struct.pack("<d", alpha))[0], embedding_dim,
+        HAS_MASK=mask is not None, HAS_POS=position_ids is not None, HAS_CU=cu_seqlens is not None,
+        BLOCK=block, WALK=_SCALES_WALK, **SCALES_LAUNCH_OPTIONS,
+    )
     return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..backends import _load
 from ..ops import noisy_embedding
-from ..validation import set_id_check
+from ..id_check import set_id_check
 
 ALPHA = 5.0
 

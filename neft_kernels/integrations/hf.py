@@ -17,11 +17,15 @@ import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ..module import NoisyEmbedding, make_noisy, make_plain
 
 _SIDE_INPUTS = ("attention_mask", "position_ids")
+# flash-attention's packed-sequence starts, as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+# passes them down through the models' **kwargs.
+_CU_SEQLENS = "cu_seq_lens_q"
 _MARK = "_neft_side_input_hook"
 
 
@@ -65,12 +69,19 @@ def _make_hooks(paths: tuple[str, ...], signature: inspect.Signature, outermost:
     pops exactly that frame. The outermost module's pre-hook first drops frames that an
     interrupted call (``KeyboardInterrupt`` skips ``always_call`` hooks) left behind."""
 
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
     def push(module, args, kwargs):
         try:
             bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
-        frame = tuple(bound.get(name) for name in _SIDE_INPUTS)
+        cu_seqlens = bound.get(_CU_SEQLENS, kwargs.get(_CU_SEQLENS))
+        if cu_seqlens is None and var_keyword is not None:
+            cu_seqlens = (bound.get(var_keyword) or {}).get(_CU_SEQLENS)
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            cu_seqlens = None
+        frame = (*(bound.get(name) for name in _SIDE_INPUTS), cu_seqlens)
         for emb in _noisy_below(module, paths):
             if outermost:
                 emb._side_input_stack.clear()

@@ -1,0 +1,104 @@
+"""Out-of-range ids: refused with an ``IndexError`` naming the bad range, never with a host-device sync.
+
+* CPU ids are checked where they are read (the backends raise before returning; no device, no sync).
+* Accelerator ids: the forward kernel folds the (min, max) of out-of-range ids into a small
+  per-device buffer (and writes NaN rows for them; no backend ever reads outside the table). After
+  the launch the buffer is copied to pinned host memory without blocking; a later call (the next
+  forward, or this one's backward) raises once that copy has landed. So the error comes one call
+  late at most, and the hot path never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
+_enabled = os.environ.get("NEFT_KERNELS_CHECK_IDS", "1") != "0"
+_flags: dict[torch.device, "DeviceIdFlag"] = {}
+
+
+def set_id_check(enabled: bool) -> bool:
+    """Turn the id range check on accelerator tensors on or off; returns the previous setting.
+
+    On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It never syncs: the
+    kernel records bad ids on the device and the error is raised by the next call (see the
+    module docstring). Off, a bad id is still never read: its output row is NaN and it gets no
+    gradient. CPU ids are always checked.
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def raise_out_of_range(lo: int, hi: int, num_embeddings: int, *, late: bool = False) -> None:
+    where = " (recorded by an earlier call's kernel, whose rows for them were NaN)" if late else ""
+    raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{lo}, {hi}]{where}")
+
+
+def check_id_range(ids: torch.Tensor, num_embeddings: int, *, allow_sync: bool = True) -> None:
+    """Refuse ids outside ``[0, num_embeddings)``: CPU ids always, accelerator ids only where a sync
+    is allowed (the public backward op) and not while a CUDA graph is being captured."""
+    if not ids.numel():
+        return
+    if ids.device.type != "cpu":
+        capturing = ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (_enabled and allow_sync) or capturing:
+            return
+    lo, hi = torch.aminmax(ids)
+    if bool((lo < 0) | (hi >= num_embeddings)):
+        raise_out_of_range(int(lo), int(hi), num_embeddings)
+
+
+class DeviceIdFlag:
+    """One device's record of out-of-range ids: ``buffer`` = (min, max) on the device, read back lazily."""
+
+    def __init__(self, device: torch.device):
+        self.buffer = torch.tensor([_INT64_MAX, _INT64_MIN], dtype=torch.int64, device=device)
+        self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        self._event = torch.cuda.Event()
+        self._pending = False
+        self._num_embeddings = 0
+
+    def raise_pending(self) -> None:
+        """Raise for bad ids an earlier launch recorded, if its copy has landed (never waits)."""
+        if not self._pending or not self._event.query():
+            return
+        self._pending = False
+        lo, hi = self._host.tolist()
+        if lo <= hi:
+            self.buffer[0].fill_(_INT64_MAX)
+            self.buffer[1].fill_(_INT64_MIN)
+            raise_out_of_range(lo, hi, self._num_embeddings, late=True)
+
+    def read_back(self) -> None:
+        """After a launch: start copying the record to the host, unless a copy is in flight."""
+        if self._pending or torch.cuda.is_current_stream_capturing():
+            return
+        self._host.copy_(self.buffer, non_blocking=True)
+        self._event.record()
+        self._pending = True
+
+
+def raise_pending(device: torch.device) -> None:
+    """Raise what earlier launches on ``device`` recorded, if it has reached the host (the backward's check)."""
+    flag = _flags.get(device)
+    if flag is not None and not torch.cuda.is_current_stream_capturing():
+        flag.raise_pending()
+
+
+def device_id_flag(ids: torch.Tensor, num_embeddings: int) -> DeviceIdFlag | None:
+    """The flag for a launch on ``ids``'s CUDA device (raising what earlier launches recorded), or None."""
+    if not _enabled or ids.device.type != "cuda":
+        return None
+    flag = _flags.get(ids.device)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if flag is None:
+        if capturing:  # allocating and copying are not allowed in capture; replays go unrecorded
+            return None
+        flag = _flags[ids.device] = DeviceIdFlag(ids.device)
+    if not capturing:
+        flag.raise_pending()
+    flag._num_embeddings = num_embeddings
+    return flag
