@@ -140,22 +140,25 @@ class NoisyEmbedding(nn.Embedding):
         module.train(embedding.training)
         return module
 
-    def _draw_seed(self) -> torch.Tensor:
-        """A 0-d int64 tensor, never a Python int, so that compiled graphs take it as an input.
+    def _draw_seed(self) -> int | torch.Tensor:
+        """This call's seed, from ``generator`` (default: torch's CPU generator), with no sync.
 
-        Eagerly it comes from ``generator`` (default: torch's CPU generator), with no sync. On a CUDA
-        weight, while a CUDA graph is captured or a graph compiled, it is drawn on the device (from
-        ``generator`` if that is a CUDA generator, else the device's default one), whose Philox state
-        is graph-safe: every replay draws a new seed, reproducibly from ``torch.manual_seed``.
+        Eagerly a host int. Traced by ``torch.compile``, a 0-d int64 tensor, so that the graph takes
+        it as an input. On a CUDA weight, while a CUDA graph is captured or a graph compiled, it is
+        drawn on the device (from ``generator`` if that is a CUDA generator, else the device's default
+        one), whose Philox state is graph-safe: every replay draws a new seed, reproducibly from
+        ``torch.manual_seed``.
         """
         device = self.weight.device
-        if device.type == "cuda" and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+        compiling = torch.compiler.is_compiling()
+        if device.type == "cuda" and (compiling or torch.cuda.is_current_stream_capturing()):
             generator = self.generator
             if generator is not None and generator.device.type != "cuda":
                 raise RuntimeError("NoisyEmbedding(generator=...) is a CPU generator: under CUDA graph capture its "
                                    "seeds would be frozen into the graph. Pass a CUDA generator, or none")
             return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
-        return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator)
+        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator)
+        return seed if compiling else seed.item()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ def _forward_op(ids: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, off
                 width: int, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
                 cu_seqlens: Optional[torch.Tensor], per_sequence: bool, padding_idx: Optional[int],
                 scale_grad_by_freq: bool, backend: str, check_ids: bool = True) -> torch.Tensor:
-    """(N,) ids -> (N, d) noisy rows, spec v1.
+    """Ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v1.
 
     ``scale`` for every token, or with ``per_sequence`` the scales the backend derives from
     ``alpha`` and the side inputs (``(rows, width)`` views; ``cu_seqlens`` 1-D). ``seed``: a 0-d
@@ -63,7 +63,7 @@ def _forward_op(ids: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, off
 @_forward_op.register_fake
 def _(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens, per_sequence,
       padding_idx, scale_grad_by_freq, backend, check_ids=True):
-    return weight.new_empty(ids.shape[0], weight.shape[1])
+    return weight.new_empty(*ids.shape, weight.shape[1])
 
 
 @torch.library.custom_op("neft_kernels::embedding_bwd", mutates_args=())
@@ -96,7 +96,8 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
     def weight_grad(ctx, grad_output, via_op: bool):
         """The weight gradient, through the backward op (traced graphs) or the backend directly."""
         (ids,) = ctx.saved_tensors
-        return (_backward_op if via_op else _backward_impl)(grad_output.contiguous(), ids, *ctx.grad_args)
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        return (_backward_op if via_op else _backward_impl)(grad_rows, ids.reshape(-1), *ctx.grad_args)
 
     @staticmethod
     def forward(ctx, ids, weight, seed, attention_mask, position_ids, cu_seqlens, args):
@@ -115,6 +116,12 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
         return None, grad_weight, None, None, None, None, None
+
+
+# Function.apply's Python wrapper (signature binding, functorch wrapper checks over every argument)
+# costs a third of a small call's host time; outside functorch transforms and tracing, the C
+# entry point it ends in is called directly.
+_apply_eager = super(torch.autograd.Function, _NoisyEmbeddingFunction).apply
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -194,7 +201,7 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
     seed = validation.normalize_seed(seed, weight.device)
     if padding_idx is not None:
         padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
-    shape, d = input_ids.shape, weight.shape[1]
+    shape = input_ids.shape
     width = shape[-1] if shape else 1
     n = input_ids.numel()
     rows = n // width if width else 0
@@ -204,11 +211,12 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
         side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens)
         scale = 0.0
     else:
-        side, scale = _NONE, scale_for_length(alpha, max(width, 1), d)
+        side, scale = _NONE, scale_for_length(alpha, max(width, 1), weight.shape[1])
     args = (offset, scale, alpha, width, per_sequence, padding_idx, bool(scale_grad_by_freq),
             resolve(backend, weight.device), check_ids)
-    out = _NoisyEmbeddingFunction.apply(input_ids.reshape(-1), weight, seed, *side, args)
-    return out.view(*shape, d)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, *side, args)
+    return _apply_eager(input_ids, weight, seed, *side, args)
 
 
 def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, offset: int = 0,
@@ -229,4 +237,4 @@ def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, 
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
     # The positions are in range by construction: no id check.
     return _noisy_embedding(positions, rows, validation.check_alpha(noise_alpha), seed, offset, attention_mask,
-                            position_ids, cu_seqlens, length_mode, None, False, backend, check_ids=False).view(x.shape)
+                            position_ids, cu_seqlens, length_mode, None, False, backend, check_ids=False)

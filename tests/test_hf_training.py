@@ -1,12 +1,13 @@
 """NEFTuneCallback with transformers' Trainer and TRL's SFTTrainer; PEFT models; end to end."""
 
-import datasets
-import peft
 import pytest
 import torch
-import transformers
-import trl
 from torch import nn
+
+# Optional dependencies (the `hf` extra): each missing one skips this file, never breaks collection.
+datasets = pytest.importorskip("datasets")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 from conftest import assert_bits_equal
 from hf_models import VOCAB, build, padded_batch
@@ -145,6 +146,7 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(2, VOCAB, (int(torch.randint(3, 10, (), generator=g)),), generator=g).tolist()
             for _ in range(24)]
+    trl = pytest.importorskip("trl")  # not on every GPU machine: only the TRL tests skip
     data = datasets.Dataset.from_dict({"input_ids": rows})
     config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                            use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32 if mode == "packing" else None,

@@ -268,7 +268,7 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
 
 }  // namespace
 
-// (N,) ids into a (V, d) weight -> ((N, d) noisy rows, min id, max id), spec v1.
+// ids of any shape into a (V, d) weight -> (ids.shape + (d,) noisy rows, min id, max id), spec v1.
 // Scales: with ``per_sequence`` the kernel derives each token's scale from ``alpha`` and the side
 // inputs (``mask`` / ``positions`` as (rows, width) views, ``cu_seqlens`` 1-D; rows * width = N);
 // otherwise every token takes ``scale_value`` (already a float32 value). The id range is returned,
@@ -279,7 +279,7 @@ std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward(
     const c10::optional<torch::Tensor>& positions, const c10::optional<torch::Tensor>& cu_seqlens) {
   const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
   const int64_t n = ids.numel(), d = weight.size(1);
-  torch::Tensor out = torch::empty({n, d}, weight.options());
+  torch::Tensor out = torch::empty(neft::output_sizes(ids_in, d), weight.options());
   const int64_t* id_ptr = ids.data_ptr<int64_t>();
   int64_t id_min = 0, id_max = -1;
   if (n) {

@@ -33,7 +33,7 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
   const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
   const c10::optional<torch::Tensor> scales =
       scales_in ? c10::optional<torch::Tensor>(scales_in->to(torch::kFloat).contiguous()) : c10::nullopt;
-  torch::Tensor out = torch::empty({ids.numel(), weight.size(1)}, weight.options());
+  torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
   if (bad_ids) TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 2, "bad_ids");

@@ -1,13 +1,13 @@
-"""Kernels, one module per backend, each with the same two functions on flattened ids:
+"""Kernels, one module per backend, each with the same two functions:
 
 * ``forward(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids,
-  cu_seqlens, bad_ids=None)``: (N,) ids -> (N, d) noisy rows, spec v1. ``scale`` is every token's
+  cu_seqlens, bad_ids=None)``: ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v1. ``scale`` is every token's
   scale, or None: then the backend derives per-token scales on the tensors' device from ``alpha``
   and the side inputs (``(rows, width)`` views, ``cu_seqlens`` 1-D). ``seed``: an int, or a 0-d
   int64 tensor on the weight's device that the kernel reads. Out-of-range ids are never read (NaN
   rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids`` (min, max).
-* ``backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq, deterministic)``: the
-  weight gradient, summed in float32, in ``grad``'s dtype.
+* ``backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq, deterministic)``: (N, d)
+  grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype.
 
 ``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels. The
 compiled backends (``cpu``, ``cuda``) are optional extensions; ``auto`` falls back from a missing one

@@ -23,7 +23,7 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
                              attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
     if isinstance(seed, torch.Tensor):
         seed = int(seed)  # the reference reads a device seed on the host
-    return reference_forward(ids, weight, scale, seed, offset)
+    return reference_forward(ids.reshape(-1), weight, scale, seed, offset).view(*ids.shape, weight.shape[1])
 
 
 def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,

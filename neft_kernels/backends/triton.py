@@ -266,7 +266,7 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
 
 def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float, seed: int | torch.Tensor,
                   offset: int, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) ids into a (V, d) weight -> (N, d) noisy rows, spec v1, in one launch.
+    """Ids of any shape into a (V, d) weight -> ``ids.shape + (d,)`` noisy rows, spec v1, in one launch.
 
     ``seed``: a signed int64 value, or a 0-d int64 tensor on the weight's device that the kernel
     reads (graph-safe). ``bad_ids``: an int64 ``(2,)`` tensor on that device into which the kernel
@@ -274,7 +274,7 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
     """
     _check_device(weight)
     n_tokens, d = ids.numel(), weight.shape[1]
-    out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
+    out = torch.empty((*ids.shape, d), dtype=weight.dtype, device=weight.device)
     if n_tokens == 0 or d == 0:
         return out
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
