@@ -55,7 +55,9 @@ class DeviceIdFlag:
     """One device's record of out-of-range ids: ``buffer`` = (min, max) on the device, read back lazily."""
 
     def __init__(self, device: torch.device):
-        self.buffer = torch.tensor([_INT64_MAX, _INT64_MIN], dtype=torch.int64, device=device)
+        # Filled on the device (no host-to-device copy, which would sync from pageable memory).
+        self.buffer = torch.full((2,), _INT64_MAX, dtype=torch.int64, device=device)
+        self.buffer[1].fill_(_INT64_MIN)
         self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
         self._event = torch.cuda.Event()
         self._pending = False

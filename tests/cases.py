@@ -10,7 +10,7 @@ from conftest import assert_bits_equal, to_numpy_raw
 from neft_kernels import noisy_embedding
 
 SEEDS = [0, 1, -1, 2**40 + 7, -(2**63), 2**64 - 1]
-KINDS = ["none", "mask", "packed", "both"]
+KINDS = ["none", "mask", "packed", "both", "cu_seqlens", "cu_seqlens+mask"]
 LENGTH_MODES = ["per_sequence", "padded"]
 OFFSETS = [0, 12345, 2**33 + 3]
 DIMS = [1, 5, 13, 64]
@@ -20,7 +20,7 @@ def side_inputs(kind: str, shape: tuple[int, int], device: str = "cpu"):
     """(attention_mask, position_ids) for a (rows, width) batch: padded, packed, both or none."""
     rows, width = shape
     mask = pos = None
-    if kind in ("mask", "both"):
+    if kind in ("mask", "both", "cu_seqlens+mask"):
         mask = torch.ones(shape, dtype=torch.int64)
         mask[0, width - 3:] = 0  # right padding
         if rows > 1:
@@ -36,18 +36,27 @@ def side_inputs(kind: str, shape: tuple[int, int], device: str = "cpu"):
     return (None if mask is None else mask.to(device)), (None if pos is None else pos.to(device))
 
 
+def cu_seqlens_for(kind: str, shape: tuple[int, int], device: str = "cpu"):
+    """flash-attention's cu_seqlens over the flat tokens for the cu kinds: starts inside rows and at
+    row starts, a repeated entry, and the end."""
+    if not kind.startswith("cu_seqlens"):
+        return None
+    n = shape[0] * shape[1]
+    return torch.tensor([0, 5, 5, shape[1] + 3, n - 4, n], dtype=torch.int32, device=device)
+
+
 def make_weight(num_embeddings: int, d: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(d * 1000 + num_embeddings)
     return (torch.randn(num_embeddings, d, generator=g) * 0.1).to(dtype).to(device)
 
 
-def expected(ids, weight, alpha, seed, offset, mask, pos, length_mode) -> torch.Tensor:
+def expected(ids, weight, alpha, seed, offset, mask, pos, length_mode, cu=None) -> torch.Tensor:
     """Spec model output as a torch tensor of weight's dtype and ids.shape + (d,)."""
     dtype = str(weight.dtype).removeprefix("torch.")
     out = spec_model.noisy_embedding(
         ids.cpu().numpy(), to_numpy_raw(weight), dtype, alpha, seed, offset,
         None if mask is None else mask.cpu().numpy(), None if pos is None else pos.cpu().numpy(),
-        length_mode)
+        length_mode, None if cu is None else cu.cpu().numpy())
     t = torch.from_numpy(np.ascontiguousarray(out))
     if weight.dtype == torch.bfloat16:
         t = t.view(torch.int16).view(torch.bfloat16)
@@ -60,7 +69,28 @@ def check_matches_spec_model(backend: str, dtype: torch.dtype, d: int, kind: str
     weight = make_weight(37, d, dtype, device)
     ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d)).to(device)
     mask, pos = side_inputs(kind, (3, 11), device)
+    cu = cu_seqlens_for(kind, (3, 11), device)
     for seed, offset in zip(SEEDS, OFFSETS * 2):
         out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
-                              position_ids=pos, length_mode=length_mode, backend=backend)
-        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode))
+                              position_ids=pos, cu_seqlens=cu, length_mode=length_mode, backend=backend)
+        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode, cu))
+
+
+def scale_cases(width: int):
+    """(attention_mask, position_ids, cu_seqlens) cases for a (3, width) batch, each as the op passes them."""
+    g = torch.Generator().manual_seed(width)
+    rand = torch.randint(0, 2, (3, width), generator=g)
+    rand[1] = 0  # a row with no real tokens
+    left = (torch.arange(width) >= width // 3).long()[None].expand(3, width)  # broadcast: stride 0
+    pos = torch.arange(width).repeat(3, 1)
+    for row in range(3):  # random sub-sequence starts, some long, some of one token
+        for start in sorted(torch.randint(0, width, (4,), generator=g).tolist()):
+            pos[row, start:] = torch.arange(width - start)
+    cu = torch.unique(torch.cat([torch.tensor([0, 3 * width]), torch.randint(0, 3 * width, (5,), generator=g)]))
+    for mask in (rand, rand.bool(), rand.int(), left):
+        yield mask, None, None
+    yield None, pos, None
+    yield None, None, cu.int()
+    yield rand, pos, None
+    yield rand.bool(), pos[:1].expand(3, width), cu  # positions broadcast, cu_seqlens int64
+    yield None, None, torch.tensor([0, 1, 1, 2, 3 * width + 5], dtype=torch.int32)  # repeats, an entry past the end

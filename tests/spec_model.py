@@ -47,7 +47,7 @@ def unit_noise(n_tokens: int, d: int, seed: int, offset: int) -> np.ndarray:
     return np.transpose(e, (0, 2, 1)).reshape(n_tokens, 4 * q)[:, :d].astype(np.float32)
 
 
-def token_lengths(ids_shape, attention_mask=None, position_ids=None, length_mode="per_sequence"):
+def token_lengths(ids_shape, attention_mask=None, position_ids=None, length_mode="per_sequence", cu_seqlens=None):
     """(L per token, noised per token) by direct loops over rows and sub-sequences."""
     width = ids_shape[-1] if len(ids_shape) else 1
     rows = int(np.prod(ids_shape)) // width if width else 0
@@ -58,9 +58,11 @@ def token_lengths(ids_shape, attention_mask=None, position_ids=None, length_mode
     if length_mode != "per_sequence":
         raise ValueError(length_mode)
     pos = None if position_ids is None else np.asarray(position_ids).reshape(rows, width)
+    cu = set() if cu_seqlens is None else {int(c) for c in np.asarray(cu_seqlens)}
     lengths = np.zeros((rows, width), np.int64)
     for r in range(rows):
-        bounds = [0] + [t for t in range(1, width) if pos is not None and pos[r, t] == 0] + [width]
+        bounds = [0] + [t for t in range(1, width)
+                        if (pos is not None and pos[r, t] == 0) or r * width + t in cu] + [width]
         for a, b in zip(bounds[:-1], bounds[1:]):
             lengths[r, a:b] = mask[r, a:b].sum()
     return lengths.reshape(-1), mask.reshape(-1)
@@ -86,11 +88,11 @@ def widen(w: np.ndarray, dtype: str) -> np.ndarray:
 
 def noisy_embedding(ids: np.ndarray, weight: np.ndarray, dtype: str, alpha: float, seed: int,
                     offset: int = 0, attention_mask=None, position_ids=None,
-                    length_mode="per_sequence") -> np.ndarray:
+                    length_mode="per_sequence", cu_seqlens=None) -> np.ndarray:
     """Spec v1 output, flattened to (N, d), in ``dtype`` (bf16 as uint16 words)."""
     d = weight.shape[1]
     flat = np.asarray(ids).reshape(-1)
-    lengths, noised = token_lengths(np.shape(ids), attention_mask, position_ids, length_mode)
+    lengths, noised = token_lengths(np.shape(ids), attention_mask, position_ids, length_mode, cu_seqlens)
     scale = np.array([np.float32(alpha / math.sqrt(L * d)) if (ok and L > 0) else np.float32(0)
                       for L, ok in zip(lengths, noised)], dtype=np.float32)
     e = unit_noise(flat.size, d, seed, offset)

@@ -5,10 +5,11 @@ import warnings
 import pytest
 import torch
 
-from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight
+from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, scale_cases
 from conftest import DTYPES, assert_bits_equal, requires_cpu_ext
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import resolve
+from neft_kernels.lengths import token_scales
 
 pytestmark = requires_cpu_ext
 
@@ -95,3 +96,15 @@ def test_cpu_forward_special_values(dtype):
     out = noisy_embedding(ids, weight, 50.0, seed=4, backend="cpu")
     assert_bits_equal(out, noisy_embedding(ids, weight, 50.0, seed=4, backend="torch"))
     assert out.isnan().sum() == 3  # row 1 twice, row 2 once
+
+
+@pytest.mark.parametrize("width", [1, 7, 37, 1500])
+def test_cpu_scales_match_the_reference(width):
+    """The C++ per-token scales (masks of every dtype, broadcast strides, packed rows, cu_seqlens)."""
+    from neft_kernels import _C_cpu
+
+    for mask, pos, cu in scale_cases(width):
+        for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
+            got = _C_cpu.token_scales(3 * width, alpha, d, width, mask, pos, cu)
+            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
+            assert_bits_equal(got, want)

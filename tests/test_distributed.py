@@ -44,7 +44,7 @@ def test_ddp_ranks_draw_different_noise_and_keep_gradients_in_sync(tmp_path):
         call = r["calls"][0]
         assert_bits_equal(call["out"], _spec(call, rank << RANK_SHIFT, r["mask"]))
     a, b = (r["calls"][0] for r in ranks)
-    assert torch.equal(a["seed"], b["seed"]) and torch.equal(a["ids"], b["ids"])  # same seed, same batch...
+    assert a["seed"] == b["seed"] and torch.equal(a["ids"], b["ids"])  # same seed, same batch...
     assert not torch.equal(a["out"], b["out"])  # ...different noise
     assert_bits_equal(ranks[0]["grad"], ranks[1]["grad"])  # DDP averaged the gradients
     assert_bits_equal(ranks[0]["weight"], ranks[1]["weight"])

@@ -64,23 +64,41 @@ def test_compiled_backward_matches_f_embedding(dtype, deterministic):
         assert_bits_equal(weight.grad, first)
 
 
-def test_module_on_cuda_without_the_id_check_needs_no_host_device_sync():
-    emb = NoisyEmbedding(1000, 512, device="cuda", dtype=torch.bfloat16)
+def _gpu_backends():
+    out = ["triton"]
+    try:
+        from neft_kernels import _C_cuda  # noqa: F401
+        out.append("cuda")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("side", ["mask", "positions", "cu_seqlens", "mask+positions"])
+def test_default_training_path_never_syncs(backend, side):
+    """Forward and backward with the id check on: no host-device sync, and the spec v1 bits."""
+    emb = NoisyEmbedding(1000, 512, device="cuda", dtype=torch.bfloat16, backend=backend)
     ids = torch.randint(0, 1000, (4, 128), device="cuda")
     mask = torch.ones_like(ids)
     mask[:, 100:] = 0
+    pos = torch.arange(128, device="cuda").repeat(4, 1)
+    pos[:, 60:] -= 60
+    kwargs = {"mask": dict(attention_mask=mask), "positions": dict(position_ids=pos),
+              "cu_seqlens": dict(cu_seqlens=torch.tensor([0, 70, 300, 512], dtype=torch.int32, device="cuda")),
+              "mask+positions": dict(attention_mask=mask, position_ids=pos)}[side]
+    emb(ids, **kwargs).float().sum().backward()  # first call: allocations, Triton compiles
     torch.manual_seed(0)
-    previous = set_id_check(False)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = emb(ids, attention_mask=mask)
+        out = emb(ids, **kwargs)
         out.float().sum().backward()
+        emb(ids, **kwargs)  # the next call reads the previous id record, still without waiting
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        set_id_check(previous)
     torch.manual_seed(0)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-    assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, attention_mask=mask, backend="torch"))
+    assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, backend="torch", **kwargs))
 
 
 def _cuda_ext_or_skip():
@@ -126,23 +144,34 @@ def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_bad_ids_raise_on_cuda_and_are_never_read_with_the_check_off(backend):
+def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend):
+    """The kernel records bad ids; a later call (or the backward) raises once the record has landed."""
     if backend == "cuda":
         _cuda_ext_or_skip()
-    weight = make_weight(50, 70, torch.bfloat16, "cuda")
+    from test_reliability import kernel_alone
+
+    weight = make_weight(50, 70, torch.bfloat16, "cuda").requires_grad_()
+    good = torch.tensor([[3, 7]], device="cuda")
     bad = torch.tensor([[3, 50, -1, 7, 1 << 40]], device="cuda")
+    out = noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)  # no sync: returns at once
+    assert out[0, [1, 2, 4]].isnan().all()
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 50\), got values in \[-1, 1099511627776\]"):
+        noisy_embedding(good, weight, 5.0, seed=1, backend=backend)
+    noisy_embedding(good, weight, 5.0, seed=1, backend=backend)  # raised once, then cleared
+    out = noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)
+    torch.cuda.synchronize()
     with pytest.raises(IndexError, match="input_ids must lie in"):
-        noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)
-    out = module(backend).forward(bad.reshape(-1), weight, 0.1, 1, 0)  # the kernel alone, no check
-    assert out[[1, 2, 4]].isnan().all()
-    assert not out[[0, 3]].isnan().any()
+        out.float().sum().backward()  # the backward raises too
+    out = kernel_alone(backend, bad.reshape(-1), weight.detach())
+    assert out[[1, 2, 4]].isnan().all() and not out[[0, 3]].isnan().any()
     grad = module(backend).backward(torch.ones(5, 70, device="cuda", dtype=torch.bfloat16), bad.reshape(-1),
                                     50, None, False, True)
     assert grad[3].eq(1).all() and grad[7].eq(1).all() and grad.sum() == 2 * 70
 
 
 def test_add_noise_positions_need_no_sync_even_with_the_id_check_on():
-    """add_noise's ids are positions, in range by construction: no aminmax, no host-device sync."""
+    """add_noise's ids are positions, in range by construction: no check, no host-device sync."""
     x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(4, 64, dtype=torch.long, device="cuda")
     torch.cuda.set_sync_debug_mode("error")
@@ -154,21 +183,86 @@ def test_add_noise_positions_need_no_sync_even_with_the_id_check_on():
                                            seed=3, offset=1 << 48, attention_mask=mask, backend="torch"))
 
 
-def test_forward_captures_in_a_cuda_graph_with_the_id_check_on():
-    """The id check (a sync) is skipped while a graph is captured; replays give the eager bits."""
-    weight = make_weight(100, 256, torch.bfloat16, "cuda")
-    ids = torch.randint(0, 100, (4, 32), device="cuda")
-    mask = torch.ones_like(ids)
-    seed = torch.tensor(11)
-    eager = noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
+def _capture(fn):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
-        noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
+        fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_bits_equal(captured, eager)
+        result = fn()
+    return graph, result
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_cuda_graph_replays_draw_fresh_spec_v1_noise(backend):
+    """A device seed drawn inside the graph: every replay has its own seed and that seed's spec v1 bits."""
+    weight = make_weight(100, 256, torch.bfloat16, "cuda")
+    ids = torch.randint(0, 100, (4, 32), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+
+    def step():
+        seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cuda")
+        return seed, noisy_embedding(ids, weight, 5.0, seed=seed, attention_mask=mask, backend=backend)
+
+    graph, (seed, out) = _capture(step)
+    seen = set()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        s = int(seed)
+        seen.add(s)
+        assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=s, attention_mask=mask, backend="torch"))
+    assert len(seen) == 3
+
+
+def test_captured_training_step_of_a_patched_model_gets_new_noise_per_replay():
+    """A patched HF model's whole step (forward + backward) in one CUDA graph: the embedding's seed is
+    drawn on the device, so replays differ, and torch.manual_seed reproduces them."""
+    transformers = pytest.importorskip("transformers")
+    from neft_kernels import patch_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = patch_model(transformers.LlamaForCausalLM(config).cuda().train(), 5.0)
+    emb = model.get_input_embeddings()
+    captured = {}
+    emb.register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    graph, _ = _capture(step)
+    outs = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(captured["out"].clone())
+    assert not torch.equal(outs[0], outs[1])
+    assert_bits_equal(outs[0], outs[2])
+
+
+def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
+    transformers = pytest.importorskip("transformers")
+    from neft_kernels import patch_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = patch_model(transformers.LlamaForCausalLM(config).cuda().train(), 5.0)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    mask = torch.ones_like(ids)
+    step = torch.compile(lambda i, m: model(input_ids=i, attention_mask=m, labels=i).loss, mode="reduce-overhead")
+    losses = []
+    for _ in range(4):
+        loss = step(ids, mask)
+        loss.backward()
+        losses.append(float(loss))
+    assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)

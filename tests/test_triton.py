@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, side_inputs
+from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, scale_cases, side_inputs
 from conftest import DEVICE, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import triton as triton_backend
@@ -38,26 +38,6 @@ def test_triton_forward_wide_rows_many_tokens(dtype):
     assert_bits_equal(out, expected(ids.long(), weight, 15.0, 99, 0, mask, None, "per_sequence"))
 
 
-def _side_inputs(width: int):
-    """(attention_mask, position_ids, cu_seqlens) cases for a (3, width) batch, each as the op passes them."""
-    g = torch.Generator().manual_seed(width)
-    rand = torch.randint(0, 2, (3, width), generator=g)
-    rand[1] = 0  # a row with no real tokens
-    left = (torch.arange(width) >= width // 3).long()[None].expand(3, width)  # broadcast: stride 0
-    pos = torch.arange(width).repeat(3, 1)
-    for row in range(3):  # random sub-sequence starts, some long, some of one token
-        for start in sorted(torch.randint(0, width, (4,), generator=g).tolist()):
-            pos[row, start:] = torch.arange(width - start)
-    cu = torch.unique(torch.cat([torch.tensor([0, 3 * width]), torch.randint(0, 3 * width, (5,), generator=g)]))
-    for mask in (rand, rand.bool(), rand.int(), left):
-        yield mask, None, None
-    yield None, pos, None
-    yield None, None, cu.int()
-    yield rand, pos, None
-    yield rand.bool(), pos[:1].expand(3, width), cu  # positions broadcast, cu_seqlens int64
-    yield None, None, torch.tensor([0, 1, 1, 2, 3 * width + 5], dtype=torch.int32)  # repeats, an entry past the end
-
-
 @pytest.mark.parametrize("width,block,walk", [(1, None, None), (7, None, None), (1500, None, None),
                                               (7, 2, 2), (37, 4, 2), (37, 8, 16)])
 def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatch):
@@ -66,7 +46,7 @@ def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatc
     if block:
         monkeypatch.setattr(triton_backend, "_SCALES_BLOCK", block)
         monkeypatch.setattr(triton_backend, "_SCALES_WALK", walk)
-    for mask, pos, cu in _side_inputs(width):
+    for mask, pos, cu in scale_cases(width):
         mask, pos, cu = (None if t is None else t.to(DEVICE) for t in (mask, pos, cu))
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
             got = triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, cu)

@@ -1,8 +1,11 @@
 """``python -m neft_kernels.bench``: NEFTune forward/backward against the hook, compiled peers and
-plain embedding, side by side in one run, on the best device present.
+plain embedding, side by side in one run, on the best device present; then whole training steps.
 
-Reports the median time and spread, peak memory, achieved GB/s against the bytes each pass must
-move, and that as a percentage of this machine's copy bandwidth measured in the same run.
+Per op: the eager back-to-back time per call (median and spread), host time per call, GPU time
+alone (CUDA-graph replay, forward, GPU only), peak memory, achieved GB/s against the bytes each
+pass must move, and that as a percentage of this machine's copy bandwidth measured in the same run.
+Per training step (Llama-shaped model, AdamW): step time and peak memory with no noise,
+transformers' hook and ``patch_model``. The default run is short; ``--full`` is the whole sweep.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import measure, report
+from . import measure, report, train_step
 from .impls import implementations
 
 PASSES = ("forward", "backward", "forward_backward")
 MODELS = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "small": (1024, 32000)}
+
+
+# Tiny shapes, where only the per-call host cost counts (the CPU host-time goal's shape).
+HOST_SHAPE = (2, 16, 64, 1000)
 
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
@@ -29,9 +36,17 @@ def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]
             return [(8, 1024, 4096, 32000)]
         return [(b, 1024, d, v) for d, v in MODELS.values() for b in (2, 4, 8, 16)]
     if quick:
-        return [(2, 512, 1024, 32000)]
-    return [(1, 512, 4096, 32000), (4, 512, 4096, 32000), (4, 512, 4096, 128256),
+        return [HOST_SHAPE, (2, 512, 1024, 32000)]
+    return [HOST_SHAPE, (1, 512, 4096, 32000), (4, 512, 4096, 32000), (4, 512, 4096, 128256),
             (1, 512, 1024, 32000), (8, 512, 1024, 32000)]
+
+
+def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dtype, int, int, int, int]]:
+    """(model, dtype, B, L, steps per round, rounds) of the training-step benchmark."""
+    if device.type == "cuda":
+        runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 5, 5)]
+        return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 5)]
+    return [("tiny-llama", torch.float32, 4, 128, 2, 3 if quick else 7)]
 
 
 def _inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -101,8 +116,9 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
                          "dtype": str(dtype).removeprefix("torch."), **stats,
                          "peak_bytes": measure.peak_bytes(fn, device), "output_bytes": b * length * d * elem,
                          "bytes_moved": moved, "gbps": gbps, **meta})
-            if device.type == "cuda":
-                rows[-1]["host_us"] = measure.host_us(fn)
+            rows[-1]["host_us"] = measure.host_us(fn, device)
+            if device.type == "cuda" and pass_ == "forward":
+                rows[-1]["graph_ms"] = measure.graph_ms(fn)
             if (b, length, d, vocab) in floors:
                 rows[-1]["philox_floor_ms"] = floors[b, length, d, vocab]
         hook_ms = next(r["median_ms"] for r in rows if r["impl"] == "hf_hook")
@@ -124,7 +140,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                         help="repeatable; default both")
     parser.add_argument("--backend", action="append", help="neft backends to time (default: the device's best)")
-    parser.add_argument("--quick", action="store_true", help="one shape, few reps (under 3 minutes on 2 CPU cores)")
+    parser.add_argument("--full", action="store_true",
+                        help="every shape and both training-step models (default: a short run, about 3 minutes "
+                             "on 2 CPU cores)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--shape", action="append", metavar="B,L,d,V",
                         type=lambda text: tuple(int(x) for x in text.split(",")), help="repeatable; replaces the default shapes")
     parser.add_argument("--json", type=Path)
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
-    records = run(device, dtypes, args.quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
+    quick = not args.full
+    records = run(device, dtypes, quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
     first = records[0]
     print(f"\n{first['device_name']} ({first['device']}, {first['threads']} threads), torch {first['torch']}, "
           f"{first['date']}; copy bandwidth {first['copy_gbps']:.1f} GB/s")
@@ -144,11 +164,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"neft[{r['backend']}] forward {r['B']},{r['L']},{r['d']},{r['V']} {r['dtype']}: "
                   f"{r['median_ms'] / r['philox_floor_ms']:.2f}x the bare Philox stream "
                   f"({r['philox_floor_ms'] * 1e6 / (r['tokens'] * r['d']):.3f} ns/element)")
+    steps = []
+    if not args.no_train:
+        for name, dtype, batch, length, per_round, rounds in train_configs(device, quick):
+            steps += train_step.run(name, device, dtype, batch, length, per_round, rounds)
+        print("\nTraining steps (forward, backward, AdamW), variants interleaved:")
+        print(train_step.table(steps))
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(records, path)
-    return records
+    if args.json and steps:
+        report.write_json(steps, args.json.with_name(args.json.stem + "-train-step.json"))
+    return records + steps
 
 
 if __name__ == "__main__":

@@ -79,19 +79,49 @@ def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device
     return samples
 
 
-def host_us(fn: Callable[[], object], calls: int = 20) -> float:
-    """GPU: microseconds of host time per call with nothing waited for (launch and Python cost).
+def host_us(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:
+    """Microseconds of host time per call with nothing waited for (Python, checks and launches).
 
-    Where this exceeds the kernel time, a call is bound by the host: the GPU idles between kernels
-    unless the caller queues other work, as a training step does.
+    On a GPU, where this exceeds the kernel time a call is bound by the host: the GPU idles between
+    kernels unless the caller queues other work. On a CPU it is the whole call.
     """
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
+    sync()
     return elapsed / calls * 1e6
+
+
+def graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 10) -> float | None:
+    """GPU time alone: milliseconds per call when ``inner`` calls captured in a CUDA graph are replayed
+    (no host cost at all). None where ``fn`` cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+    except Exception:  # a peer that syncs or allocates on the host cannot be captured
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
 
 
 def summary(samples: list[float]) -> dict[str, float]:

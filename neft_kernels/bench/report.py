@@ -9,15 +9,16 @@ from pathlib import Path
 _COLUMNS = [("impl", "{:<18}"), ("backend", "{:<8}"), ("pass", "{:<16}"), ("shape", "{:<22}"),
             ("dtype", "{:<8}"), ("median_ms", "{:>9.3f}"), ("spread_ms", "{:>15}"), ("peak_MiB", "{:>9.1f}"),
             ("gbps", "{:>7.1f}"), ("pct_of_copy_bw", "{:>6.1f}"), ("vs_hf_hook", "{:>7.2f}"),
-            ("host", "{:>7}")]
+            ("host", "{:>7}"), ("graph", "{:>8}")]
 _HEADERS = ["impl", "backend", "pass", "B,L,d,V", "dtype", "median ms", "p20-p80 ms", "peak MiB", "GB/s",
-            "%copy", "x hook", "host us"]
+            "%copy", "x hook", "host us", "graph ms"]
 
 
 def _row(r: dict) -> dict:
     return {**r, "shape": ",".join(map(str, r["shape"])), "spread_ms": f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
             "peak_MiB": r["peak_bytes"] / 2**20, "vs_hf_hook": r["speedup_vs_hf_hook"],
-            "host": f"{r['host_us']:.0f}" if "host_us" in r else "-"}
+            "host": f"{r['host_us']:.1f}" if "host_us" in r else "-",
+            "graph": f"{r['graph_ms']:.4f}" if r.get("graph_ms") is not None else "-"}
 
 
 def table(records: list[dict]) -> str:
