@@ -124,9 +124,14 @@ class NoisyEmbedding(nn.Embedding):
         self._noise_alpha = validation.check_alpha(value)
 
     def _pending_side_inputs(self, input_ids: torch.Tensor):
-        shape = input_ids.shape
-        return [(t != 0 if t.is_floating_point() else t) if validation.broadcasts_to(t, shape) else None
-                for t in self._side_input_stack[-1]]
+        """The innermost frame's side inputs that apply to these ids (others are not per-token inputs)."""
+        mask, positions, cu_seqlens = self._side_input_stack[-1]
+        mask, positions = ((t != 0 if t.is_floating_point() else t) if validation.broadcasts_to(t, input_ids.shape)
+                           else None for t in (mask, positions))
+        # cu_seqlens indexes the flat tokens; the hooks pass it on only as a 1-D tensor.
+        if cu_seqlens is not None and cu_seqlens.device != input_ids.device:
+            cu_seqlens = None
+        return mask, positions, cu_seqlens
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
@@ -140,7 +145,7 @@ class NoisyEmbedding(nn.Embedding):
         module.train(embedding.training)
         return module
 
-    def _draw_seed(self) -> int | torch.Tensor:
+    def _draw_seed(self, device: torch.device) -> int | torch.Tensor:
         """This call's seed, from ``generator`` (default: torch's CPU generator), with no sync.
 
         Eagerly a host int. Traced by ``torch.compile``, a 0-d int64 tensor, so that the graph takes
@@ -149,7 +154,6 @@ class NoisyEmbedding(nn.Embedding):
         one), whose Philox state is graph-safe: every replay draws a new seed, reproducibly from
         ``torch.manual_seed``.
         """
-        device = self.weight.device
         compiling = torch.compiler.is_compiling()
         if device.type == "cuda" and (compiling or torch.cuda.is_current_stream_capturing()):
             generator = self.generator
@@ -166,12 +170,13 @@ class NoisyEmbedding(nn.Embedding):
             return super().forward(input_ids)
         if attention_mask is None and position_ids is None and cu_seqlens is None and self._side_input_stack:
             attention_mask, position_ids, cu_seqlens = self._pending_side_inputs(input_ids)
-        seed, offset = self._draw_seed(), rank_offset(self.tp_group, self.weight)
-        if is_dtensor(self.weight) or self._noise_after_own_forward or self.max_norm is not None:
+        weight = self.weight
+        seed, offset = self._draw_seed(weight.device), rank_offset(self.tp_group, weight)
+        if self._noise_after_own_forward or self.max_norm is not None or is_dtensor(weight):
             return self._forward_special(input_ids, dict(
                 seed=seed, offset=offset, attention_mask=attention_mask, position_ids=position_ids,
                 cu_seqlens=cu_seqlens, length_mode=self.length_mode, backend=self.backend))
-        return _noisy_embedding(input_ids, self.weight, self._noise_alpha, seed, offset, attention_mask, position_ids,
+        return _noisy_embedding(input_ids, weight, self._noise_alpha, seed, offset, attention_mask, position_ids,
                                 cu_seqlens, self.length_mode, self.padding_idx, self.scale_grad_by_freq, self.backend,
                                 check_ids=True)
 

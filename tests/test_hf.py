@@ -110,6 +110,18 @@ def test_packed_rows_get_per_subsequence_length_from_position_ids(arch):
     assert not torch.equal(out, expected())  # L = the whole row would differ (transformers #34659)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rows_get_per_subsequence_length_from_flash_attention_cu_seqlens(arch):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes cu_seq_lens_q down the models'
+    **kwargs: it alone gives each packed sequence its L, as the equivalent position_ids would."""
+    ids, pos = packed_batch()
+    cu = torch.tensor([0, 5, 14, 18], dtype=torch.int32)
+    out, expected, _ = _train_call(arch, 3, input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                                   max_length_k=9)
+    assert_bits_equal(out, expected(cu_seqlens=cu))
+    assert_bits_equal(out, expected(position_ids=pos))
+
+
 def test_gemma_scaled_embedding_keeps_its_scale_and_noise_goes_after_it():
     model = build("gemma3")
     emb = model.get_input_embeddings()

@@ -165,7 +165,7 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
                 model.register_forward_pre_hook(lambda m, a, k: batches.append(k.get("position_ids")),
                                                 with_kwargs=True)
                 seeds, draw = [], emb._draw_seed
-                emb._draw_seed = lambda: seeds.append(draw()) or seeds[-1]
+                emb._draw_seed = lambda device: seeds.append(draw(device)) or seeds[-1]
                 emb._seeds = seeds
 
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=_tiny_tokenizer(),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import measure, report, train_step
+from . import host, measure, report, train_step
 from .impls import implementations
 
 PASSES = ("forward", "backward", "forward_backward")
@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"neft[{r['backend']}] forward {r['B']},{r['L']},{r['d']},{r['V']} {r['dtype']}: "
                   f"{r['median_ms'] / r['philox_floor_ms']:.2f}x the bare Philox stream "
                   f"({r['philox_floor_ms'] * 1e6 / (r['tokens'] * r['d']):.3f} ns/element)")
+    host_records = host.run(device, HOST_SHAPE)
+    print(f"\nHost time per eager forward call at B,L,d,V = {','.join(map(str, HOST_SHAPE))} "
+          f"(weight requires grad):")
+    print(host.table(host_records))
     steps = []
     if not args.no_train:
         for name, dtype, batch, length, per_round, rounds in train_configs(device, quick):
@@ -174,9 +178,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(records, path)
-    if args.json and steps:
-        report.write_json(steps, args.json.with_name(args.json.stem + "-train-step.json"))
-    return records + steps
+    if args.json:
+        report.write_json(host_records, args.json.with_name(args.json.stem + "-host.json"))
+        if steps:
+            report.write_json(steps, args.json.with_name(args.json.stem + "-train-step.json"))
+    return records + host_records + steps
 
 
 if __name__ == "__main__":

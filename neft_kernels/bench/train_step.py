@@ -14,6 +14,7 @@ import time
 import torch
 
 from ..integrations.hf import patch_model, unpatch_model
+from . import measure
 
 # (hidden, intermediate, layers, heads, kv heads, vocab): real models' shapes, random weights.
 MODELS = {
@@ -87,13 +88,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
     for variant in VARIANTS:  # warm-up, and each variant's peak memory over one step
         switch.set(variant)
         step()
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            sync()
-            peaks[variant] = torch.cuda.max_memory_allocated() - base
+        peaks[variant] = measure.peak_bytes(step, device)
     for _ in range(rounds):
         for variant in VARIANTS:
             switch.set(variant)
@@ -112,7 +107,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
                         "dtype": str(dtype).removeprefix("torch."), "B": batch, "L": length, "step_ms": ms,
                         "min_ms": min(times[variant]) * 1e3, "max_ms": max(times[variant]) * 1e3,
                         "rounds": rounds, "steps_per_round": steps, "vs_no_noise": ms / base_ms,
-                        "peak_bytes": peaks.get(variant)})
+                        "peak_bytes": peaks[variant]})
     return records
 
 
@@ -120,7 +115,7 @@ def table(records: list[dict]) -> str:
     lines = [f"{'model':<14} {'variant':<12} {'dtype':<9} {'B,L':<9} {'step ms':>9} {'min-max ms':>17} "
              f"{'x no noise':>10} {'peak MiB':>9}"]
     for r in records:
-        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        peak = f"{r['peak_bytes'] / 2**20:.0f}"
         lines.append(f"{r['model']:<14} {r['variant']:<12} {r['dtype']:<9} {r['B']},{r['L']:<6} {r['step_ms']:>9.2f} "
                      f"{r['min_ms']:>8.2f}-{r['max_ms']:<8.2f} {r['vs_no_noise']:>10.4f} {peak:>9}")
     return "\n".join(lines)
