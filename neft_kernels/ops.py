@@ -174,8 +174,10 @@ def noisy_embedding(
         position_ids: packed rows; each sub-sequence starts where the value is 0. Both may be
             any shape that broadcasts to ``input_ids``'s.
         cu_seqlens: packed sequences in flash-attention's convention: 1-D int32 (or int64)
-            cumulative starts ``[0, l0, l0 + l1, ...]`` over the flattened tokens; a sub-sequence
-            starts at each entry (the same ``L`` as the equivalent ``position_ids``).
+            cumulative starts ``[0, l0, l0 + l1, ...]`` over the flattened tokens, ascending as
+            flash-attention requires; a sub-sequence starts at each entry (the same ``L`` as the
+            equivalent ``position_ids``). Its values are not read on the host (that would sync):
+            repeated entries and entries outside ``[0, N)`` mark no extra start.
         length_mode: ``"per_sequence"`` (the paper's per-sequence ``L``) or ``"padded"``
             (Hugging Face's: ``L`` = padded width, every token noised).
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.

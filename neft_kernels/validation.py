@@ -104,8 +104,8 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, input_ids: torch.Tensor) -> None:
-    """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device. Its values are never
-    read on the host (that would sync): entries outside ``[0, N]`` or out of order mark no start."""
+    """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device, ascending. Its values are
+    never read on the host (that would sync); entries outside ``[0, N)`` mark no start."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):

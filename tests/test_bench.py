@@ -1,4 +1,4 @@
-"""The benchmark command in quick mode (as CI runs it) and its measuring tools."""
+"""The benchmark command in its default (short) mode and its measuring tools."""
 
 import csv
 import json
@@ -30,10 +30,10 @@ def test_interleaved_times_and_summary():
     assert 0 < stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"]
 
 
-def test_quick_benchmark_writes_json_csv_and_plot(tmp_path):
+def test_default_benchmark_writes_json_csv_and_plot(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
-        [sys.executable, "-m", "neft_kernels.bench", "--quick", "--no-progress", "--device", "cpu",
+        [sys.executable, "-m", "neft_kernels.bench", "--no-progress", "--device", "cpu",
          "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -44,11 +44,14 @@ def test_quick_benchmark_writes_json_csv_and_plot(tmp_path):
                      ("rand_like_compiled", "inductor")} | ours
     assert {r["pass"] for r in records} == {"forward", "backward", "forward_backward"}
     assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
-    assert len(records) == len(impls) * 3 * 2
+    assert {tuple(r["shape"]) for r in records} == {(2, 16, 64, 1000), (2, 512, 1024, 32000)}
+    assert len(records) == len(impls) * 2 * 3 * 2
+    assert all(r["host_us"] > 0 for r in records)
     for r in records:
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_of_copy_bw"] > 0
         assert len(r["shape"]) == 4 and r["device"] == "cpu"
-    fwd = {(r["impl"], r["dtype"]): r for r in records if r["pass"] == "forward" and r["backend"] != "torch"}
+    fwd = {(r["impl"], r["dtype"]): r for r in records
+           if r["pass"] == "forward" and r["backend"] != "torch" and r["tokens"] == 1024}
     for dtype in ("float32", "bfloat16"):
         # the floor allocates exactly its output; the hook two more B x L x d buffers
         assert fwd["embedding", dtype]["peak_bytes"] == fwd["embedding", dtype]["output_bytes"]
@@ -61,3 +64,11 @@ def test_quick_benchmark_writes_json_csv_and_plot(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert "rand_like_compiled" in res.stdout and "copy bandwidth" in res.stdout
     assert ("bare Philox stream" in res.stdout) == (("neft", "cpu") in impls)
+    host = json.loads((tmp_path / "r-host.json").read_text())
+    assert {r["call"] for r in host} >= {"F.embedding", "hf_hook", "neft, attention_mask", "neft, position_ids",
+                                         "neft, both", "neft, cu_seqlens", "NoisyEmbedding (train), attention_mask"}
+    assert all(r["host_us"] > 0 for r in host)
+    steps = json.loads((tmp_path / "r-train-step.json").read_text())
+    assert [r["variant"] for r in steps] == ["none", "hf_hook", "patch_model"]
+    assert all(r["step_ms"] > 0 and r["peak_bytes"] > 0 for r in steps)
+    assert "Training steps" in res.stdout and "Host time per eager forward call" in res.stdout

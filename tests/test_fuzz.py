@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis): random shapes, dtypes, masks, packed rows, seeds and offsets
+"""Property-based tests (hypothesis): random shapes, dtypes, masks, packed rows (position ids and
+cu_seqlens), seeds and offsets
 through every backend, bit-exact with the independent spec model; gradients equal F.embedding's.
 
 CI runs a fixed (derandomized) set of examples; ``NEFT_FUZZ_EXAMPLES=2000`` runs more, at random.
@@ -39,10 +40,14 @@ def batches(draw):
         index = torch.arange(width).expand(rows, width)
         last_start = torch.cummax(torch.where(starts, index, 0), dim=1).values
         pos = index - last_start
+    cu = None
+    if draw(st.booleans()):  # flash-attention's cu_seqlens: ascending, repeats and out-of-range entries allowed
+        cu = torch.tensor(sorted(draw(st.lists(st.integers(-2, rows * width + 2), min_size=1, max_size=6))),
+                          dtype=draw(st.sampled_from([torch.int32, torch.int64])))
     dtype = draw(st.sampled_from(DTYPES))
     values = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=vocab * d, max_size=vocab * d))
     weight = torch.tensor(values, dtype=torch.float32).view(vocab, d).to(dtype)
-    return dict(ids=ids, weight=weight, mask=mask, pos=pos,
+    return dict(ids=ids, weight=weight, mask=mask, pos=pos, cu=cu,
                 alpha=draw(st.sampled_from([0.0, 1.0, 5.0, 15.0, 0.1])),
                 seed=draw(st.integers(-(1 << 63), (1 << 64) - 1)), offset=draw(st.integers(0, 1 << 40)),
                 length_mode=draw(st.sampled_from(["per_sequence", "padded"])))
@@ -58,10 +63,10 @@ def _to(b: dict, device: str) -> dict:
 def test_forward_is_bit_exact_with_the_spec_model(backend, device, b):
     x = _to(b, device)
     out = noisy_embedding(x["ids"], x["weight"], b["alpha"], seed=b["seed"], offset=b["offset"],
-                          attention_mask=x["mask"], position_ids=x["pos"], length_mode=b["length_mode"],
-                          backend=backend)
+                          attention_mask=x["mask"], position_ids=x["pos"], cu_seqlens=x["cu"],
+                          length_mode=b["length_mode"], backend=backend)
     assert_bits_equal(out, expected(b["ids"], b["weight"], b["alpha"], b["seed"], b["offset"], b["mask"], b["pos"],
-                                    b["length_mode"]))
+                                    b["length_mode"], b["cu"]))
 
 
 @backends

@@ -155,7 +155,10 @@ def test_tensors_on_different_devices_are_refused():
                         attention_mask=torch.ones(1, 2, dtype=torch.long, device="meta"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+# CPU tensors: "triton" runs under the interpreter, which a machine with a GPU does not use; there
+# tests/test_gpu.py::test_64_bit_row_offsets runs the compiled kernels on the same case.
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compiled Triton: tests/test_gpu.py::test_64_bit_row_offsets"))])
 def test_64_bit_indexing_beyond_2_to_the_31_elements(backend):
     """V * d > 2**31 (a 4.3 GB bf16 table): rows past the int32 element range come from the right place."""
     vocab, d = (1 << 20) + 64, 2048
