@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in order of value: build, the whole test suite (GPU tests included),
-# then the benchmark. Usage: scripts/gpu_check.sh OUTDIR [bench args...]. Every log lands in OUTDIR
-# as it is written, so a run cut short still leaves what it finished.
+# One GPU session's checks, in order of value: build, the GPU tests, the benchmark (ops, host time,
+# training steps), then the whole suite. Usage: scripts/gpu_check.sh OUTDIR [bench args...]. Every
+# log lands in OUTDIR as it is written, so a run cut short still leaves what it finished.
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [bench args...]}; shift
 mkdir -p "$out"
@@ -11,9 +11,11 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 t0=$SECONDS
 python3 -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 || { tail -50 "$out/install.log"; exit 1; }
 echo "install: $((SECONDS - t0)) s"; t0=$SECONDS
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout 300 python3 -m pytest -q -rfEs $workers -p no:cacheprovider >"$out/tests.log" 2>&1
-echo "tests: rc=$? $((SECONDS - t0)) s"; tail -25 "$out/tests.log"; t0=$SECONDS
+timeout ${GPU_TESTS_TIMEOUT:-150} python3 -m pytest -q -rfEs -m gpu -p no:cacheprovider >"$out/tests-gpu.log" 2>&1
+echo "gpu tests: rc=$? $((SECONDS - t0)) s"; tail -25 "$out/tests-gpu.log"; t0=$SECONDS
 timeout ${BENCH_TIMEOUT:-240} python3 -m neft_kernels.bench --no-progress --json "$out/bench.json" --csv "$out/bench.csv" \
   --plot "$out/bench.png" "$@" >"$out/bench.txt" 2>&1
-echo "bench: rc=$? $((SECONDS - t0)) s"; cat "$out/bench.txt" | tail -60
+echo "bench: rc=$? $((SECONDS - t0)) s"; tail -60 "$out/bench.txt"; t0=$SECONDS
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -rfEs $workers -m "not gpu" -p no:cacheprovider >"$out/tests.log" 2>&1
+echo "other tests: rc=$? $((SECONDS - t0)) s"; tail -15 "$out/tests.log"
