@@ -31,7 +31,9 @@ def round_to_float32(x: float) -> float:
 
 
 def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float:
-    """``float32(alpha / sqrt(L * d))`` as a Python float, computed in float64."""
+    """``float32(alpha / sqrt(L * d))`` as a Python float, computed in float64 (0 for d = 0: no noise)."""
+    if embedding_dim == 0:
+        return 0.0
     return round_to_float32(alpha / math.sqrt(length * embedding_dim))
 
 

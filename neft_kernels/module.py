@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import cache
 from typing import Iterator
@@ -12,7 +13,6 @@ from torch import nn
 from . import validation
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
-from .lengths import LENGTH_MODES
 from .ops import _noisy_embedding, add_noise
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
@@ -81,10 +81,10 @@ class NoisyEmbedding(nn.Embedding):
 
     def configure_noise(self, noise_alpha: float, *, length_mode: str = "per_sequence", backend: str = "auto",
                         generator: torch.Generator | None = None, tp_group=None) -> None:
-        """Set (or change) the noise options, validated as in ``__init__``."""
-        validation.check_choice("length_mode", length_mode, LENGTH_MODES)
-        validation.check_choice("backend", backend, validation.BACKENDS)
-        self.noise_alpha = validation.check_alpha(noise_alpha)
+        """Set (or change) the noise options, all validated before any is set."""
+        alpha = validation.check_noise_options(noise_alpha, dict(length_mode=length_mode, backend=backend,
+                                                                 generator=generator, tp_group=tp_group))
+        self._noise_alpha = alpha
         self.length_mode = length_mode
         self.backend = backend
         self.generator = generator
@@ -135,7 +135,16 @@ class NoisyEmbedding(nn.Embedding):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
-        """Wrap ``embedding``'s own weight Parameter (tied heads stay tied) and settings."""
+        """A new noisy module on ``embedding``'s own weight Parameter (tied heads stay tied) and settings.
+
+        An ``nn.Embedding`` subclass (Gemma's scaled embedding, say) keeps its class and its own
+        ``forward``: the result is a copy of it, sharing the weight, made noisy as
+        :func:`make_noisy` does, so it computes what the source computes (plus noise in train mode).
+        """
+        validation.check_noise_options(noise_alpha, kwargs)
+        if type(embedding) is not nn.Embedding and cls is NoisyEmbedding:
+            copy_ = copy.deepcopy(embedding, memo={id(embedding.weight): embedding.weight})
+            return make_noisy(copy_, noise_alpha, **kwargs)
         module = cls(
             embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
             embedding.max_norm, embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse,
@@ -241,8 +250,10 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
 
     The module object, its weight Parameter (so tied heads stay tied), its buffers and its
     ``state_dict`` stay the same; only the class changes. Calling it again updates the options.
-    :func:`make_plain` undoes it. ``options``: ``length_mode``, ``backend``, ``generator``.
+    :func:`make_plain` undoes it. ``options``: ``length_mode``, ``backend``, ``generator``,
+    ``tp_group``. Every option is checked first: when it raises, the module is as it was.
     """
+    validation.check_noise_options(noise_alpha, options)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
     if embedding.sparse:

@@ -18,6 +18,7 @@ from . import validation
 from .backends import module, resolve
 from .id_check import check_id_range, device_id_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
+from .spec import SUPPORTED_DTYPES
 
 _NONE = (None, None, None)
 
@@ -96,7 +97,7 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
     def weight_grad(ctx, grad_output, via_op: bool):
         """The weight gradient, through the backward op (traced graphs) or the backend directly."""
         (ids,) = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_rows = grad_output.reshape(ids.numel(), grad_output.shape[-1])
         return (_backward_op if via_op else _backward_impl)(grad_rows, ids.reshape(-1), *ctx.grad_args)
 
     @staticmethod
@@ -207,7 +208,7 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
     width = shape[-1] if shape else 1
     n = input_ids.numel()
     rows = n // width if width else 0
-    per_sequence = length_mode == "per_sequence" and (
+    per_sequence = length_mode == "per_sequence" and weight.shape[1] > 0 and (
         attention_mask is not None or position_ids is not None or cu_seqlens is not None)
     if per_sequence:
         side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens)
@@ -232,9 +233,16 @@ def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, 
     offset and side inputs. For embeddings computed some other way: scaled subclasses, or a
     tensor-parallel lookup after its reduction.
     """
+    # Checked here, so that errors name add_noise's own arguments (x, not weight or input_ids).
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise TypeError(f"add_noise: x must be a tensor of embeddings (..., d), got "
+        raise TypeError(f"x must be a tensor of embeddings (..., d), got "
                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    tokens = "x's tokens (x.shape[:-1])"
+    validation.check_side_input("attention_mask", attention_mask, x.shape[:-1], x.device, of=tokens)
+    validation.check_side_input("position_ids", position_ids, x.shape[:-1], x.device, of=tokens)
+    validation.check_cu_seqlens(cu_seqlens, x.device, of="x")
     rows = x.reshape(-1, x.shape[-1])
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
     # The positions are in range by construction: no id check.

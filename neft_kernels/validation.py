@@ -15,7 +15,7 @@ _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 def check_weight(weight: torch.Tensor) -> None:
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
@@ -24,7 +24,7 @@ def check_weight(weight: torch.Tensor) -> None:
 
 def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != weight.device:
@@ -43,16 +43,19 @@ def broadcasts_to(tensor, shape: torch.Size) -> bool:
         return False
 
 
-def check_side_input(name: str, tensor: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+def check_side_input(name: str, tensor: torch.Tensor | None, shape: torch.Size, device: torch.device,
+                     of: str = "input_ids") -> None:
+    """A mask or position ids: an integer or bool tensor on ``device`` that broadcasts to ``shape``
+    (the shape of ``of``, named in the errors)."""
     if tensor is None:
         return
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if not broadcasts_to(tensor, input_ids.shape):
-        raise ValueError(f"{name} must have (or broadcast to) the shape of input_ids {tuple(input_ids.shape)}, "
+    if not broadcasts_to(tensor, shape):
+        raise ValueError(f"{name} must have (or broadcast to) the shape of {of} {tuple(shape)}, "
                          f"got {tuple(tensor.shape)}")
-    if tensor.device != input_ids.device:
-        raise ValueError(f"{name} on {tensor.device} but input_ids on {input_ids.device}")
+    if tensor.device != device:
+        raise ValueError(f"{name} on {tensor.device} but {of} on {device}")
     if tensor.is_floating_point() or tensor.is_complex():
         raise TypeError(f"{name} must be an integer or bool tensor, got {tensor.dtype}")
 
@@ -83,9 +86,32 @@ def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
 
 
 def check_alpha(noise_alpha: float) -> float:
+    if isinstance(noise_alpha, bool) or not isinstance(noise_alpha, (int, float)):
+        raise TypeError(f"noise_alpha must be a real number, got {type(noise_alpha).__name__}")
     alpha = float(noise_alpha)
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"noise_alpha must be finite and >= 0, got {noise_alpha}")
+    return alpha
+
+
+NOISE_OPTIONS = ("length_mode", "backend", "generator", "tp_group")
+
+
+def check_noise_options(noise_alpha: float, options: dict) -> float:
+    """Every noise option at once, before anything is changed; returns the alpha as a float.
+
+    ``options`` are :class:`~neft_kernels.NoisyEmbedding`'s keyword options: ``length_mode``,
+    ``backend``, ``generator`` and ``tp_group``; any other name (a misspelling) is refused.
+    """
+    unknown = sorted(set(options) - set(NOISE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown noise option(s) {unknown}; the options are noise_alpha and {list(NOISE_OPTIONS)}")
+    alpha = check_alpha(noise_alpha)
+    check_choice("length_mode", options.get("length_mode", "per_sequence"), LENGTH_MODES)
+    check_choice("backend", options.get("backend", "auto"), BACKENDS)
+    generator = options.get("generator")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return alpha
 
 
@@ -103,7 +129,7 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return padding_idx % num_embeddings
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: str = "input_ids") -> None:
     """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device, ascending. Its values are
     never read on the host (that would sync); entries outside ``[0, N)`` mark no start."""
     if cu_seqlens is None:
@@ -113,8 +139,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, input_ids: torch.Tensor) -
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be a 1-D int32 or int64 tensor, got {cu_seqlens.dtype} of shape "
                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != input_ids.device:
-        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but input_ids on {input_ids.device}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but {of} on {device}")
 
 
 def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,
@@ -122,7 +148,8 @@ def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, atten
     """The per-call checks of :func:`neft_kernels.noisy_embedding`: shapes, dtypes and devices only."""
     check_weight(weight)
     check_ids(input_ids, weight)
-    check_side_input("attention_mask", attention_mask, input_ids)
-    check_side_input("position_ids", position_ids, input_ids)
-    check_cu_seqlens(cu_seqlens, input_ids)
+    shape, device = input_ids.shape, input_ids.device
+    check_side_input("attention_mask", attention_mask, shape, device)
+    check_side_input("position_ids", position_ids, shape, device)
+    check_cu_seqlens(cu_seqlens, device)
     check_offset(offset, input_ids.numel(), weight.shape[1])

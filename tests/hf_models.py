@@ -26,6 +26,16 @@ def _gemma3():
     return transformers.Gemma3ForCausalLM(config)
 
 
+def _encoder(config_cls, model_cls):
+    """Encoder-only (BERT family): its embeddings module takes position_ids but not the mask."""
+    def build():
+        config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, pad_token_id=0)
+        return model_cls(config)
+    return build
+
+
 ARCHS = {
     "llama": _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "llama_tied": _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, tie_word_embeddings=True),
@@ -33,6 +43,8 @@ ARCHS = {
     "mistral": _llama_like(transformers.MistralConfig, transformers.MistralForCausalLM),
     "gpt2": _gpt2,
     "gemma3": _gemma3,
+    "bert": _encoder(transformers.BertConfig, transformers.BertForMaskedLM),
+    "roberta": _encoder(transformers.RobertaConfig, transformers.RobertaForMaskedLM),
 }
 
 

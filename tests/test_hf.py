@@ -303,3 +303,49 @@ def test_lora_on_the_embedding_itself_noises_the_base_layer():
                                                    backend="torch"))
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_embedding" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
+
+
+@pytest.mark.parametrize("bad", [dict(noise_alpha=-1.0), dict(noise_alpha=float("nan")),
+                                 dict(length_mode="per-sequence"), dict(backend="gpu"),
+                                 dict(generator="cpu")])
+def test_a_refused_option_leaves_the_model_exactly_as_it_was(bad):
+    """make_noisy, patch_model and patched validate every option before touching anything."""
+    model = build("llama")
+    emb = model.get_input_embeddings()
+    hooks_before = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    options = {"noise_alpha": 5.0, **bad}
+    alpha = options.pop("noise_alpha")
+    with pytest.raises((ValueError, TypeError)):
+        neft_kernels.make_noisy(emb, alpha, **options)
+    with pytest.raises((ValueError, TypeError)):
+        patch_model(model, alpha, **options)
+    with pytest.raises((ValueError, TypeError)):
+        with neft_kernels.patched(model, alpha, **options):
+            pass
+    assert type(emb) is nn.Embedding and not is_patched(model)
+    assert hooks_before == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    ids, mask = padded_batch()
+    model.train()(input_ids=ids, attention_mask=mask)  # still works
+
+
+def test_misspelled_callback_option_is_refused_at_construction():
+    from neft_kernels.integrations import NEFTuneCallback
+
+    with pytest.raises(TypeError, match="noise_aplha"):
+        NEFTuneCallback(noise_aplha=5.0)
+    with pytest.raises(ValueError, match="length_mode"):
+        NEFTuneCallback(5.0, length_mode="per-sequence")
+
+
+def test_from_embedding_keeps_a_subclass_forward():
+    """Gemma's scaled embedding through from_embedding: the scale stays, in eval and under the noise."""
+    source = build("gemma3").get_input_embeddings()
+    ids, mask = padded_batch()
+    scaled = source(ids).detach()
+    noisy = NoisyEmbedding.from_embedding(source, 5.0, generator=torch.Generator().manual_seed(4))
+    assert isinstance(noisy, type(source)) and noisy.weight is source.weight and noisy is not source
+    assert type(source) is not type(noisy) and not isinstance(source, NoisyEmbedding)  # the source is untouched
+    assert torch.equal(noisy.eval()(ids), scaled)
+    out = noisy.train()(ids, attention_mask=mask).detach()
+    noise = (out - scaled)[mask.bool()]
+    assert 0 < noise.abs().max() <= 5.0 / (3 * 32) ** 0.5 * (1 + 1e-6)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import DEVICE
-from neft_kernels import noisy_embedding
+from conftest import DEVICE, requires_cpu_ext
+from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding
 
 
 def _call(**kw):
@@ -33,6 +33,13 @@ def _call(**kw):
     (dict(length_mode="flattened"), ValueError, "length_mode"),
     (dict(backend="mps"), ValueError, "backend"),
     (dict(padding_idx=5), ValueError, "padding_idx"),
+    (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
+    (dict(weight=torch.zeros(5, 4).numpy()), TypeError, "weight must be a torch.Tensor"),
+    (dict(noise_alpha="5"), TypeError, "noise_alpha"),
+    (dict(attention_mask=[[1, 1, 1]]), TypeError, "attention_mask must be a tensor"),
+    (dict(cu_seqlens=torch.tensor([0.0, 3.0])), TypeError, "cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([[0, 3]])), TypeError, "cu_seqlens"),
+    (dict(seed=torch.tensor([1, 2])), TypeError, "seed"),
 ])
 def test_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -49,3 +56,33 @@ def test_edge_shapes_are_accepted(backend):
     ids = torch.tensor([[1, 2, 3]], device=DEVICE)
     out = _call(input_ids=ids, weight=w, seed=2**64 - 1, offset=2**40, backend=backend)
     assert out.shape == (1, 3, 4)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(x=torch.zeros(2, 3, 4, dtype=torch.float64)), TypeError, "x dtype"),
+    (dict(x=[[0.0]]), TypeError, "x must be a tensor"),
+    (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError,
+     r"attention_mask must have \(or broadcast to\) the shape of x's tokens"),
+    (dict(position_ids=torch.ones(4, dtype=torch.long)), ValueError, "x's tokens"),
+    (dict(cu_seqlens=torch.ones(2, 2, dtype=torch.int32)), TypeError, "cu_seqlens"),
+])
+def test_add_noise_errors_name_its_own_arguments(kwargs, error, match):
+    args = dict(x=torch.zeros(2, 3, 4), seed=0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match) as info:
+        add_noise(args.pop("x"), 5.0, **args)
+    assert "input_ids" not in str(info.value) and "weight" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=requires_cpu_ext)])
+def test_zero_width_embeddings_work_like_nn_embedding(backend):
+    device = "cpu" if backend == "cpu" else DEVICE
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    weight = torch.zeros(10, 0, device=device, requires_grad=True)
+    mask = torch.ones_like(ids)
+    for side in ({}, {"attention_mask": mask}):
+        out = noisy_embedding(ids, weight, 5.0, seed=1, backend=backend, **side)
+        assert out.shape == (1, 3, 0)
+        out.sum().backward()
+    emb = NoisyEmbedding(10, 0, device=device, backend=backend).train()
+    assert emb(ids).shape == torch.nn.Embedding(10, 0)(ids.cpu()).shape == (1, 3, 0)

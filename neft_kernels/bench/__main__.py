@@ -46,7 +46,7 @@ def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dt
     if device.type == "cuda":
         runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 5, 5)]
         return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 5)]
-    return [("tiny-llama", torch.float32, 4, 128, 2, 3 if quick else 7)]
+    return [("tiny-llama", torch.float32, 4, 128, 2, 5 if quick else 9)]
 
 
 def _inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -87,7 +87,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
         progress: bool = True, only_shapes: list[tuple[int, int, int, int]] | None = None) -> list[dict]:
     """Every (shape, dtype, pass, implementation) record, against the copy bandwidth of this run."""
     on_gpu = device.type == "cuda"
-    reps, inner = (30, 10) if on_gpu else ((5, 1) if quick else (10, 1))
+    reps, inner = (30, 10) if on_gpu else ((7, 1) if quick else (10, 1))
     copy_bytes = (1 << 30) if on_gpu else (1 << 28)
     copy_gbps = measure.copy_bandwidth(device, copy_bytes, reps=reps)
     impls = implementations(device, backends)

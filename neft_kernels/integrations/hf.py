@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .. import validation
 from ..module import NoisyEmbedding, make_noisy, make_plain
 
 _SIDE_INPUTS = ("attention_mask", "position_ids")
@@ -66,10 +67,14 @@ def _noisy_below(module: nn.Module, paths: tuple[str, ...]) -> list[NoisyEmbeddi
 
 def _make_hooks(paths: tuple[str, ...], signature: inspect.Signature, outermost: bool):
     """A pre-hook that pushes this call's side inputs onto each embedding's stack, and a hook that
-    pops exactly that frame. The outermost module's pre-hook first drops frames that an
-    interrupted call (``KeyboardInterrupt`` skips ``always_call`` hooks) left behind."""
-
+    pops exactly that frame. The innermost call decides each side input its ``forward`` takes (a
+    decoder called without a mask gets none, not its encoder's); one it does not take comes from
+    the enclosing frame (BERT's embeddings module takes ``position_ids`` but not the model's
+    ``attention_mask``). The outermost module's pre-hook first drops frames that an interrupted
+    call (``KeyboardInterrupt`` skips ``always_call`` hooks) left behind."""
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    takes = (*(name in signature.parameters for name in _SIDE_INPUTS),
+             _CU_SEQLENS in signature.parameters or var_keyword is not None)
 
     def push(module, args, kwargs):
         try:
@@ -83,9 +88,11 @@ def _make_hooks(paths: tuple[str, ...], signature: inspect.Signature, outermost:
             cu_seqlens = None
         frame = (*(bound.get(name) for name in _SIDE_INPUTS), cu_seqlens)
         for emb in _noisy_below(module, paths):
+            stack = emb._side_input_stack
             if outermost:
-                emb._side_input_stack.clear()
-            emb._side_input_stack.append(frame)
+                stack.clear()
+            outer = stack[-1] if stack else (None, None, None)
+            stack.append(tuple(mine if own else theirs for mine, theirs, own in zip(frame, outer, takes)))
 
     def pop(module, *_):
         for emb in _noisy_below(module, paths):
@@ -160,7 +167,14 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
     Idempotent: patching again only updates the options. Undo with :func:`unpatch_model`.
     """
     options = dict(length_mode=length_mode, backend=backend, generator=generator, tp_group=tp_group)
-    embeddings = [make_noisy(e, noise_alpha, **options) for e in _input_embeddings(model)]
+    # Everything that can be refused is refused before the model is touched.
+    validation.check_noise_options(noise_alpha, options)
+    targets = _input_embeddings(model)
+    for emb in targets:
+        if emb.sparse:
+            raise ValueError(f"{type(emb).__name__}(sparse=True) cannot be patched: the fused backward produces a "
+                             "dense gradient")
+    embeddings = [make_noisy(e, noise_alpha, **options) for e in targets]
     _hook_ancestors(model, embeddings)
     return model
 
@@ -179,7 +193,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence",
             **options) -> Iterator[nn.Module]:
     """``patch_model`` for the ``with`` block only: on exit (also on an exception) the model is
-    as it was on entry, unpatched, or patched with its earlier options."""
+    as it was on entry, unpatched, or patched with its earlier options. Options that are refused
+    raise before the model is touched."""
     before = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
     was_patched = is_patched(model)
     patch_model(model, noise_alpha, length_mode, **options)

@@ -8,7 +8,6 @@ import sys
 from transformers import Trainer, TrainerCallback
 
 from .. import validation
-from ..lengths import LENGTH_MODES
 from .hf import patch_model, unpatch_model
 
 
@@ -34,9 +33,7 @@ class NEFTuneCallback(TrainerCallback):
     """
 
     def __init__(self, noise_alpha: float = 5.0, **options) -> None:
-        self.noise_alpha = validation.check_alpha(noise_alpha)
-        validation.check_choice("length_mode", options.get("length_mode", "per_sequence"), LENGTH_MODES)
-        validation.check_choice("backend", options.get("backend", "auto"), validation.BACKENDS)
+        self.noise_alpha = validation.check_noise_options(noise_alpha, options)  # a misspelling fails here
         self.options = options
         self._model = None
         self._wrapped: set[int] = set()
