@@ -223,6 +223,14 @@ class NoisyEmbedding(nn.Embedding):
         noisy = add_noise(full, self.noise_alpha, **options)
         return DTensor.from_local(noisy, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
+    def __reduce_ex__(self, protocol):
+        # A class noisy_class generated cannot be found by name when unpickling: rebuild it from its
+        # base (a class that wrapped it later, FSDP's say, pickles as usual).
+        base = type(self).__dict__.get("_neft_base")
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return _rebuild_noisy, (base,), self.__dict__
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
 
@@ -242,7 +250,13 @@ def noisy_class(cls: type[nn.Embedding]) -> type[NoisyEmbedding]:
         return NoisyEmbedding
     own_forward = cls.forward is not nn.Embedding.forward
     return type(f"Noisy{cls.__name__}", (NoisyEmbedding, cls),
-                {"_noise_after_own_forward": own_forward, "__module__": __name__})
+                {"_noise_after_own_forward": own_forward, "_neft_base": cls, "__module__": __name__})
+
+
+def _rebuild_noisy(base: type[nn.Embedding]) -> NoisyEmbedding:
+    """Unpickling a module of a generated class: the class is made again from its base."""
+    cls = noisy_class(base)
+    return cls.__new__(cls)
 
 
 def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> NoisyEmbedding:

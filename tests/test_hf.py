@@ -349,3 +349,52 @@ def test_from_embedding_keeps_a_subclass_forward():
     out = noisy.train()(ids, attention_mask=mask).detach()
     noise = (out - scaled)[mask.bool()]
     assert 0 < noise.abs().max() <= 5.0 / (3 * 32) ** 0.5 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_torch_save_of_a_patched_model_loads_back_patched_and_working(arch, tmp_path):
+    model = patch_model(build(arch), ALPHA)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    emb = loaded.get_input_embeddings()
+    assert is_patched(loaded) and isinstance(emb, NoisyEmbedding) and type(emb).__name__ == type(
+        model.get_input_embeddings()).__name__
+    ids, mask = padded_batch()
+    loaded.eval()
+    eval_logits = loaded(input_ids=ids, attention_mask=mask).logits
+    loaded.train()
+    assert not torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, eval_logits)
+    seen, handle = _capture(emb)
+    torch.manual_seed(0)
+    loaded(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    torch.manual_seed(0)
+    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+    if arch == "llama":  # the side inputs still reach the embedding through the unpickled hooks
+        assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=seed, attention_mask=mask,
+                                                       backend="torch"))
+    unpatch_model(loaded)
+    assert not is_patched(loaded) and not isinstance(loaded.get_input_embeddings(), NoisyEmbedding)
+
+
+def test_resize_token_embeddings_keeps_the_noise():
+    model = patch_model(build("llama"), ALPHA)
+    model.resize_token_embeddings(hf_models.VOCAB + 8)
+    ids, mask = padded_batch()
+    model.train()(input_ids=ids, attention_mask=mask)  # the next call makes the new embedding noisy
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, NoisyEmbedding) and emb.num_embeddings == hf_models.VOCAB + 8
+    seen, handle = _capture(emb)
+    torch.manual_seed(0)
+    model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    torch.manual_seed(0)
+    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+    assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=seed, attention_mask=mask,
+                                                   backend="torch"))
+
+
+def test_half_and_to_keep_a_patched_model_working():
+    model = patch_model(build("llama"), ALPHA).half().to(torch.float32).to("cpu")
+    ids, mask = padded_batch()
+    assert torch.isfinite(model.train()(input_ids=ids, attention_mask=mask, labels=ids).loss)

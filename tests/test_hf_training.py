@@ -101,6 +101,51 @@ def test_callback_refuses_transformers_own_neftune(tmp_path):
     assert "NEFTuneCallback" in str(info.value) and "neftune_noise_alpha" in str(info.value)
 
 
+def test_callback_added_late_next_to_the_flag_refuses_and_leaves_no_hook(tmp_path):
+    """add_callback after construction: the refusal comes at train(), after transformers attached its
+    hook; the callback takes that hook off again, so a retry without the flag trains with ours only."""
+    model = build("llama")
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, neftune_noise_alpha=5.0), train_dataset=_Rows(),
+                                   data_collator=_collate)
+    trainer.add_callback(NEFTuneCallback(ALPHA))
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        trainer.train()
+    emb = model.get_input_embeddings()
+    assert not emb._forward_hooks and not hasattr(emb, "neftune_noise_alpha") and not is_patched(model)
+    probe = _Probe()
+    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+                         callbacks=[NEFTuneCallback(ALPHA), probe]).train()
+    assert probe.patched_during == [True] * 3
+
+
+def test_patch_model_refuses_next_to_another_neftune_hook():
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    from neft_kernels.integrations.hf import remove_other_neftune
+
+    model = build("llama")
+    emb = model.get_input_embeddings()
+    emb.neftune_noise_alpha = 5.0
+    emb.register_forward_hook(neftune_post_forward_hook)
+    with pytest.raises(RuntimeError, match="neftune_post_forward_hook.*remove_other_neftune"):
+        patch_model(model, ALPHA)
+    assert type(emb) is nn.Embedding and not is_patched(model)
+    assert remove_other_neftune(model) == 2
+    patch_model(model, ALPHA)
+    ids, mask = padded_batch()
+    clean = nn.functional.embedding(ids, emb.weight).detach()
+    noise = (emb.train()(ids, attention_mask=mask).detach() - clean)[mask.bool()]
+    assert noise.abs().max() <= ALPHA / (3 * 32) ** 0.5 * (1 + 1e-6)  # one noise, within its bound
+
+
+def test_callback_keeps_a_patch_the_user_applied_before_training(tmp_path):
+    model = patch_model(build("llama"), 3.0, length_mode="padded")
+    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+                         callbacks=[NEFTuneCallback(ALPHA)]).train()
+    emb = model.get_input_embeddings()
+    assert is_patched(model) and emb.noise_alpha == 3.0 and emb.length_mode == "padded"
+
+
 @pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]])
 def test_peft_lora_model_is_patched_and_trains(modules_to_save):
     model = build("llama")

@@ -65,44 +65,62 @@ def _noisy_below(module: nn.Module, paths: tuple[str, ...]) -> list[NoisyEmbeddi
     return out
 
 
-def _make_hooks(paths: tuple[str, ...], signature: inspect.Signature, outermost: bool):
-    """A pre-hook that pushes this call's side inputs onto each embedding's stack, and a hook that
-    pops exactly that frame. The innermost call decides each side input its ``forward`` takes (a
-    decoder called without a mask gets none, not its encoder's); one it does not take comes from
-    the enclosing frame (BERT's embeddings module takes ``position_ids`` but not the model's
-    ``attention_mask``). The outermost module's pre-hook first drops frames that an interrupted
-    call (``KeyboardInterrupt`` skips ``always_call`` hooks) left behind."""
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    takes = (*(name in signature.parameters for name in _SIDE_INPUTS),
-             _CU_SEQLENS in signature.parameters or var_keyword is not None)
+class _SideInputHook:
+    """The forward pre-hook (``push``) and hook (``pop``) that hand a module's side inputs to the
+    noisy embeddings at ``paths`` below it. Objects of a module-level class, so that a patched model
+    pickles (``torch.save(model)``) and deep-copies with its hooks.
 
-    def push(module, args, kwargs):
+    The innermost call decides each side input its ``forward`` takes (a decoder called without a
+    mask gets none, not its encoder's); one it does not take comes from the enclosing frame (BERT's
+    embeddings module takes ``position_ids`` but not the model's ``attention_mask``). The outermost
+    module's pre-hook first drops frames that an interrupted call (``KeyboardInterrupt`` skips
+    ``always_call`` hooks) left behind, and makes noisy again an input embedding that was replaced
+    since patching (``resize_token_embeddings``).
+    """
+
+    def __init__(self, paths: tuple[str, ...], signature: inspect.Signature, outermost: bool, pop: bool):
+        self.paths, self.outermost, self.pop = paths, outermost, pop
+        self.var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        self.takes = (*(name in signature.parameters for name in _SIDE_INPUTS),
+                      _CU_SEQLENS in signature.parameters or self.var_keyword is not None)
+        self._signature = signature
+        setattr(self, _MARK, True)
+
+    def __getstate__(self) -> dict:
+        # A signature holds annotations that need not pickle; it is read again from the module.
+        return {k: v for k, v in vars(self).items() if k != "_signature"}
+
+    def _bound(self, module, args, kwargs) -> dict:
+        if getattr(self, "_signature", None) is None:
+            self._signature = inspect.signature(module.forward)
         try:
-            bound = signature.bind_partial(*args, **kwargs).arguments
+            return self._signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
-            bound = kwargs
+            return kwargs
+
+    def __call__(self, module, args, *rest):
+        if self.pop:
+            for emb in _noisy_below(module, self.paths):
+                if emb._side_input_stack:
+                    emb._side_input_stack.pop()
+            return None
+        kwargs = rest[0]
+        if self.outermost:
+            _repatch_replaced(module)
+        bound = self._bound(module, args, kwargs)
         cu_seqlens = bound.get(_CU_SEQLENS, kwargs.get(_CU_SEQLENS))
-        if cu_seqlens is None and var_keyword is not None:
-            cu_seqlens = (bound.get(var_keyword) or {}).get(_CU_SEQLENS)
+        if cu_seqlens is None and self.var_keyword is not None:
+            cu_seqlens = (bound.get(self.var_keyword) or {}).get(_CU_SEQLENS)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
             cu_seqlens = None
         frame = (*(bound.get(name) for name in _SIDE_INPUTS), cu_seqlens)
-        for emb in _noisy_below(module, paths):
+        for emb in _noisy_below(module, self.paths):
             stack = emb._side_input_stack
-            if outermost:
+            if self.outermost:
                 stack.clear()
             outer = stack[-1] if stack else (None, None, None)
-            stack.append(tuple(mine if own else theirs for mine, theirs, own in zip(frame, outer, takes)))
-
-    def pop(module, *_):
-        for emb in _noisy_below(module, paths):
-            stack = emb._side_input_stack
-            if stack:
-                stack.pop()
-
-    setattr(push, _MARK, True)
-    setattr(pop, _MARK, True)
-    return push, pop
+            stack.append(tuple(mine if own else theirs for mine, theirs, own in zip(frame, outer, self.takes)))
+        return None
 
 
 def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
@@ -125,9 +143,8 @@ def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
         outermost = not hooked  # prefixes come shortest first
         hooked.add(id(module))
         paths = tuple(n[len(prefix) + 1:] if prefix else n for n in names if not prefix or n.startswith(prefix + "."))
-        push, pop = _make_hooks(paths, signature, outermost)
-        module.register_forward_pre_hook(push, with_kwargs=True)
-        module.register_forward_hook(pop, always_call=True)
+        module.register_forward_pre_hook(_SideInputHook(paths, signature, outermost, pop=False), with_kwargs=True)
+        module.register_forward_hook(_SideInputHook(paths, signature, outermost, pop=True), always_call=True)
 
 
 def _has_our_hook(module: nn.Module) -> bool:
@@ -143,6 +160,68 @@ def _remove_our_hooks(module: nn.Module) -> None:
             del hooks[key]
             for extra in extras:
                 extra.pop(key, None)
+
+
+_OPTIONS = "_neft_patch_options"  # on the patched root: what patch_model was last called with
+
+
+def _repatch_replaced(root: nn.Module) -> None:
+    """Make noisy again an input embedding that replaced the patched one (``resize_token_embeddings``
+    builds a new ``nn.Embedding``), with the options ``patch_model`` was last called with."""
+    options = vars(root).get(_OPTIONS)
+    if options is None or not hasattr(root, "get_input_embeddings"):
+        return
+    if not any(isinstance(m, NoisyEmbedding) for m in root.get_input_embeddings().modules()):
+        patch_model(root, **options)
+
+
+def other_neftune(model: nn.Module) -> list[str]:
+    """Any NEFTune mechanism other than ours on ``model``'s input embeddings: transformers' forward
+    hook (and TRL's or Unsloth's copies of it, all named ``neftune_post_forward_hook``), a
+    ``neftune_noise_alpha`` attribute on an embedding, or on the model or its config."""
+    found = []
+    for emb in _input_embeddings(model):
+        for fn in emb._forward_hooks.values():
+            name = getattr(fn, "__name__", type(fn).__name__)
+            if "neftune" in name.lower():
+                found.append(f"a forward hook {name} on {type(emb).__name__}")
+        if getattr(emb, "neftune_noise_alpha", None) is not None:
+            found.append(f"{type(emb).__name__}.neftune_noise_alpha = {emb.neftune_noise_alpha}")
+    for owner in (model, getattr(model, "config", None)):
+        if getattr(owner, "neftune_noise_alpha", None) is not None:
+            found.append(f"{type(owner).__name__}.neftune_noise_alpha = {owner.neftune_noise_alpha}")
+    return found
+
+
+def remove_other_neftune(model: nn.Module) -> int:
+    """Remove what :func:`other_neftune` finds (the hooks and the attributes); returns how many."""
+    removed = 0
+    for emb in _input_embeddings(model):
+        for key in [k for k, fn in emb._forward_hooks.items()
+                    if "neftune" in getattr(fn, "__name__", type(fn).__name__).lower()]:
+            del emb._forward_hooks[key]
+            emb._forward_hooks_with_kwargs.pop(key, None)
+            emb._forward_hooks_always_called.pop(key, None)
+            removed += 1
+        removed += vars(emb).pop("neftune_noise_alpha", None) is not None
+    for owner in (model, getattr(model, "config", None)):
+        if owner is not None and getattr(owner, "neftune_noise_alpha", None) is not None:
+            try:
+                delattr(owner, "neftune_noise_alpha")
+            except AttributeError:
+                setattr(owner, "neftune_noise_alpha", None)
+            removed += 1
+    return removed
+
+
+def refuse_other_neftune(model: nn.Module) -> None:
+    """Raise if another NEFTune mechanism would add noise on top of ours."""
+    found = other_neftune(model)
+    if found:
+        raise RuntimeError(
+            "another NEFTune mechanism is active on this model (" + "; ".join(found) + "): with neft_kernels it "
+            "would add noise twice. Unset TrainingArguments.neftune_noise_alpha (or your library's NEFTune option), "
+            "or remove it with neft_kernels.integrations.hf.remove_other_neftune(model)")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -174,8 +253,10 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
         if emb.sparse:
             raise ValueError(f"{type(emb).__name__}(sparse=True) cannot be patched: the fused backward produces a "
                              "dense gradient")
+    refuse_other_neftune(model)
     embeddings = [make_noisy(e, noise_alpha, **options) for e in targets]
     _hook_ancestors(model, embeddings)
+    vars(model)[_OPTIONS] = dict(noise_alpha=noise_alpha, **options)
     return model
 
 
@@ -184,6 +265,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     the original embedding classes, the same modules and weights, no hooks left."""
     for module in model.modules():
         _remove_our_hooks(module)
+        vars(module).pop(_OPTIONS, None)
         if isinstance(module, nn.Embedding):
             make_plain(module)
     return model
@@ -195,13 +277,27 @@ def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_
     """``patch_model`` for the ``with`` block only: on exit (also on an exception) the model is
     as it was on entry, unpatched, or patched with its earlier options. Options that are refused
     raise before the model is touched."""
-    before = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
-    was_patched = is_patched(model)
+    restore = _snapshot(model)
     patch_model(model, noise_alpha, length_mode, **options)
     try:
         yield model
     finally:
+        restore()
+
+
+def _snapshot(model: nn.Module):
+    """A function that puts ``model``'s patch state back as it is now: unpatched, or patched with
+    its current options."""
+    before = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
+    was_patched, root_options = is_patched(model), vars(model).get(_OPTIONS)
+
+    def restore() -> None:
         if not was_patched:
             unpatch_model(model)
+            return
         for emb, opts in before:
             emb.configure_noise(**opts)
+        if root_options is not None:
+            vars(model)[_OPTIONS] = root_options
+
+    return restore

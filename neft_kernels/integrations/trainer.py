@@ -8,7 +8,7 @@ import sys
 from transformers import Trainer, TrainerCallback
 
 from .. import validation
-from .hf import patch_model, unpatch_model
+from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftune
 
 
 def _running_trainer() -> Trainer | None:
@@ -23,19 +23,21 @@ def _running_trainer() -> Trainer | None:
 
 
 class NEFTuneCallback(TrainerCallback):
-    """Patch the model at train begin, unpatch it at train end, so checkpoints stay plain.
+    """Patch the model at train begin; at train end put it back as it was (unpatched, or with the
+    patch the user applied before training), so checkpoints stay plain.
 
     ``Trainer(..., callbacks=[NEFTuneCallback(noise_alpha=5.0)])``. ``options`` go to
-    :func:`~neft_kernels.patch_model` (``length_mode``, ``backend``, ``generator``). When the
-    callback is passed at construction, the Trainer's ``train`` is also wrapped so that the model
-    is unpatched if training raises. Refuses to run next to ``neftune_noise_alpha`` (transformers'
-    own hook), which would add noise twice.
+    :func:`~neft_kernels.patch_model` (``length_mode``, ``backend``, ``generator``, ``tp_group``)
+    and are checked here, at construction. When the callback is passed at construction, the
+    Trainer's ``train`` is also wrapped so that the model is restored if training raises. Refuses
+    to run next to ``neftune_noise_alpha`` (transformers' own hook) or any other NEFTune hook on
+    the model, which would add noise twice: when the Trainer is built, and again at train begin.
     """
 
     def __init__(self, noise_alpha: float = 5.0, **options) -> None:
         self.noise_alpha = validation.check_noise_options(noise_alpha, options)  # a misspelling fails here
         self.options = options
-        self._model = None
+        self._restore = None
         self._wrapped: set[int] = set()
 
     def _refuse_double_noise(self, args) -> None:
@@ -46,9 +48,9 @@ class NEFTuneCallback(TrainerCallback):
                 "to use neft_kernels' fused, per-sequence noise)")
 
     def _unpatch(self) -> None:
-        if self._model is not None:
-            unpatch_model(self._model)
-            self._model = None
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
     def _wrap_train(self, trainer: Trainer | None) -> None:
         if trainer is None or id(trainer) in self._wrapped:
@@ -65,15 +67,22 @@ class NEFTuneCallback(TrainerCallback):
 
         trainer.train = train_then_unpatch
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         self._refuse_double_noise(args)
+        if model is not None:
+            refuse_other_neftune(model)
         self._wrap_train(_running_trainer())
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._refuse_double_noise(args)
         if model is None:
             raise ValueError("NEFTuneCallback needs the model, which the Trainer passes to on_train_begin")
-        self._model = patch_model(model, self.noise_alpha, **self.options)
+        if getattr(args, "neftune_noise_alpha", None) is not None:
+            # transformers attached its hook as train() began: take it off again, then refuse.
+            remove_other_neftune(model)
+            self._refuse_double_noise(args)
+        restore = _snapshot(model)
+        patch_model(model, self.noise_alpha, **self.options)  # refuses any other NEFTune hook left on it
+        self._restore = restore
 
     def on_train_end(self, args, state, control, **kwargs):
         self._unpatch()
