@@ -377,11 +377,18 @@ def test_torch_save_of_a_patched_model_loads_back_patched_and_working(arch, tmp_
     assert not is_patched(loaded) and not isinstance(loaded.get_input_embeddings(), NoisyEmbedding)
 
 
-def test_resize_token_embeddings_keeps_the_noise():
+@pytest.mark.parametrize("how", ["resize_token_embeddings", "set_input_embeddings"])
+def test_a_resized_or_replaced_input_embedding_keeps_the_noise(how):
+    """transformers' resize keeps the module and swaps its weight; a module set anew (an older resize
+    path, or the user's) is made noisy by the model's next call, with the patch's options."""
     model = patch_model(build("llama"), ALPHA)
-    model.resize_token_embeddings(hf_models.VOCAB + 8)
+    if how == "resize_token_embeddings":
+        model.resize_token_embeddings(hf_models.VOCAB + 8)
+    else:
+        model.set_input_embeddings(nn.Embedding(hf_models.VOCAB + 8, 32))
+        assert type(model.get_input_embeddings()) is nn.Embedding
     ids, mask = padded_batch()
-    model.train()(input_ids=ids, attention_mask=mask)  # the next call makes the new embedding noisy
+    model.train()(input_ids=ids, attention_mask=mask)  # the next call makes a new embedding noisy
     emb = model.get_input_embeddings()
     assert isinstance(emb, NoisyEmbedding) and emb.num_embeddings == hf_models.VOCAB + 8
     seen, handle = _capture(emb)
