@@ -1,11 +1,12 @@
 """Out-of-range ids: refused with an ``IndexError`` naming the bad range, never with a host-device sync.
 
 * CPU ids are checked where they are read (the backends raise before returning; no device, no sync).
-* Accelerator ids: the forward kernel folds the (min, max) of out-of-range ids into a small
-  per-device buffer (and writes NaN rows for them; no backend ever reads outside the table). After
-  the launch the buffer is copied to pinned host memory without blocking; a later call (the next
-  forward, or this one's backward) raises once that copy has landed. So the error comes one call
-  late at most, and the hot path never waits for the GPU.
+* Accelerator ids: the forward kernel folds the (min, max) of out-of-range ids and its table's
+  ``V`` into a small per-device buffer (and writes NaN rows for them; no backend ever reads
+  outside the table). After the launch the buffer is copied to pinned host memory without
+  blocking (one copy in flight at a time); the first later call on that device (a forward, or a
+  backward) that finds the copy landed raises. So the error comes a call or a few late, and the
+  hot path never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def raise_out_of_range(lo: int, hi: int, num_embeddings: int, *, late: bool = Fa
     raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{lo}, {hi}]{where}")
 
 
+_EMPTY = (_INT64_MAX, _INT64_MIN, 0)  # (min bad id, max bad id, V): nothing recorded
+
+
 def check_id_range(ids: torch.Tensor, num_embeddings: int, *, allow_sync: bool = True) -> None:
     """Refuse ids outside ``[0, num_embeddings)``: CPU ids always, accelerator ids only where a sync
     is allowed (the public backward op) and not while a CUDA graph is being captured."""
@@ -52,34 +56,41 @@ def check_id_range(ids: torch.Tensor, num_embeddings: int, *, allow_sync: bool =
 
 
 class DeviceIdFlag:
-    """One device's record of out-of-range ids: ``buffer`` = (min, max) on the device, read back lazily."""
+    """One device's record of out-of-range ids: ``buffer`` = (min, max, V) on the device, read back lazily."""
 
     def __init__(self, device: torch.device):
-        # Filled on the device (no host-to-device copy, which would sync from pageable memory).
-        self.buffer = torch.full((2,), _INT64_MAX, dtype=torch.int64, device=device)
-        self.buffer[1].fill_(_INT64_MIN)
-        self._host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        self._event = torch.cuda.Event()
+        self.device = device
+        with torch.cuda.device(device):
+            # Filled on the device (no host-to-device copy, which would sync from pageable memory).
+            self.buffer = torch.empty(len(_EMPTY), dtype=torch.int64, device=device)
+            self._clear()
+            self._event = torch.cuda.Event()
+        self._host = torch.tensor(_EMPTY, dtype=torch.int64).pin_memory()
         self._pending = False
-        self._num_embeddings = 0
+
+    def _clear(self) -> None:
+        for i, value in enumerate(_EMPTY):
+            self.buffer[i].fill_(value)
 
     def raise_pending(self) -> None:
         """Raise for bad ids an earlier launch recorded, if its copy has landed (never waits)."""
         if not self._pending or not self._event.query():
             return
         self._pending = False
-        lo, hi = self._host.tolist()
+        lo, hi, num_embeddings = self._host.tolist()
         if lo <= hi:
-            self.buffer[0].fill_(_INT64_MAX)
-            self.buffer[1].fill_(_INT64_MIN)
-            raise_out_of_range(lo, hi, self._num_embeddings, late=True)
+            with torch.cuda.device(self.device):
+                self._clear()
+            raise_out_of_range(lo, hi, num_embeddings, late=True)
 
     def read_back(self) -> None:
-        """After a launch: start copying the record to the host, unless a copy is in flight."""
+        """After a launch: start copying the record to the host, unless a copy is in flight. The copy
+        and the event go on the buffer's device's current stream, where the kernel ran."""
         if self._pending or torch.cuda.is_current_stream_capturing():
             return
-        self._host.copy_(self.buffer, non_blocking=True)
-        self._event.record()
+        with torch.cuda.device(self.device):
+            self._host.copy_(self.buffer, non_blocking=True)
+            self._event.record()
         self._pending = True
 
 
@@ -90,7 +101,7 @@ def raise_pending(device: torch.device) -> None:
         flag.raise_pending()
 
 
-def device_id_flag(ids: torch.Tensor, num_embeddings: int) -> DeviceIdFlag | None:
+def device_id_flag(ids: torch.Tensor) -> DeviceIdFlag | None:
     """The flag for a launch on ``ids``'s CUDA device (raising what earlier launches recorded), or None."""
     if not _enabled or ids.device.type != "cuda":
         return None
@@ -102,5 +113,4 @@ def device_id_flag(ids: torch.Tensor, num_embeddings: int) -> DeviceIdFlag | Non
         flag = _flags[ids.device] = DeviceIdFlag(ids.device)
     if not capturing:
         flag.raise_pending()
-    flag._num_embeddings = num_embeddings
     return flag

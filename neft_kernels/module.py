@@ -142,7 +142,8 @@ class NoisyEmbedding(nn.Embedding):
         :func:`make_noisy` does, so it computes what the source computes (plus noise in train mode).
         """
         validation.check_noise_options(noise_alpha, kwargs)
-        if type(embedding) is not nn.Embedding and cls is NoisyEmbedding:
+        if cls is NoisyEmbedding and not isinstance(embedding, NoisyEmbedding) and \
+                type(embedding).forward is not nn.Embedding.forward:
             copy_ = copy.deepcopy(embedding, memo={id(embedding.weight): embedding.weight})
             return make_noisy(copy_, noise_alpha, **kwargs)
         module = cls(
@@ -270,6 +271,7 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
     validation.check_noise_options(noise_alpha, options)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
+    vars(embedding).pop(MADE_PLAIN, None)
     if embedding.sparse:
         raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward produces a dense gradient")
     if not isinstance(embedding, NoisyEmbedding):
@@ -290,10 +292,14 @@ def _without_noise(cls: type, noisy: type, original: type) -> type:
     return type(cls.__name__.replace(noisy.__name__, original.__name__), bases, namespace)
 
 
+MADE_PLAIN = "_neft_made_plain"  # set by make_plain: patch_model's hooks leave such an embedding plain
+
+
 def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     """Undo :func:`make_noisy`: the original class again, the same module and weight."""
     original = vars(embedding).pop("_neft_original_class", None)
     if original is not None:
+        vars(embedding)[MADE_PLAIN] = True
         embedding.__class__ = _without_noise(type(embedding), noisy_class(original), original)
         for name in ("_noise_alpha", "length_mode", "backend", "generator", "tp_group", "_side_input_stack"):
             vars(embedding).pop(name, None)

@@ -29,7 +29,7 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
                   backend: str, check_ids: bool) -> torch.Tensor:
     if isinstance(seed, torch.Tensor) and seed.device.type == "cpu":
         seed = int(seed)
-    flag = device_id_flag(ids, weight.shape[0]) if check_ids and ids.device.type != "cpu" else None
+    flag = device_id_flag(ids) if check_ids and ids.device.type != "cpu" else None
     out = module(backend).forward(ids, weight, seed, offset, None if per_sequence else scale, alpha, width,
                                   attention_mask, position_ids, cu_seqlens, None if flag is None else flag.buffer)
     if flag is not None:
@@ -208,7 +208,7 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
     width = shape[-1] if shape else 1
     n = input_ids.numel()
     rows = n // width if width else 0
-    per_sequence = length_mode == "per_sequence" and weight.shape[1] > 0 and (
+    per_sequence = length_mode == "per_sequence" and n > 0 and weight.shape[1] > 0 and (
         attention_mask is not None or position_ids is not None or cu_seqlens is not None)
     if per_sequence:
         side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens)

@@ -86,9 +86,12 @@ def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
 
 
 def check_alpha(noise_alpha: float) -> float:
-    if isinstance(noise_alpha, bool) or not isinstance(noise_alpha, (int, float)):
+    if isinstance(noise_alpha, (bool, str, bytes)):
         raise TypeError(f"noise_alpha must be a real number, got {type(noise_alpha).__name__}")
-    alpha = float(noise_alpha)
+    try:
+        alpha = float(noise_alpha)  # Python and NumPy numbers, one-value tensors
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"noise_alpha must be a real number, got {type(noise_alpha).__name__}") from err
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"noise_alpha must be finite and >= 0, got {noise_alpha}")
     return alpha

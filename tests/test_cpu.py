@@ -106,5 +106,16 @@ def test_cpu_scales_match_the_reference(width):
     for mask, pos, cu in scale_cases(width):
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
             got = _C_cpu.token_scales(3 * width, alpha, d, width, mask, pos, cu)
+            if mask is not None:  # unsigned masks read as well
+                assert_bits_equal(_C_cpu.token_scales(3 * width, alpha, d, width, mask.to(torch.uint16), pos, cu), got)
             want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
             assert_bits_equal(got, want)
+
+
+def test_an_extension_built_from_other_sources_is_refused_at_import():
+    import types
+
+    from neft_kernels.backends._extension import check_abi
+
+    with pytest.raises(ImportError, match="rebuild"):
+        check_abi(types.SimpleNamespace(__name__="neft_kernels._C_cpu"))  # no ABI_VERSION: an older build

@@ -405,3 +405,33 @@ def test_half_and_to_keep_a_patched_model_working():
     model = patch_model(build("llama"), ALPHA).half().to(torch.float32).to("cpu")
     ids, mask = padded_batch()
     assert torch.isfinite(model.train()(input_ids=ids, attention_mask=mask, labels=ids).loss)
+
+
+def test_an_embedding_made_plain_by_hand_stays_plain():
+    model = patch_model(build("llama"), ALPHA)
+    emb = neft_kernels.make_plain(model.get_input_embeddings())
+    ids, mask = padded_batch()
+    model.train()(input_ids=ids, attention_mask=mask)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    unpatch_model(model)
+    assert "_neft_made_plain" not in vars(emb)
+
+
+def test_transformers_hook_on_a_peft_wrapper_is_found_and_refused():
+    """transformers' activate_neftune hooks a PEFT model's get_input_embeddings(), a LoRA wrapper."""
+    peft = pytest.importorskip("peft")
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    from neft_kernels.integrations.hf import other_neftune, remove_other_neftune
+
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    wrapper = model.get_input_embeddings()
+    assert not isinstance(wrapper, nn.Embedding)
+    wrapper.neftune_noise_alpha = 5.0
+    wrapper.register_forward_hook(neftune_post_forward_hook)
+    assert len(other_neftune(model)) == 2
+    with pytest.raises(RuntimeError, match="neftune_post_forward_hook"):
+        patch_model(model, ALPHA)
+    assert remove_other_neftune(model) == 2 and not other_neftune(model)
+    patch_model(model, ALPHA)
+    assert is_patched(model)

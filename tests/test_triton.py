@@ -50,19 +50,24 @@ def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatc
         mask, pos, cu = (None if t is None else t.to(DEVICE) for t in (mask, pos, cu))
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
             got = triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, cu)
+            if cu is not None:  # a strided view of the same entries gives the same scales
+                strided = torch.stack([cu, cu], 1).reshape(-1)[::2]
+                assert_bits_equal(triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, strided), got)
             want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
             assert_bits_equal(got, want)
 
 
 def test_forward_kernel_records_out_of_range_ids():
-    """What the GPU id check reads back: the (min, max) of the bad ids, folded into the buffer."""
+    """What the GPU id check reads back: the (min, max) of the bad ids and V, folded into the buffer."""
     weight = make_weight(6, 9, torch.float32, DEVICE)
-    flag = torch.tensor([2**63 - 1, -2**63], device=DEVICE)
+    flag = torch.tensor([2**63 - 1, -2**63, 0], device=DEVICE)
     ids = torch.tensor([2, 6, -1, 5, 9], device=DEVICE)
     out = triton_backend.fused_forward(ids, weight, 0.25, 3, 0, bad_ids=flag)
-    assert flag.tolist() == [-1, 9] and out[[1, 2, 4]].isnan().all()
+    assert flag.tolist() == [-1, 9, 6] and out[[1, 2, 4]].isnan().all()
     triton_backend.fused_forward(torch.tensor([0, -7], device=DEVICE), weight, 0.25, 3, 0, bad_ids=flag)
-    assert flag.tolist() == [-7, 9]
+    assert flag.tolist() == [-7, 9, 6]
+    triton_backend.fused_forward(torch.tensor([1, 2], device=DEVICE), weight, 0.25, 3, 0, bad_ids=flag)
+    assert flag.tolist() == [-7, 9, 6]  # good ids record nothing
 
 
 def test_device_seed_gives_the_seed_bits():

@@ -51,6 +51,8 @@ def test_edge_shapes_are_accepted(backend):
     w = torch.randn(5, 4, device=DEVICE)
     empty = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
     assert _call(input_ids=empty, weight=w, attention_mask=empty, backend=backend).shape == (0, 3, 4)
+    no_tokens = torch.zeros(3, 0, dtype=torch.long, device=DEVICE)  # rows of width 0
+    assert _call(input_ids=no_tokens, weight=w, attention_mask=no_tokens, backend=backend).shape == (3, 0, 4)
     scalar = _call(input_ids=torch.tensor(2, device=DEVICE), weight=w, backend=backend)
     assert scalar.shape == (4,) and not torch.equal(scalar, w[2])
     ids = torch.tensor([[1, 2, 3]], device=DEVICE)
@@ -86,3 +88,10 @@ def test_zero_width_embeddings_work_like_nn_embedding(backend):
         out.sum().backward()
     emb = NoisyEmbedding(10, 0, device=device, backend=backend).train()
     assert emb(ids).shape == torch.nn.Embedding(10, 0)(ids.cpu()).shape == (1, 3, 0)
+
+
+def test_alpha_may_be_any_real_number_type():
+    numpy = pytest.importorskip("numpy")
+    want = _call(noise_alpha=5.0)
+    for alpha in (5, numpy.float32(5.0), numpy.float64(5.0), torch.tensor(5.0)):
+        assert torch.equal(_call(noise_alpha=alpha), want)

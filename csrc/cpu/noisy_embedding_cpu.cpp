@@ -223,6 +223,9 @@ struct IntView {
       case torch::kShort: return static_cast<const int16_t*>(data)[i];
       case torch::kInt: return static_cast<const int32_t*>(data)[i];
       case torch::kLong: return static_cast<const int64_t*>(data)[i];
+      case torch::kUInt16: return static_cast<const uint16_t*>(data)[i];
+      case torch::kUInt32: return static_cast<const uint32_t*>(data)[i];
+      case torch::kUInt64: return static_cast<int64_t>(static_cast<const uint64_t*>(data)[i]);  // only == 0 matters
       default: TORCH_CHECK(false, "side inputs must be integer or bool tensors, got ", dtype);
     }
   }
@@ -403,6 +406,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("ABI_VERSION") = 2;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1, scales from side inputs");
   m.def("token_scales", &token_scales, "spec v1 per-token scales from attention_mask / position_ids / cu_seqlens");

@@ -23,7 +23,7 @@ void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA
 }  // namespace
 
 // seed_tensor: a 0-d int64 CUDA tensor read by the kernel (graph-safe), else ``seed``. bad_ids: a
-// (2,) int64 CUDA tensor {min, max} that records out-of-range ids, or none.
+// (3,) int64 CUDA tensor {min, max, V} that records out-of-range ids, or none.
 torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
                                       const c10::optional<torch::Tensor>& scales_in, double scale_value,
                                       int64_t seed, int64_t offset, const c10::optional<torch::Tensor>& seed_tensor,
@@ -36,7 +36,7 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
   torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
-  if (bad_ids) TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 2, "bad_ids");
+  if (bad_ids) TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 3, "bad_ids");
   check(neft::noisy_embedding_forward_cuda(
       dtype_of(weight), ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(),
       scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value),
@@ -65,6 +65,7 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("ABI_VERSION") = 2;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1 (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");
 }

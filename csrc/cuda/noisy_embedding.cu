@@ -41,12 +41,13 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
   const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), key);
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
-  // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids is recorded
-  // in bad_ids (min, max) for the host to raise without a sync.
+  // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids and V are
+  // recorded in bad_ids (min, max, V) for the host to raise without a sync.
   const bool in_range = id >= 0 && id < num_rows;
   if (!in_range && bad_ids && k == 0) {
     atomicMin(bad_ids, static_cast<long long>(id));
     atomicMax(bad_ids + 1, static_cast<long long>(id));
+    atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
 #pragma unroll
   for (int w = 0; w < 4; ++w) {

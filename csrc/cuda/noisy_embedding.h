@@ -12,7 +12,7 @@ enum class DType { kFloat32, kBFloat16, kFloat16 };
 // (n_tokens,) ids into a (V, d) weight with row stride w_stride -> (n_tokens, d) out, spec v1.
 // scales: (n_tokens,) float32, or nullptr to use scale_value for every token. seed_ptr: the seed in
 // device memory (graph-safe), or nullptr to use seed. num_rows = V: an id outside [0, V) is never
-// read, its output row is NaN, and bad_ids (device, {min, max}; may be nullptr) records it.
+// read, its output row is NaN, and bad_ids (device, {min, max, V}; may be nullptr) records it.
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,

@@ -5,7 +5,7 @@
   scale, or None: then the backend derives per-token scales on the tensors' device from ``alpha``
   and the side inputs (``(rows, width)`` views, ``cu_seqlens`` 1-D). ``seed``: an int, or a 0-d
   int64 tensor on the weight's device that the kernel reads. Out-of-range ids are never read (NaN
-  rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids`` (min, max).
+  rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids`` (min, max, V).
 * ``backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq, deterministic)``: (N, d)
   grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype.
 

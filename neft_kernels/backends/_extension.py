@@ -10,6 +10,16 @@ import torch
 from ..id_check import raise_out_of_range
 from ..lengths import token_scales
 
+ABI_VERSION = 2  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+
+
+def check_abi(ext: ModuleType) -> None:
+    """An extension built from other sources would fail on every call: refuse it at import, so that
+    ``backend="auto"`` falls back (with a warning) and a named backend says to rebuild."""
+    if getattr(ext, "ABI_VERSION", 1) != ABI_VERSION:
+        raise ImportError(f"{ext.__name__} was built from older sources (ABI {getattr(ext, 'ABI_VERSION', 1)}, "
+                          f"need {ABI_VERSION}): rebuild with `pip install --no-build-isolation -e .`")
+
 
 def _backward(ext: ModuleType) -> Callable:
     def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
@@ -45,7 +55,7 @@ def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable]:
                 alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
         scales = None
-        if scale is None:
+        if scale is None and width:
             triton_backend = _load("triton")
             if isinstance(triton_backend, ImportError):
                 scales = token_scales((ids.numel() // width, width), alpha, weight.shape[1],

@@ -2,6 +2,7 @@
 float32-accumulating backward."""
 
 from .. import _C_cpu
-from ._extension import cpu_functions
+from ._extension import check_abi, cpu_functions
 
+check_abi(_C_cpu)
 forward, backward = cpu_functions(_C_cpu)

@@ -14,10 +14,11 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
             cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
     if ids.device.type == "cpu":
         check_id_range(ids, weight.shape[0])
-    elif bad_ids is not None and ids.numel():  # record, as the kernels do, without a sync
+    elif bad_ids is not None and ids.numel():  # record (min, max, V), as the kernels do, without a sync
         bad = (ids < 0) | (ids >= weight.shape[0])
         bad_ids[0] = torch.minimum(bad_ids[0], torch.where(bad, ids, bad_ids[0]).min())
         bad_ids[1] = torch.maximum(bad_ids[1], torch.where(bad, ids, bad_ids[1]).max())
+        bad_ids[2] = torch.where(bad.any(), torch.clamp(bad_ids[2], min=weight.shape[0]), bad_ids[2])
     if scale is None:
         scale = token_scales((ids.numel() // width, width) if width else (0, 0), alpha, weight.shape[1],
                              attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)

@@ -76,11 +76,13 @@ def _noisy_embedding_fwd_kernel(
     ids = tl.load(ids_ptr + tok, mask=tok_mask, other=0).to(tl.int64)
     tok_in_range = (ids >= 0) & (ids < n_rows)
     in_range = tok_in_range[:, None]
-    if RECORD_BAD:  # the (min, max) of out-of-range ids, for the host to raise without a sync
+    if RECORD_BAD:  # (min, max) of out-of-range ids and the table's V, for the host to raise without a sync
         if tl.program_id(1) == 0:
             bad = tok_mask & ~tok_in_range
-            tl.atomic_min(bad_ptr + tl.zeros_like(ids), ids, mask=bad, sem="relaxed")
-            tl.atomic_max(bad_ptr + 1 + tl.zeros_like(ids), ids, mask=bad, sem="relaxed")
+            zero = tl.zeros_like(ids)
+            tl.atomic_min(bad_ptr + zero, ids, mask=bad, sem="relaxed")
+            tl.atomic_max(bad_ptr + 1 + zero, ids, mask=bad, sem="relaxed")
+            tl.atomic_max(bad_ptr + 2 + zero, zero + n_rows, mask=bad, sem="relaxed")
     if PER_TOKEN_SCALE:
         scale = tl.load(scale_ptr + tok, mask=tok_mask, other=0.0)[:, None]
     else:
@@ -269,8 +271,8 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
     """Ids of any shape into a (V, d) weight -> ``ids.shape + (d,)`` noisy rows, spec v1, in one launch.
 
     ``seed``: a signed int64 value, or a 0-d int64 tensor on the weight's device that the kernel
-    reads (graph-safe). ``bad_ids``: an int64 ``(2,)`` tensor on that device into which the kernel
-    folds the (min, max) of ids outside ``[0, V)``, or None.
+    reads (graph-safe). ``bad_ids``: an int64 ``(3,)`` tensor on that device into which the kernel
+    folds the (min, max) of ids outside ``[0, V)`` and V, or None.
     """
     _check_device(weight)
     n_tokens, d = ids.numel(), weight.shape[1]
@@ -353,6 +355,7 @@ def token_scales(width: int, n_tokens: int, alpha: float, embedding_dim: int, at
     rows = n_tokens // width
     mask = attention_mask.view(torch.uint8) if attention_mask is not None and attention_mask.dtype == torch.bool \
         else attention_mask
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()  # the kernel indexes it densely
     n_cu = 0 if cu_seqlens is None else cu_seqlens.numel()
     block = min(triton.next_power_of_2(width), _SCALES_BLOCK)
     _token_scales_kernel[(rows, triton.cdiv(width, block))](

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import validation
-from ..module import NoisyEmbedding, make_noisy, make_plain
+from ..module import MADE_PLAIN, NoisyEmbedding, make_noisy, make_plain
 
 _SIDE_INPUTS = ("attention_mask", "position_ids")
 # flash-attention's packed-sequence starts, as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
@@ -166,13 +166,28 @@ _OPTIONS = "_neft_patch_options"  # on the patched root: what patch_model was la
 
 
 def _repatch_replaced(root: nn.Module) -> None:
-    """Make noisy again an input embedding that replaced the patched one (``resize_token_embeddings``
-    builds a new ``nn.Embedding``), with the options ``patch_model`` was last called with."""
+    """Make noisy again an input embedding that replaced the patched one (``set_input_embeddings``,
+    or a resize that builds a new module), with the options ``patch_model`` was last called with.
+    An embedding the user turned back with ``make_plain`` stays plain."""
     options = vars(root).get(_OPTIONS)
     if options is None or not hasattr(root, "get_input_embeddings"):
         return
-    if not any(isinstance(m, NoisyEmbedding) for m in root.get_input_embeddings().modules()):
+    modules = list(root.get_input_embeddings().modules())
+    if not any(isinstance(m, NoisyEmbedding) or vars(m).get(MADE_PLAIN) for m in modules):
         patch_model(root, **options)
+
+
+def _neftune_sites(model: nn.Module) -> list[nn.Module]:
+    """Where another NEFTune implementation puts its hook: the input embeddings, and every module of
+    ``get_input_embeddings()`` (PEFT's LoRA or ``modules_to_save`` wrapper, where transformers'
+    ``activate_neftune`` hooks a PEFT model)."""
+    sites = {id(m): m for m in _input_embeddings(model)}
+    sites.update((id(m), m) for m in model.get_input_embeddings().modules())
+    return list(sites.values())
+
+
+def _is_neftune_hook(fn) -> bool:
+    return "neftune" in getattr(fn, "__name__", type(fn).__name__).lower()
 
 
 def other_neftune(model: nn.Module) -> list[str]:
@@ -180,13 +195,12 @@ def other_neftune(model: nn.Module) -> list[str]:
     hook (and TRL's or Unsloth's copies of it, all named ``neftune_post_forward_hook``), a
     ``neftune_noise_alpha`` attribute on an embedding, or on the model or its config."""
     found = []
-    for emb in _input_embeddings(model):
-        for fn in emb._forward_hooks.values():
-            name = getattr(fn, "__name__", type(fn).__name__)
-            if "neftune" in name.lower():
-                found.append(f"a forward hook {name} on {type(emb).__name__}")
-        if getattr(emb, "neftune_noise_alpha", None) is not None:
-            found.append(f"{type(emb).__name__}.neftune_noise_alpha = {emb.neftune_noise_alpha}")
+    for site in _neftune_sites(model):
+        for fn in site._forward_hooks.values():
+            if _is_neftune_hook(fn):
+                found.append(f"a forward hook {getattr(fn, '__name__', type(fn).__name__)} on {type(site).__name__}")
+        if getattr(site, "neftune_noise_alpha", None) is not None:
+            found.append(f"{type(site).__name__}.neftune_noise_alpha = {site.neftune_noise_alpha}")
     for owner in (model, getattr(model, "config", None)):
         if getattr(owner, "neftune_noise_alpha", None) is not None:
             found.append(f"{type(owner).__name__}.neftune_noise_alpha = {owner.neftune_noise_alpha}")
@@ -196,14 +210,13 @@ def other_neftune(model: nn.Module) -> list[str]:
 def remove_other_neftune(model: nn.Module) -> int:
     """Remove what :func:`other_neftune` finds (the hooks and the attributes); returns how many."""
     removed = 0
-    for emb in _input_embeddings(model):
-        for key in [k for k, fn in emb._forward_hooks.items()
-                    if "neftune" in getattr(fn, "__name__", type(fn).__name__).lower()]:
-            del emb._forward_hooks[key]
-            emb._forward_hooks_with_kwargs.pop(key, None)
-            emb._forward_hooks_always_called.pop(key, None)
+    for site in _neftune_sites(model):
+        for key in [k for k, fn in site._forward_hooks.items() if _is_neftune_hook(fn)]:
+            del site._forward_hooks[key]
+            site._forward_hooks_with_kwargs.pop(key, None)
+            site._forward_hooks_always_called.pop(key, None)
             removed += 1
-        removed += vars(emb).pop("neftune_noise_alpha", None) is not None
+        removed += vars(site).pop("neftune_noise_alpha", None) is not None
     for owner in (model, getattr(model, "config", None)):
         if owner is not None and getattr(owner, "neftune_noise_alpha", None) is not None:
             try:
@@ -268,6 +281,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         vars(module).pop(_OPTIONS, None)
         if isinstance(module, nn.Embedding):
             make_plain(module)
+            vars(module).pop(MADE_PLAIN, None)  # unpatched as a whole: nothing left to remember
     return model
 
 
