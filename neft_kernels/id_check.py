@@ -24,7 +24,7 @@ def set_id_check(enabled: bool) -> bool:
     """Turn the id range check on accelerator tensors on or off; returns the previous setting.
 
     On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It never syncs: the
-    kernel records bad ids on the device and the error is raised by the next call (see the
+    kernel records bad ids on the device and a later call raises the error (see the
     module docstring). Off, a bad id is still never read: its output row is NaN and it gets no
     gradient. CPU ids are always checked.
     """
