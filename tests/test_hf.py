@@ -351,6 +351,19 @@ def test_from_embedding_keeps_a_subclass_forward():
     assert 0 < noise.abs().max() <= 5.0 / (3 * 32) ** 0.5 * (1 + 1e-6)
 
 
+def _assert_masked_noise_is_spec(model, ids, mask):
+    """A train-mode call of a patched plain-embedding model: its embedding outputs spec v1 with the mask."""
+    emb = model.get_input_embeddings()
+    seen, handle = _capture(emb)
+    torch.manual_seed(0)
+    model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    torch.manual_seed(0)
+    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+    assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=seed, attention_mask=mask,
+                                                   backend="torch"))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_torch_save_of_a_patched_model_loads_back_patched_and_working(arch, tmp_path):
     model = patch_model(build(arch), ALPHA)
@@ -364,15 +377,8 @@ def test_torch_save_of_a_patched_model_loads_back_patched_and_working(arch, tmp_
     eval_logits = loaded(input_ids=ids, attention_mask=mask).logits
     loaded.train()
     assert not torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, eval_logits)
-    seen, handle = _capture(emb)
-    torch.manual_seed(0)
-    loaded(input_ids=ids, attention_mask=mask)
-    handle.remove()
-    torch.manual_seed(0)
-    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
     if arch == "llama":  # the side inputs still reach the embedding through the unpickled hooks
-        assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=seed, attention_mask=mask,
-                                                       backend="torch"))
+        _assert_masked_noise_is_spec(loaded, ids, mask)
     unpatch_model(loaded)
     assert not is_patched(loaded) and not isinstance(loaded.get_input_embeddings(), NoisyEmbedding)
 
@@ -391,14 +397,7 @@ def test_a_resized_or_replaced_input_embedding_keeps_the_noise(how):
     model.train()(input_ids=ids, attention_mask=mask)  # the next call makes a new embedding noisy
     emb = model.get_input_embeddings()
     assert isinstance(emb, NoisyEmbedding) and emb.num_embeddings == hf_models.VOCAB + 8
-    seen, handle = _capture(emb)
-    torch.manual_seed(0)
-    model(input_ids=ids, attention_mask=mask)
-    handle.remove()
-    torch.manual_seed(0)
-    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
-    assert_bits_equal(seen["out"], noisy_embedding(ids, emb.weight, ALPHA, seed=seed, attention_mask=mask,
-                                                   backend="torch"))
+    _assert_masked_noise_is_spec(model, ids, mask)
 
 
 def test_half_and_to_keep_a_patched_model_working():
