@@ -10,6 +10,7 @@ from .lengths import LENGTH_MODES
 from .spec import SUPPORTED_DTYPES, num_lanes
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+_ID_DTYPES = (torch.int32, torch.int64)
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 
@@ -148,11 +149,22 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: 
 
 def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,
                position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
-    """The per-call checks of :func:`neft_kernels.noisy_embedding`: shapes, dtypes and devices only."""
-    check_weight(weight)
-    check_ids(input_ids, weight)
-    shape, device = input_ids.shape, input_ids.device
-    check_side_input("attention_mask", attention_mask, shape, device)
-    check_side_input("position_ids", position_ids, shape, device)
-    check_cu_seqlens(cu_seqlens, device)
-    check_offset(offset, input_ids.numel(), weight.shape[1])
+    """The per-call checks of :func:`neft_kernels.noisy_embedding`: shapes, dtypes and devices only.
+
+    Each check runs its full form (with the error message) only when a quick test fails: this is
+    on every call's path.
+    """
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype in SUPPORTED_DTYPES):
+        check_weight(weight)
+    device = weight.device
+    if not (isinstance(input_ids, torch.Tensor) and input_ids.dtype in _ID_DTYPES and input_ids.device == device):
+        check_ids(input_ids, weight)
+    shape = input_ids.shape
+    if attention_mask is not None:
+        check_side_input("attention_mask", attention_mask, shape, device)
+    if position_ids is not None:
+        check_side_input("position_ids", position_ids, shape, device)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, device)
+    if offset or type(offset) is not int:
+        check_offset(offset, input_ids.numel(), weight.shape[1])
