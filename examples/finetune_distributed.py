@@ -49,6 +49,9 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         train(args, cuda)
+        # Every rank's collectives done (gloo's work threads idle) before the group is destroyed:
+        # destroying it with work in flight can abort the process at exit.
+        dist.barrier()
     finally:
         # After train() returned: the DDP reducer must be gone before its process group is.
         dist.destroy_process_group()
