@@ -47,6 +47,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
     try:
         train(args, cuda)
         # Every rank's collectives done (gloo's work threads idle) before the group is destroyed:
@@ -55,6 +56,7 @@ def main() -> None:
     finally:
         # After train() returned: the DDP reducer must be gone before its process group is.
         dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
 
 
 def train(args: argparse.Namespace, cuda: bool) -> None:

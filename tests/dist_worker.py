@@ -122,3 +122,4 @@ if __name__ == "__main__":
     torch.save(result, f"{outdir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    open(f"{outdir}/rank{rank}.done", "w").close()  # all work done; what follows is interpreter exit

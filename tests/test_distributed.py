@@ -18,18 +18,28 @@ ROOT = TESTS.parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
 
-def _torchrun(nproc: int, *args: str, cwd: Path = TESTS, timeout: int = 300) -> subprocess.CompletedProcess:
+# A worker that finished its work and destroyed its process group sometimes aborts while the
+# interpreter exits (about 1 run in 25 here, in torch's gloo teardown, on code with or without
+# neft_kernels' changes). Such a run is judged by what it produced; any other failure fails.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(nproc: int, *args: str, cwd: Path = TESTS, timeout: int = 300,
+              finished=lambda res: False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
     env.pop("TRITON_INTERPRET", None)  # CPU backends only here; keep the workers lean
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                           "--standalone", *args], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=timeout)
-    assert res.returncode == 0, res.stderr[-4000:]
+    exit_abort = res.returncode != 0 and _TEARDOWN_ABORT in res.stderr and finished(res)
+    assert res.returncode == 0 or exit_abort, res.stderr[-4000:]
     return res
 
 
 def _run(scenario: str, nproc: int, tmp_path: Path) -> list[dict]:
-    _torchrun(nproc, "dist_worker.py", scenario, str(tmp_path))
+    # dist_worker.py writes its done marker after destroying its process group.
+    _torchrun(nproc, "dist_worker.py", scenario, str(tmp_path),
+              finished=lambda res: all((tmp_path / f"rank{r}.done").exists() for r in range(nproc)))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
@@ -90,5 +100,6 @@ def test_two_by_two_mesh_shares_noise_within_tp_and_not_across_dp(tmp_path):
 
 def test_readme_example_fine_tunes_under_torchrun(tmp_path):
     for extra in ([], ["--fsdp"]):
-        res = _torchrun(2, str(ROOT / "examples" / "finetune_distributed.py"), "--steps", "3", *extra, cwd=tmp_path)
+        res = _torchrun(2, str(ROOT / "examples" / "finetune_distributed.py"), "--steps", "3", *extra, cwd=tmp_path,
+                        finished=lambda res: res.stdout.count("process group destroyed") == 2)
         assert "rank 0: step 3" in res.stdout and "rank 1: step 3" in res.stdout, res.stdout
