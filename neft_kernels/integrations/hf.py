@@ -40,7 +40,12 @@ def _input_embeddings(model: nn.Module) -> list[nn.Embedding]:
     """
     if not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); pass a transformers or PEFT model")
-    root = model.get_input_embeddings()
+    try:
+        root = model.get_input_embeddings()
+    except NotImplementedError as err:  # character-level models (CANINE) have no token embedding table
+        raise TypeError(f"{type(model).__name__} has no input embeddings to patch ({err})") from err
+    if root is None:
+        raise TypeError(f"{type(model).__name__}.get_input_embeddings() returned None: nothing to patch")
     inner = [m for m in root.modules() if isinstance(m, nn.Embedding)]
     if not inner:
         raise TypeError(f"the input embeddings of {type(model).__name__} hold no nn.Embedding "
