@@ -434,3 +434,17 @@ def test_transformers_hook_on_a_peft_wrapper_is_found_and_refused():
     assert remove_other_neftune(model) == 2 and not other_neftune(model)
     patch_model(model, ALPHA)
     assert is_patched(model)
+
+
+def test_a_call_with_inputs_embeds_only_is_untouched():
+    """A model called with inputs_embeds (a multimodal front end, say) never calls its embedding:
+    nothing to noise, as with transformers' hook; the patch must not get in the way."""
+    model = build("llama")
+    ids, mask = padded_batch()
+    embeds = model.get_input_embeddings()(ids).detach()
+    model.train()
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds, attention_mask=mask).logits
+    patch_model(model, ALPHA)
+    with torch.no_grad():
+        assert torch.equal(model(inputs_embeds=embeds, attention_mask=mask).logits, plain)
