@@ -17,14 +17,16 @@ from .ops import _noisy_embedding, add_noise
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
 _no_noise_depth = 0
+_noise_without_grad_depth = 0
 
 
 @contextmanager
 def no_noise() -> Iterator[None]:
     """Within this block every :class:`NoisyEmbedding` is a plain embedding, in train mode too.
 
-    For passes that must see clean embeddings, such as a DPO reference pass through the model
-    being trained. Nests; not thread-local.
+    For passes that must see clean embeddings but run with gradients recorded. (Passes that
+    autograd does not record get no noise anyway: see :func:`noise_without_grad`.) Nests; not
+    thread-local.
     """
     global _no_noise_depth
     _no_noise_depth += 1
@@ -34,11 +36,30 @@ def no_noise() -> Iterator[None]:
         _no_noise_depth -= 1
 
 
+@contextmanager
+def noise_without_grad() -> Iterator[None]:
+    """Within this block, train-mode forwards that autograd does not record are noised too.
+
+    By default a forward under ``torch.no_grad()`` or ``torch.inference_mode()`` gets no noise,
+    even in train mode: those are not training steps (DPO/KTO reference log-probs computed from
+    the model being trained, generation in train mode for RL rollouts). This restores noising
+    them. Nests; not thread-local. (A reentrant ``torch.utils.checkpoint`` around the embedding
+    runs its first forward without grad: keep the embedding outside it, as transformers does.)
+    """
+    global _noise_without_grad_depth
+    _noise_without_grad_depth += 1
+    try:
+        yield
+    finally:
+        _noise_without_grad_depth -= 1
+
+
 class NoisyEmbedding(nn.Embedding):
     """``nn.Embedding`` with NEFTune noise in train mode; the same ``state_dict`` and weight.
 
-    In eval mode, with ``noise_alpha == 0`` or under :func:`no_noise`, ``forward`` is exactly
-    ``F.embedding``. In train mode each call draws a fresh 64-bit seed from ``generator``
+    In eval mode, with ``noise_alpha == 0``, under :func:`no_noise`, or in a forward that autograd
+    does not record (``torch.no_grad``, ``inference_mode``; see :func:`noise_without_grad`),
+    ``forward`` is exactly ``F.embedding``. In train mode each call draws a fresh 64-bit seed from ``generator``
     (default: torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible;
     CPU draws need no device sync) and calls :func:`neft_kernels.noisy_embedding`.
     ``noise_alpha`` may be changed at any step.
@@ -176,7 +197,8 @@ class NoisyEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self._noise_alpha == 0 or _no_noise_depth:
+        if not self.training or self._noise_alpha == 0 or _no_noise_depth or not (
+                torch.is_grad_enabled() or _noise_without_grad_depth):
             return super().forward(input_ids)
         if attention_mask is None and position_ids is None and cu_seqlens is None and self._side_input_stack:
             attention_mask, position_ids, cu_seqlens = self._pending_side_inputs(input_ids)

@@ -274,3 +274,33 @@ def test_loss_curves_agree_with_transformers_own_neftune_within_the_seed_spread(
     spread = torch.maximum(ours.std(0), theirs.std(0)) / len(seeds) ** 0.5  # standard error of a mean
     assert (gap <= 3 * spread + 0.02).float().mean() >= 0.9, (gap, spread)
     assert abs(ours[:, -10:].mean() - theirs[:, -10:].mean()) <= 3 * ours[:, -10:].mean(1).std() + 0.02
+
+
+def test_trl_dpo_reference_pass_is_clean_and_policy_pass_noised(tmp_path):
+    """TRL's DPO computes reference log-probs from the same PEFT model, adapter disabled, under
+    no_grad and in train mode: that pass gets no noise; the policy pass does."""
+    trl = pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"t{int(t)}" for t in torch.randint(2, VOCAB, (n,), generator=g))
+
+    data = datasets.Dataset.from_dict({"prompt": [text(5) for _ in range(8)], "chosen": [text(4) for _ in range(8)],
+                                       "rejected": [text(3) for _ in range(8)]})
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    calls = []
+
+    class _Record(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            for emb in (m for m in model.modules() if isinstance(m, NoisyEmbedding)):
+                emb.register_forward_hook(lambda m, a, out: calls.append(
+                    (torch.is_grad_enabled(), torch.equal(out, nn.functional.embedding(a[0], m.weight)))))
+
+    config = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                           use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32)
+    trl.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=_tiny_tokenizer(),
+                   callbacks=[NEFTuneCallback(ALPHA), _Record()]).train()
+    reference = [clean for grad, clean in calls if not grad]
+    policy = [clean for grad, clean in calls if grad]
+    assert reference and all(reference)  # the reference pass: plain embeddings
+    assert policy and not any(policy)  # the policy pass: noised

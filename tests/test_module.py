@@ -134,3 +134,21 @@ def test_bad_settings_are_refused():
 
 def test_repr_names_the_noise():
     assert "noise_alpha=5.0" in repr(NoisyEmbedding(10, 4))
+
+
+def test_forwards_autograd_does_not_record_get_no_noise_unless_asked():
+    """no_grad / inference_mode passes (reference log-probs, train-mode generation) are clean by default."""
+    from neft_kernels import noise_without_grad
+
+    emb = NoisyEmbedding(50, 12, noise_alpha=5.0).train()
+    ids = torch.randint(0, 50, (2, 7))
+    plain = F.embedding(ids, emb.weight).detach()
+    with torch.no_grad():
+        assert torch.equal(emb(ids), plain)
+        with noise_without_grad():
+            assert not torch.equal(emb(ids), plain)
+    with torch.inference_mode():
+        assert torch.equal(emb(ids), plain)
+    assert not torch.equal(emb(ids).detach(), plain)  # with grad recorded: noise, frozen weight or not
+    emb.weight.requires_grad_(False)
+    assert not torch.equal(emb(ids), plain)
