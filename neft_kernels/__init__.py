@@ -1,11 +1,11 @@
 """Fused NEFTune noisy embeddings: one pass, per-sequence lengths, bit-exact Philox noise."""
 
-from .integrations import patch_model, patched, unpatch_model
+from .integrations import is_patched, patch_model, patched, unpatch_model
 from .module import NoisyEmbedding, make_noisy, make_plain, no_noise, noise_without_grad
 from .ops import add_noise, noisy_embedding
 from .spec import SPEC_VERSION
 from .id_check import set_id_check
 
 __all__ = ["NoisyEmbedding", "noisy_embedding", "add_noise", "no_noise", "noise_without_grad", "make_noisy",
-           "make_plain", "patch_model", "unpatch_model", "patched", "set_id_check", "SPEC_VERSION"]
+           "make_plain", "patch_model", "unpatch_model", "patched", "is_patched", "set_id_check", "SPEC_VERSION"]
 __version__ = "0.1.0"

@@ -255,7 +255,8 @@ class NoisyEmbedding(nn.Embedding):
         return _rebuild_noisy, (base,), self.__dict__
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}"
+        return (f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}, "
+                f"backend={self.backend}")
 
 
 @cache

@@ -335,6 +335,7 @@ def test_misspelled_callback_option_is_refused_at_construction():
         NEFTuneCallback(noise_aplha=5.0)
     with pytest.raises(ValueError, match="length_mode"):
         NEFTuneCallback(5.0, length_mode="per-sequence")
+    assert repr(NEFTuneCallback(5.0, length_mode="padded")) == "NEFTuneCallback(noise_alpha=5.0, length_mode='padded')"
 
 
 def test_from_embedding_keeps_a_subclass_forward():
@@ -448,3 +449,15 @@ def test_a_call_with_inputs_embeds_only_is_untouched():
     patch_model(model, ALPHA)
     with torch.no_grad():
         assert torch.equal(model(inputs_embeds=embeds, attention_mask=mask).logits, plain)
+
+
+def test_patching_says_once_what_it_patched(caplog):
+    import logging
+
+    model = build("llama")
+    with caplog.at_level(logging.INFO, logger="neft_kernels"):
+        patch_model(model, ALPHA)
+        patch_model(model, 3.0)  # an update of the options: not said again
+    said = [r.getMessage() for r in caplog.records if r.name == "neft_kernels"]
+    assert len(said) == 1 and "model.embed_tokens" in said[0] and "noise_alpha=5.0" in said[0], said
+    assert neft_kernels.is_patched(model) and "noise_alpha=3.0" in repr(model.get_input_embeddings())

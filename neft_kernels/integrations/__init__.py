@@ -1,9 +1,9 @@
 """Integrations with the fine-tuning ecosystem. ``patch_model`` and friends need no transformers
 import; ``NEFTuneCallback`` imports transformers when first accessed."""
 
-from .hf import patch_model, patched, unpatch_model
+from .hf import is_patched, patch_model, patched, unpatch_model
 
-__all__ = ["patch_model", "unpatch_model", "patched", "NEFTuneCallback"]
+__all__ = ["patch_model", "unpatch_model", "patched", "is_patched", "NEFTuneCallback"]
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@ each hook finds its embeddings below the module it runs on.
 from __future__ import annotations
 
 import inspect
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,6 +24,7 @@ from torch import nn
 from .. import validation
 from ..module import MADE_PLAIN, NoisyEmbedding, make_noisy, make_plain
 
+logger = logging.getLogger("neft_kernels")
 _SIDE_INPUTS = ("attention_mask", "position_ids")
 # flash-attention's packed-sequence starts, as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 # passes them down through the models' **kwargs.
@@ -243,7 +245,8 @@ def refuse_other_neftune(model: nn.Module) -> None:
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` holds a noisy embedding or our hooks (from :func:`patch_model`)."""
+    """Whether ``model`` holds an embedding made noisy by :func:`patch_model` (or ``make_noisy``), or
+    our hooks: the check that the noise is on."""
     return any(isinstance(m, NoisyEmbedding) and "_neft_original_class" in vars(m) or _has_our_hook(m)
                for m in model.modules())
 
@@ -272,9 +275,14 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
             raise ValueError(f"{type(emb).__name__}(sparse=True) cannot be patched: the fused backward produces a "
                              "dense gradient")
     refuse_other_neftune(model)
+    first_time = not is_patched(model)
     embeddings = [make_noisy(e, noise_alpha, **options) for e in targets]
     _hook_ancestors(model, embeddings)
     vars(model)[_OPTIONS] = dict(noise_alpha=noise_alpha, **options)
+    if first_time:  # said once per patch, not per call
+        names = sorted({name for name, m in model.named_modules() if any(m is e for e in embeddings)})
+        logger.info("NEFTune noise on %s of %s: noise_alpha=%s, length_mode=%s, backend=%s", ", ".join(names),
+                    type(model).__name__, noise_alpha, length_mode, backend)
     return model
 
 

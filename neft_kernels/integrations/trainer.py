@@ -40,6 +40,10 @@ class NEFTuneCallback(TrainerCallback):
         self._restore = None
         self._wrapped: set[int] = set()
 
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"NEFTuneCallback(noise_alpha={self.noise_alpha}{options})"
+
     def _refuse_double_noise(self, args) -> None:
         if getattr(args, "neftune_noise_alpha", None) is not None:
             raise ValueError(
