@@ -15,8 +15,10 @@ def _llama_like(config_cls, model_cls, **extra):
 
 
 def _gpt2():
+    # No dropout: train-mode logits without noise must equal eval's, as for the other families.
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                                                n_positions=128, bos_token_id=1, eos_token_id=1))
+                                                                n_positions=128, bos_token_id=1, eos_token_id=1,
+                                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def _gemma3():

@@ -57,7 +57,7 @@ def test_patch_is_drop_in_and_unpatch_restores(arch):
     model.train()
     with no_noise():
         clean = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(clean, eval_logits) or arch == "gpt2"  # gpt2 has dropout in train mode
+    assert torch.equal(clean, eval_logits)
     loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and weight.grad is not None

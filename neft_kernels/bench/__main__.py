@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import host, measure, report, train_step
-from .impls import implementations
+from .impls import implementations, inputs
 
 PASSES = ("forward", "backward", "forward_backward")
 MODELS = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "small": (1024, 32000)}
@@ -47,17 +47,6 @@ def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dt
         runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 5, 5)]
         return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 5)]
     return [("tiny-llama", torch.float32, 4, 128, 2, 5 if quick else 9)]
-
-
-def _inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(vocab, d, generator=gen).to(dtype).to(device).requires_grad_()
-    ids = torch.randint(0, vocab, (b, length), generator=gen).to(device)
-    # Real lengths from half the row to all of it: padding as in a typical instruction batch.
-    real = torch.linspace(length // 2, length, b).long()
-    mask = (torch.arange(length)[None, :] < real[:, None]).long().to(device)
-    grad_out = torch.randn(b, length, d, generator=gen).to(dtype).to(device)
-    return ids, weight, mask, grad_out
 
 
 def _pass_fn(pass_: str, fn, ids, weight, mask, grad_out):
@@ -98,11 +87,11 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     floors = _philox_floors(device, shape_list, reps)
     records = []
     configs = [(s, dt, p) for s in shape_list for dt in dtypes for p in PASSES]
-    inputs_key, inputs = None, None
+    batch_key, batch = None, None
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
-        if inputs_key != ((b, length, d, vocab), dtype):  # configs come grouped by shape and dtype
-            inputs_key, inputs = ((b, length, d, vocab), dtype), _inputs(b, length, d, vocab, dtype, device)
-        ids, weight, mask, grad_out = inputs
+        if batch_key != ((b, length, d, vocab), dtype):  # configs come grouped by shape and dtype
+            batch_key, batch = ((b, length, d, vocab), dtype), inputs(b, length, d, vocab, dtype, device)
+        ids, weight, mask, grad_out = batch
         fns = {i: _pass_fn(pass_, i.fn, ids, weight, mask, grad_out) for i in impls}
         times = measure.interleaved_times(fns, device, reps=reps, inner=inner)
         elem = weight.element_size()

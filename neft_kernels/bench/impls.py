@@ -75,3 +75,15 @@ def implementations(device: torch.device, backends: list[str] | None = None) -> 
     if device.type == "cuda":  # what the id range check (one min/max and a host-device sync) costs
         impls += [Impl("neft_no_id_check", b, _neft(b, id_check=False)) for b in (backends or neft_backends(device))]
     return impls
+
+
+def inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    """(ids, weight requiring grad, attention_mask, output gradient) of one benchmark shape."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, d, generator=gen).to(dtype).to(device).requires_grad_()
+    ids = torch.randint(0, vocab, (b, length), generator=gen).to(device)
+    # Real lengths from half the row to all of it: padding as in a typical instruction batch.
+    real = torch.linspace(length // 2, length, b).long()
+    mask = (torch.arange(length)[None, :] < real[:, None]).long().to(device)
+    grad_out = torch.randn(b, length, d, generator=gen).to(dtype).to(device)
+    return ids, weight, mask, grad_out
