@@ -1,5 +1,6 @@
 """The benchmark command in its default (short) mode and its measuring tools."""
 
+import builtins
 import csv
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from neft_kernels.bench import measure
@@ -72,3 +74,22 @@ def test_default_benchmark_writes_json_csv_and_plot(tmp_path):
     assert [r["variant"] for r in steps] == ["none", "hf_hook", "patch_model"]
     assert all(r["step_ms"] > 0 and r["peak_bytes"] > 0 for r in steps)
     assert "Training steps" in res.stdout and "Host time per eager forward call" in res.stdout
+
+
+def test_cli_lists_its_choices_and_checks_plot_before_running(monkeypatch, capsys):
+    from neft_kernels.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--backend", "mps"])
+    assert "invalid choice" in capsys.readouterr().err
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit):
+        main(["--plot", "r.png"])
+    assert "pip install 'neft_kernels[bench]'" in capsys.readouterr().err

@@ -125,21 +125,28 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m neft_kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="default: cuda if present")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                         help="repeatable; default both")
-    parser.add_argument("--backend", action="append", help="neft backends to time (default: the device's best)")
+    parser.add_argument("--backend", action="append", choices=["triton", "cuda", "cpu", "torch"],
+                        help="neft backends to time, repeatable (default: the device's available ones)")
     parser.add_argument("--full", action="store_true",
-                        help="every shape and both training-step models (default: a short run, about 3 minutes "
+                        help="every shape and both training-step models (default: a short run, about a minute "
                              "on 2 CPU cores)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--shape", action="append", metavar="B,L,d,V",
                         type=lambda text: tuple(int(x) for x in text.split(",")), help="repeatable; replaces the default shapes")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--csv", type=Path)
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--plot", type=Path, help="a PNG of speed-up and memory (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.plot:  # fail before the run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'neft_kernels[bench]'")
     device = torch.device(args.device)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
     quick = not args.full
