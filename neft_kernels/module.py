@@ -163,9 +163,16 @@ class NoisyEmbedding(nn.Embedding):
         :func:`make_noisy` does, so it computes what the source computes (plus noise in train mode).
         """
         validation.check_noise_options(noise_alpha, kwargs)
-        if cls is NoisyEmbedding and not isinstance(embedding, NoisyEmbedding) and \
-                type(embedding).forward is not nn.Embedding.forward:
+        base = vars(embedding).get("_neft_original_class", type(embedding))  # a patched one: its own class
+        if base.forward is not nn.Embedding.forward and not issubclass(base, NoisyEmbedding):
+            if cls is not NoisyEmbedding:
+                raise TypeError(f"{cls.__name__}.from_embedding cannot keep {base.__name__}'s own forward: use "
+                                f"NoisyEmbedding.from_embedding, which returns a noisy {base.__name__}")
             copy_ = copy.deepcopy(embedding, memo={id(embedding.weight): embedding.weight})
+            for hooks in (copy_._forward_hooks, copy_._forward_pre_hooks, copy_._forward_hooks_with_kwargs,
+                          copy_._forward_pre_hooks_with_kwargs, copy_._forward_hooks_always_called):
+                hooks.clear()  # a new module: none of the source's hooks (another NEFTune's, say)
+            vars(copy_).pop("neftune_noise_alpha", None)
             return make_noisy(copy_, noise_alpha, **kwargs)
         module = cls(
             embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,

@@ -461,3 +461,48 @@ def test_patching_says_once_what_it_patched(caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "neft_kernels"]
     assert len(said) == 1 and "model.embed_tokens" in said[0] and "noise_alpha=5.0" in said[0], said
     assert neft_kernels.is_patched(model) and "noise_alpha=3.0" in repr(model.get_input_embeddings())
+
+
+def test_patched_restores_exactly_the_state_it_found():
+    """A hand-built NoisyEmbedding keeps its options; a model made noisy by hand gets no leftover hooks;
+    an embedding made plain by hand comes back plain (and stays plain)."""
+    model = build("llama")
+    model.set_input_embeddings(NoisyEmbedding.from_embedding(model.get_input_embeddings(), 1.0))
+    with patched(model, 5.0):
+        assert model.get_input_embeddings().noise_alpha == 5.0
+    assert model.get_input_embeddings().noise_alpha == 1.0 and not is_patched(model)
+
+    model = build("llama")
+    neft_kernels.make_noisy(model.get_input_embeddings(), 2.0)
+    with patched(model, 5.0):
+        pass
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert model.get_input_embeddings().noise_alpha == 2.0 and "_neft_patch_options" not in vars(model)
+
+    model = patch_model(build("llama"), ALPHA)
+    neft_kernels.make_plain(model.get_input_embeddings())
+    with patched(model, 5.0):
+        assert isinstance(model.get_input_embeddings(), NoisyEmbedding)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    ids, mask = padded_batch()
+    model.train()(input_ids=ids, attention_mask=mask)
+    assert type(model.get_input_embeddings()) is nn.Embedding  # still plain after a call
+
+
+def test_from_embedding_of_a_patched_scaled_embedding_keeps_the_scale_and_drops_its_hooks():
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    source = build("gemma3").get_input_embeddings()
+    ids, _ = padded_batch()
+    scaled = source(ids).detach()
+    neft_kernels.make_noisy(source, 1.0)
+    source.register_forward_hook(neftune_post_forward_hook)  # would add noise twice if copied
+    copy_ = NoisyEmbedding.from_embedding(source, 5.0)
+    assert torch.equal(copy_.eval()(ids), scaled) and not copy_._forward_hooks
+    assert copy_.weight is source.weight and source.noise_alpha == 1.0
+
+    class Mine(NoisyEmbedding):
+        pass
+
+    with pytest.raises(TypeError, match="NoisyEmbedding.from_embedding"):
+        Mine.from_embedding(build("gemma3").get_input_embeddings())

@@ -304,3 +304,20 @@ def test_trl_dpo_reference_pass_is_clean_and_policy_pass_noised(tmp_path):
     policy = [clean for grad, clean in calls if grad]
     assert reference and all(reference)  # the reference pass: plain embeddings
     assert policy and not any(policy)  # the policy pass: noised
+
+
+def test_callback_reused_across_trainers_restores_after_a_failed_run(tmp_path):
+    """One callback, several Trainers: each is wrapped (by object, not id), and a run that raised is
+    restored by then; the model ends plain."""
+    model = build("llama")
+    callback = NEFTuneCallback(ALPHA)
+    for fail in (True, False, True):
+        trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(),
+                                       data_collator=_collate, callbacks=[callback, _Probe(1 if fail else None)])
+        if fail:
+            with pytest.raises(RuntimeError, match="training failed"):
+                trainer.train()
+        else:
+            trainer.train()
+        assert not is_patched(model)
+        del trainer

@@ -78,8 +78,9 @@ class _SideInputHook:
     pickles (``torch.save(model)``) and deep-copies with its hooks.
 
     The innermost call decides each side input its ``forward`` takes (a decoder called without a
-    mask gets none, not its encoder's); one it does not take comes from the enclosing frame (BERT's
-    embeddings module takes ``position_ids`` but not the model's ``attention_mask``). The outermost
+    mask gets none, not its encoder's); a mask or position ids it does not take come from the
+    enclosing frame (BERT's embeddings module takes ``position_ids`` but not the model's
+    ``attention_mask``); ``cu_seqlens`` always comes from the innermost call. The outermost
     module's pre-hook first drops frames that an interrupted call (``KeyboardInterrupt`` skips
     ``always_call`` hooks) left behind, and makes noisy again an input embedding that was replaced
     since patching (``resize_token_embeddings``).
@@ -88,8 +89,8 @@ class _SideInputHook:
     def __init__(self, paths: tuple[str, ...], signature: inspect.Signature, outermost: bool, pop: bool):
         self.paths, self.outermost, self.pop = paths, outermost, pop
         self.var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        self.takes = (*(name in signature.parameters for name in _SIDE_INPUTS),
-                      _CU_SEQLENS in signature.parameters or self.var_keyword is not None)
+        # cu_seqlens indexes one call's flat tokens: never inherited (a decoder must not get its encoder's).
+        self.takes = (*(name in signature.parameters for name in _SIDE_INPUTS), True)
         self._signature = signature
         setattr(self, _MARK, True)
 
@@ -313,18 +314,28 @@ def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_
 
 
 def _snapshot(model: nn.Module):
-    """A function that puts ``model``'s patch state back as it is now: unpatched, or patched with
-    its current options."""
-    before = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
-    was_patched, root_options = is_patched(model), vars(model).get(_OPTIONS)
+    """A function that puts ``model``'s patch state back exactly as it is now: which embeddings are
+    noisy and with which options (hand-built ones too), which modules carry our hooks, what
+    ``patch_model`` last recorded on the root, and which embeddings were made plain by hand."""
+    noisy = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
+    plain = [(e, vars(e).get(MADE_PLAIN)) for e in model.modules()
+             if isinstance(e, nn.Embedding) and not isinstance(e, NoisyEmbedding)]
+    hooked = {id(m) for m in model.modules() if _has_our_hook(m)}
+    root_options = vars(model).get(_OPTIONS)
 
     def restore() -> None:
-        if not was_patched:
-            unpatch_model(model)
-            return
-        for emb, opts in before:
+        for module in model.modules():
+            if id(module) not in hooked:
+                _remove_our_hooks(module)
+        for emb, made_plain in plain:
+            make_plain(emb)
+            if not made_plain:
+                vars(emb).pop(MADE_PLAIN, None)
+        for emb, opts in noisy:
             emb.configure_noise(**opts)
-        if root_options is not None:
+        if root_options is None:
+            vars(model).pop(_OPTIONS, None)
+        else:
             vars(model)[_OPTIONS] = root_options
 
     return restore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 
 from transformers import Trainer, TrainerCallback
 
@@ -38,7 +39,7 @@ class NEFTuneCallback(TrainerCallback):
         self.noise_alpha = validation.check_noise_options(noise_alpha, options)  # a misspelling fails here
         self.options = options
         self._restore = None
-        self._wrapped: set[int] = set()
+        self._wrapped: weakref.WeakSet = weakref.WeakSet()  # by object: a freed trainer's id can come back
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -57,9 +58,9 @@ class NEFTuneCallback(TrainerCallback):
             self._restore = None
 
     def _wrap_train(self, trainer: Trainer | None) -> None:
-        if trainer is None or id(trainer) in self._wrapped:
+        if trainer is None or trainer in self._wrapped:
             return
-        self._wrapped.add(id(trainer))
+        self._wrapped.add(trainer)
         train = trainer.train
 
         @functools.wraps(train)
@@ -84,6 +85,7 @@ class NEFTuneCallback(TrainerCallback):
             # transformers attached its hook as train() began: take it off again, then refuse.
             remove_other_neftune(model)
             self._refuse_double_noise(args)
+        self._unpatch()  # a run that ended without on_train_end (it raised, unwrapped): restore it first
         restore = _snapshot(model)
         patch_model(model, self.noise_alpha, **self.options)  # refuses any other NEFTune hook left on it
         self._restore = restore
