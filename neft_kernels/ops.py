@@ -199,8 +199,7 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
                      length_mode, padding_idx, scale_grad_by_freq, backend, check_ids: bool) -> torch.Tensor:
     """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function."""
     validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens)
-    if length_mode not in LENGTH_MODES:
-        validation.check_choice("length_mode", length_mode, LENGTH_MODES)
+    validation.check_choice("length_mode", length_mode, LENGTH_MODES)
     seed = validation.normalize_seed(seed, weight.device)
     if padding_idx is not None:
         padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
