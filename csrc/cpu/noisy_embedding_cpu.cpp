@@ -269,6 +269,16 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
   });
 }
 
+// The per-token scales of n tokens in rows of ``width`` from the optional side inputs.
+void side_input_scales(float* scales, int64_t n, int64_t width, double alpha, int64_t d,
+                       const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& positions,
+                       const c10::optional<torch::Tensor>& cu_seqlens) {
+  TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
+  if (cu_seqlens) TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
+  per_sequence_scales(scales, n / width, width, alpha, d, IntView(mask), IntView(positions), IntView(cu_seqlens),
+                      cu_seqlens ? cu_seqlens->numel() : 0);
+}
+
 }  // namespace
 
 // ids of any shape into a (V, d) weight -> (ids.shape + (d,) noisy rows, min id, max id), spec v1.
@@ -293,11 +303,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward(
   if (n == 0 || d == 0) return {out, id_min, id_max};
   std::vector<float> scales;
   if (per_sequence) {
-    TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
-    if (cu_seqlens) TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
     scales.resize(n);
-    per_sequence_scales(scales.data(), n / width, width, alpha, d, IntView(mask), IntView(positions),
-                        IntView(cu_seqlens), cu_seqlens ? cu_seqlens->numel() : 0);
+    side_input_scales(scales.data(), n, width, alpha, d, mask, positions, cu_seqlens);
   }
   const float* s_ptr = per_sequence ? scales.data() : nullptr;
   const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
@@ -316,9 +323,7 @@ torch::Tensor token_scales(int64_t n, double alpha, int64_t d, int64_t width, co
                            const c10::optional<torch::Tensor>& cu_seqlens) {
   torch::Tensor out = torch::empty({n}, torch::kFloat);
   if (n == 0) return out;
-  TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
-  per_sequence_scales(out.data_ptr<float>(), n / width, width, alpha, d, IntView(mask), IntView(positions),
-                      IntView(cu_seqlens), cu_seqlens ? cu_seqlens->numel() : 0);
+  side_input_scales(out.data_ptr<float>(), n, width, alpha, d, mask, positions, cu_seqlens);
   return out;
 }
 
