@@ -1,7 +1,8 @@
-"""The NEFTune noise stream, spec v1, and its pure-PyTorch reference.
+"""The NEFTune noise stream, spec v2, and its pure-PyTorch reference.
 
 Every backend must reproduce :func:`reference_forward` bit for bit. The spec, in words
-(also in the README):
+(also in ``docs/spec.md``). Spec v1 is the uniform stream; v2 keeps it unchanged and adds the
+Gaussian stream (:func:`gaussian_pair`), the paper's ablation:
 
 For the token at flattened index ``n`` of ``input_ids``, embedding dim ``d``, 64-bit seed ``s``
 and integer ``offset``:
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+DISTRIBUTIONS = ("uniform", "gaussian")
 
 # Philox4x32-10 constants (Salmon et al. 2011), as used by Triton's tl.randint4x.
 PHILOX_ROUNDS = 10
@@ -90,22 +92,101 @@ def uniform_pm1(bits: torch.Tensor) -> torch.Tensor:
     return (u * 2) - 1
 
 
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# Spec v2's Gaussian constants: float32 values (each literal rounds to the float32 written here).
+LN2 = 0.693147182  # float32(ln 2)
+LOG_POLY = (0.222222224, 0.285714298, 0.400000006, 0.666666687)  # 2/9, 2/7, 2/5, 2/3
+HALF_PI = 1.57079637  # float32(pi / 2)
+SIN_POLY = (2.75573188e-06, -0.000198412701, 0.00833333377, -0.166666672)  # 1/9!, -1/7!, 1/5!, -1/3!
+COS_POLY = (2.48015876e-05, -0.00138888892, 0.0416666679, -0.5)  # 1/8!, -1/6!, 1/4!, -1/2!
+SQRT_HALF = 0.707106769  # float32(sqrt(1/2))
+SQRT2_BITS = 0x3FB504F3  # float32(sqrt 2): mantissas above it are halved
+
+
+def _horner(x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    """``((c0 * x + c1) * x + c2) ...`` in float32, each product and sum rounded (no FMA)."""
+    p = _f32(coefficients[0]).expand_as(x)
+    for c in coefficients[1:]:
+        p = p * x + _f32(c)
+    return p
+
+
+def log_f32(u: torch.Tensor) -> torch.Tensor:
+    """Spec v2's natural log of float32 ``u`` in ``(0, 1)``: IEEE ``+ - * /`` and integer ops only.
+
+    ``u = m * 2**E`` with ``m`` in ``[sqrt(1/2), sqrt(2)]``; ``s = (m - 1) / (m + 1)``;
+    ``ln m = (s + s) + (s * z) * P(z)`` with ``z = s * s``, ``P`` = :data:`LOG_POLY` by Horner;
+    ``ln u = float32(E) * LN2 + ln m``.
+    """
+    bits = u.view(torch.int32).to(torch.int64)
+    exponent = (bits >> 23) - 127
+    mantissa_bits = (bits & 0x7FFFFF) | 0x3F800000
+    big = mantissa_bits > SQRT2_BITS
+    m = mantissa_bits.to(torch.int32).view(torch.float32)
+    m = torch.where(big, m * _f32(0.5), m)
+    exponent = torch.where(big, exponent + 1, exponent)
+    s = (m - 1) / (m + 1)
+    z = s * s
+    ln_m = (s + s) + (s * z) * _horner(z, LOG_POLY)
+    return exponent.to(torch.float32) * _f32(LN2) + ln_m
+
+
+def gaussian_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec v2's map of two unsigned 32-bit words (in int64) to two float32 standard normals.
+
+    Box-Muller with written-out, IEEE-rounded steps (float32, no FMA):
+
+    * ``u1 = (float32(a >> 9) + 0.5) * 2**-23`` in ``(0, 1)``; ``u2 = float32(b >> 8) * 2**-24``
+      in ``[0, 1)`` (both exact).
+    * ``R = sqrt(max(-2 * log_f32(u1), 0))``.
+    * ``t = u2 * 4``, quadrant ``q = int(t)``, ``h = (t - q) - 0.5``, ``phi = h * HALF_PI``;
+      ``p = phi * phi``; ``sin phi = phi + (phi * p) * S(p)``, ``cos phi = 1 + p * C(p)``
+      (:data:`SIN_POLY`, :data:`COS_POLY` by Horner); then ``c = (cos phi - sin phi) * SQRT_HALF``,
+      ``s = (cos phi + sin phi) * SQRT_HALF`` (the angle ``pi/4 + phi``), turned by ``q``
+      quarter turns: ``(c, s)``, ``(-s, c)``, ``(-c, -s)``, ``(s, -c)`` for ``q = 0, 1, 2, 3``.
+    * ``(R * cos, R * sin)``.
+    """
+    u1 = ((a >> 9).to(torch.float32) + _f32(0.5)) * _f32(2.0 ** -23)
+    u2 = (b >> 8).to(torch.float32) * _f32(2.0 ** -24)
+    # The float32 square root, correctly rounded: ATen's vectorised CPU sqrt is not (AVX-512), and
+    # the float64 root rounded to float32 is (its error is far below the distance to a midpoint).
+    radius = torch.sqrt(torch.clamp(log_f32(u1) * _f32(-2.0), min=0.0).double()).float()
+    t = u2 * _f32(4.0)
+    quadrant = t.to(torch.int64)
+    phi = ((t - quadrant.to(torch.float32)) - _f32(0.5)) * _f32(HALF_PI)
+    p = phi * phi
+    sin_phi = phi + (phi * p) * _horner(p, SIN_POLY)
+    cos_phi = _f32(1.0) + p * _horner(p, COS_POLY)
+    c = (cos_phi - sin_phi) * _f32(SQRT_HALF)
+    s = (cos_phi + sin_phi) * _f32(SQRT_HALF)
+    cos = torch.where(quadrant == 0, c, torch.where(quadrant == 1, -s, torch.where(quadrant == 2, -c, s)))
+    sin = torch.where(quadrant == 0, s, torch.where(quadrant == 1, c, torch.where(quadrant == 2, -s, -c)))
+    return radius * cos, radius * sin
+
+
 def noise(n_tokens: int, embedding_dim: int, seed: int, offset: int = 0,
-          device: torch.device | str = "cpu", first_token: int = 0) -> torch.Tensor:
+          device: torch.device | str = "cpu", first_token: int = 0, distribution: str = "uniform") -> torch.Tensor:
     """Unscaled noise ``e`` of tokens ``first_token .. first_token + n_tokens`` as (n_tokens, d) float32."""
     q = num_lanes(embedding_dim)
     tok = torch.arange(first_token, first_token + n_tokens, dtype=torch.int64, device=device)
     lane = torch.arange(q, dtype=torch.int64, device=device)
     counter = offset + tok[:, None] * q + lane[None, :]
-    words = philox4x32_10(counter, seed)
-    # Quarter w of the row is word r_w: stacking on dim 1 lays dim j = w * Q + k out row-major.
-    e = torch.stack([uniform_pm1(r) for r in words], dim=1).reshape(n_tokens, 4 * q)
+    r0, r1, r2, r3 = philox4x32_10(counter, seed)
+    if distribution == "gaussian":
+        quarters = (*gaussian_pair(r0, r1), *gaussian_pair(r2, r3))
+    else:
+        quarters = tuple(uniform_pm1(r) for r in (r0, r1, r2, r3))
+    # Quarter w of the row comes from word r_w: stacking on dim 1 lays dim j = w * Q + k out row-major.
+    e = torch.stack(quarters, dim=1).reshape(n_tokens, 4 * q)
     return e[:, :embedding_dim]
 
 
 def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
-                      seed: int, offset: int = 0) -> torch.Tensor:
-    """Spec v1 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
+                      seed: int, offset: int = 0, distribution: str = "uniform") -> torch.Tensor:
+    """Spec v2 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
 
     ``scale`` is the per-token float32 ``scale_n`` as an ``(N,)`` tensor, or one float for all.
     """
@@ -118,7 +199,7 @@ def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     chunk = max(1, _CHUNK_ELEMENTS // max(d, 1))
     for start in range(0, n_tokens, chunk):
         stop = min(start + chunk, n_tokens)
-        e = noise(stop - start, d, seed, offset, weight.device, first_token=start)
+        e = noise(stop - start, d, seed, offset, weight.device, first_token=start, distribution=distribution)
         s = scale[start:stop, None] if scale.dim() else scale
         rows = weight[ids[start:stop]].to(torch.float32)
         out[start:stop] = (rows + e * s).to(weight.dtype)

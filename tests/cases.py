@@ -50,30 +50,40 @@ def make_weight(num_embeddings: int, d: int, dtype: torch.dtype, device: str = "
     return (torch.randn(num_embeddings, d, generator=g) * 0.1).to(dtype).to(device)
 
 
-def expected(ids, weight, alpha, seed, offset, mask, pos, length_mode, cu=None) -> torch.Tensor:
+def expected(ids, weight, alpha, seed, offset, mask, pos, length_mode, cu=None, distribution="uniform",
+             noise_mask=None) -> torch.Tensor:
     """Spec model output as a torch tensor of weight's dtype and ids.shape + (d,)."""
     dtype = str(weight.dtype).removeprefix("torch.")
     out = spec_model.noisy_embedding(
         ids.cpu().numpy(), to_numpy_raw(weight), dtype, alpha, seed, offset,
         None if mask is None else mask.cpu().numpy(), None if pos is None else pos.cpu().numpy(),
-        length_mode, None if cu is None else cu.cpu().numpy())
+        length_mode, None if cu is None else cu.cpu().numpy(), distribution,
+        None if noise_mask is None else noise_mask.cpu().numpy())
     t = torch.from_numpy(np.ascontiguousarray(out))
     if weight.dtype == torch.bfloat16:
         t = t.view(torch.int16).view(torch.bfloat16)
     return t.reshape(*ids.shape, weight.shape[1])
 
 
+def noise_mask_for(shape: tuple[int, int], device: str = "cpu") -> torch.Tensor:
+    """A response-only noise mask: the first few tokens of each row (the prompt) get no noise."""
+    return (torch.arange(shape[1]) >= torch.tensor([3, 1, 6])[: shape[0], None]).to(device)
+
+
 def check_matches_spec_model(backend: str, dtype: torch.dtype, d: int, kind: str, length_mode: str,
-                             device: str = "cpu") -> None:
+                             device: str = "cpu", distribution: str = "uniform", with_noise_mask: bool = False) -> None:
     """A (3, 11) batch through ``backend`` equals the spec model bit for bit, over every seed."""
     weight = make_weight(37, d, dtype, device)
     ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d)).to(device)
     mask, pos = side_inputs(kind, (3, 11), device)
     cu = cu_seqlens_for(kind, (3, 11), device)
+    noise_mask = noise_mask_for((3, 11), device) if with_noise_mask else None
     for seed, offset in zip(SEEDS, OFFSETS * 2):
-        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask,
-                              position_ids=pos, cu_seqlens=cu, length_mode=length_mode, backend=backend)
-        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode, cu))
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask, position_ids=pos,
+                              cu_seqlens=cu, length_mode=length_mode, backend=backend, distribution=distribution,
+                              noise_mask=noise_mask)
+        assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode, cu, distribution,
+                                        noise_mask))
 
 
 def scale_cases(width: int):

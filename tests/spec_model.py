@@ -1,4 +1,5 @@
-"""An independent NumPy model of noise spec v1, written from the README's text.
+"""An independent NumPy model of noise spec v2 (v1's uniform stream and v2's Gaussian), written from
+``docs/spec.md``.
 
 It shares no code with ``neft_kernels``: Philox in uint32/uint64 arithmetic, lengths by plain
 loops over rows, bf16 rounding by integer ops. Tests compare every backend with it bit for bit.
@@ -28,8 +29,50 @@ def philox4x32_10(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack([x.astype(np.uint32) for x in c], axis=-1)
 
 
-def unit_noise(n_tokens: int, d: int, seed: int, offset: int) -> np.ndarray:
-    """``e`` of spec v1 as float32 (n_tokens, d)."""
+F = np.float32
+
+
+def _poly(x: np.ndarray, coefficients) -> np.ndarray:
+    p = np.full_like(x, F(coefficients[0]))
+    for c in coefficients[1:]:
+        p = (p * x).astype(np.float32) + F(c)
+    return p
+
+
+def _ln(u: np.ndarray) -> np.ndarray:
+    """docs/spec.md's float32 log of u in (0, 1)."""
+    bits = u.view(np.uint32)
+    e = (bits >> np.uint32(23)).astype(np.int32) - 127
+    mbits = (bits & np.uint32(0x7FFFFF)) | np.uint32(0x3F800000)
+    m = mbits.view(np.float32)
+    big = mbits > np.uint32(0x3FB504F3)
+    m = np.where(big, m * F(0.5), m)
+    e = np.where(big, e + 1, e)
+    s = (m - F(1)) / (m + F(1))
+    z = s * s
+    return e.astype(np.float32) * F(0.693147182) + ((s + s) + (s * z) * _poly(z, (0.222222224, 0.285714298,
+                                                                                 0.400000006, 0.666666687)))
+
+
+def _box_muller(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint32 words -> two float32 normals, step by step as docs/spec.md writes them."""
+    u1 = ((a >> np.uint32(9)).astype(np.float32) + F(0.5)) * F(2.0 ** -23)
+    u2 = (b >> np.uint32(8)).astype(np.float32) * F(2.0 ** -24)
+    r = np.sqrt(np.maximum(_ln(u1) * F(-2), F(0)))
+    t = u2 * F(4)
+    q = t.astype(np.int32)
+    phi = ((t - q.astype(np.float32)) - F(0.5)) * F(1.57079637)
+    p = phi * phi
+    sin = phi + (phi * p) * _poly(p, (2.75573188e-06, -0.000198412701, 0.00833333377, -0.166666672))
+    cos = F(1) + p * _poly(p, (2.48015876e-05, -0.00138888892, 0.0416666679, -0.5))
+    c, s = (cos - sin) * F(0.707106769), (cos + sin) * F(0.707106769)
+    cos_t = np.select([q == 0, q == 1, q == 2], [c, -s, -c], s)
+    sin_t = np.select([q == 0, q == 1, q == 2], [s, c, -s], -c)
+    return r * cos_t, r * sin_t
+
+
+def unit_noise(n_tokens: int, d: int, seed: int, offset: int, distribution: str = "uniform") -> np.ndarray:
+    """``e`` of spec v2 as float32 (n_tokens, d): uniform (v1) or Gaussian."""
     q = (d + 3) // 4
     n = np.arange(n_tokens, dtype=np.uint64)[:, None]
     k = np.arange(q, dtype=np.uint64)[None, :]
@@ -39,6 +82,10 @@ def unit_noise(n_tokens: int, d: int, seed: int, offset: int) -> np.ndarray:
     ctr[..., 1] = (c >> np.uint64(32)).astype(np.uint32)
     s = seed % (1 << 64)
     r = philox4x32_10(ctr, (s & 0xFFFFFFFF, s >> 32))  # (n, q, 4)
+    if distribution == "gaussian":
+        z = [*_box_muller(r[..., 0], r[..., 1]), *_box_muller(r[..., 2], r[..., 3])]
+        e = np.stack(z, axis=-1).astype(np.float32)
+        return np.transpose(e, (0, 2, 1)).reshape(n_tokens, 4 * q)[:, :d]
     x = r.view(np.int32).astype(np.int64)
     x = np.where(x < 0, -x - 1, x)
     u = x.astype(np.float32) * np.float32(4.6566127342e-10)
@@ -88,13 +135,17 @@ def widen(w: np.ndarray, dtype: str) -> np.ndarray:
 
 def noisy_embedding(ids: np.ndarray, weight: np.ndarray, dtype: str, alpha: float, seed: int,
                     offset: int = 0, attention_mask=None, position_ids=None,
-                    length_mode="per_sequence", cu_seqlens=None) -> np.ndarray:
-    """Spec v1 output, flattened to (N, d), in ``dtype`` (bf16 as uint16 words)."""
+                    length_mode="per_sequence", cu_seqlens=None, distribution="uniform",
+                    noise_mask=None) -> np.ndarray:
+    """Spec v2 output, flattened to (N, d), in ``dtype`` (bf16 as uint16 words). ``noise_mask``:
+    tokens where it is 0 get no noise (they still count towards L)."""
     d = weight.shape[1]
     flat = np.asarray(ids).reshape(-1)
     lengths, noised = token_lengths(np.shape(ids), attention_mask, position_ids, length_mode, cu_seqlens)
+    if noise_mask is not None:
+        noised = noised & (np.broadcast_to(np.asarray(noise_mask), np.shape(ids)).reshape(-1) != 0)
     scale = np.array([np.float32(alpha / math.sqrt(L * d)) if (ok and L > 0) else np.float32(0)
                       for L, ok in zip(lengths, noised)], dtype=np.float32)
-    e = unit_noise(flat.size, d, seed, offset)
+    e = unit_noise(flat.size, d, seed, offset, distribution)
     w = widen(weight[flat], dtype)
     return round_to(w + (e * scale[:, None]).astype(np.float32), dtype)
