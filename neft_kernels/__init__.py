@@ -3,9 +3,11 @@
 from .integrations import is_patched, patch_model, patched, unpatch_model
 from .module import NoisyEmbedding, make_noisy, make_plain, no_noise, noise_without_grad
 from .ops import add_noise, noisy_embedding
+from .options import NoiseOptions
+from .schedules import AlphaScheduler, alpha_schedule
 from .spec import SPEC_VERSION
 from .id_check import set_id_check
 
-__all__ = ["NoisyEmbedding", "noisy_embedding", "add_noise", "no_noise", "noise_without_grad", "make_noisy",
+__all__ = ["NoisyEmbedding", "NoiseOptions", "alpha_schedule", "AlphaScheduler", "noisy_embedding", "add_noise", "no_noise", "noise_without_grad", "make_noisy",
            "make_plain", "patch_model", "unpatch_model", "patched", "is_patched", "set_id_check", "SPEC_VERSION"]
 __version__ = "0.1.0"

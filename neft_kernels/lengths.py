@@ -60,34 +60,24 @@ def _cu_starts(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return flags[:n]
 
 
-def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
-                 attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None,
-                 cu_seqlens: torch.Tensor | None = None,
-                 length_mode: str = "per_sequence") -> torch.Tensor | float:
-    """``scale_n`` of every token of an ``input_ids`` of ``shape``, flattened row-major.
-
-    Returns one float when every token shares it (``"padded"``, or no mask and no position ids),
-    else a float32 tensor of ``numel`` scales, 0 for tokens that get no noise.
-
-    * ``"padded"``: Hugging Face's rule, ``L`` = the row width, every token noised.
-    * ``"per_sequence"``: a sub-sequence starts at each row start, wherever ``position_ids``
-      is 0 and at each entry of ``cu_seqlens`` (flat token indices); ``L_n`` counts the real
-      (``attention_mask != 0``) tokens of token n's sub-sequence; masked tokens get no noise.
-
-    The reference for every backend's on-device scales: about ten tensor ops per call.
-    """
+def token_lengths(shape: torch.Size, *, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                  noise_mask: torch.Tensor | None = None, length_mode: str = "per_sequence",
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(L_n, noised_n)`` of every token of an ``input_ids`` of ``shape``, flattened row-major:
+    the float64 lengths and a bool tensor (None: every token is noised). See :func:`token_scales`."""
     rows, width = _rows(shape)
-    if length_mode == "padded" or (attention_mask is None and position_ids is None and cu_seqlens is None):
-        return scale_for_length(alpha, max(width, 1), embedding_dim)
-
-    device = next(t for t in (attention_mask, position_ids, cu_seqlens) if t is not None).device
     n = rows * width
-    if n == 0:
-        return torch.zeros(0, dtype=torch.float32, device=device)
+    if length_mode == "padded":
+        attention_mask = position_ids = cu_seqlens = None
+    if device is None:
+        device = next(t.device for t in (attention_mask, position_ids, cu_seqlens, noise_mask) if t is not None)
     real = (attention_mask.expand(shape).reshape(n) != 0) if attention_mask is not None else None
-    if position_ids is None and cu_seqlens is None:  # a padded batch: one sequence per row
-        length = real.view(rows, width).sum(-1, keepdim=True, dtype=torch.float64).expand(rows, width).reshape(n)
+    if position_ids is None and cu_seqlens is None:  # a padded batch, or plain rows: one sequence per row
+        if real is None:
+            length = torch.full((n,), float(width), dtype=torch.float64, device=device)
+        else:
+            length = real.view(rows, width).sum(-1, keepdim=True, dtype=torch.float64).expand(rows, width).reshape(n)
     else:
         starts = torch.zeros(n, dtype=torch.bool, device=device)
         if position_ids is not None:
@@ -95,10 +85,54 @@ def token_scales(shape: torch.Size, alpha: float, embedding_dim: int, *,
         if cu_seqlens is not None:
             starts |= _cu_starts(cu_seqlens, n)
         length = _subsequence_lengths(starts.view(rows, width), real)
+    noised = real
+    if noise_mask is not None:
+        wanted = noise_mask.expand(shape).reshape(n) != 0
+        noised = wanted if noised is None else noised & wanted
+    return length, noised
 
+
+def token_scales(shape: torch.Size, alpha: float | torch.Tensor, embedding_dim: int, *,
+                 attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None,
+                 cu_seqlens: torch.Tensor | None = None,
+                 noise_mask: torch.Tensor | None = None,
+                 length_mode: str = "per_sequence",
+                 device: torch.device | None = None) -> torch.Tensor | float:
+    """``scale_n`` of every token of an ``input_ids`` of ``shape``, flattened row-major.
+
+    Returns one float when every token shares it (``"padded"``, or no side input, with a float
+    ``alpha`` and no ``noise_mask``), else a float32 tensor of ``numel`` scales on ``device``
+    (default: the side inputs'), 0 for tokens that get no noise.
+
+    * ``"padded"``: Hugging Face's rule, ``L`` = the row width, every token noised.
+    * ``"per_sequence"``: a sub-sequence starts at each row start, wherever ``position_ids``
+      is 0 and at each entry of ``cu_seqlens`` (flat token indices); ``L_n`` counts the real
+      (``attention_mask != 0``) tokens of token n's sub-sequence; masked tokens get no noise.
+    * ``noise_mask``: tokens where it is 0 get no noise; they still count towards ``L``.
+    * ``alpha``: a float, or a 0-d float64 tensor (read on the device, not on the host).
+
+    The reference for every backend's on-device scales: about ten tensor ops per call.
+    """
+    rows, width = _rows(shape)
+    if length_mode == "padded":
+        attention_mask = position_ids = cu_seqlens = None
+    side = (attention_mask, position_ids, cu_seqlens, noise_mask)
+    tensor_alpha = isinstance(alpha, torch.Tensor)
+    if all(t is None for t in side) and not tensor_alpha:
+        return scale_for_length(alpha, max(width, 1), embedding_dim)
+    if device is None:
+        device = next(t.device for t in (*side, alpha) if isinstance(t, torch.Tensor))
+    if rows * width == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    length, noised = token_lengths(shape, attention_mask=attention_mask, position_ids=position_ids,
+                                   cu_seqlens=cu_seqlens, noise_mask=noise_mask, device=device)
     root = torch.sqrt(length.clamp(min=1) * embedding_dim)
     # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.
-    scale = torch.div(torch.full_like(root, alpha), root).to(torch.float32)
-    if real is not None:
-        scale = torch.where(real, scale, 0.0)
+    numerator = alpha.to(torch.float64).expand_as(root) if tensor_alpha else torch.full_like(root, alpha)
+    scale = torch.div(numerator, root).to(torch.float32)
+    if embedding_dim == 0:
+        scale = torch.zeros_like(scale)
+    if noised is not None:
+        scale = torch.where(noised, scale, 0.0)
     return scale

@@ -14,8 +14,13 @@ from . import validation
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
 from .ops import _noisy_embedding, add_noise
+from .options import NoiseOptions
+from .telemetry import NoiseStats
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
+_STATS_SIDE = ("attention_mask", "position_ids", "cu_seqlens", "noise_mask", "length_mode")
+# A side-input frame's noise_mask when the noised tokens come from labels and the call had none.
+MISSING_LABELS = object()
 _no_noise_depth = 0
 _noise_without_grad_depth = 0
 
@@ -59,13 +64,19 @@ class NoisyEmbedding(nn.Embedding):
 
     In eval mode, with ``noise_alpha == 0``, under :func:`no_noise`, or in a forward that autograd
     does not record (``torch.no_grad``, ``inference_mode``; see :func:`noise_without_grad`),
-    ``forward`` is exactly ``F.embedding``. In train mode each call draws a fresh 64-bit seed from ``generator``
-    (default: torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible;
-    CPU draws need no device sync) and calls :func:`neft_kernels.noisy_embedding`.
-    ``noise_alpha`` may be changed at any step.
+    ``forward`` is exactly ``F.embedding``. In train mode each call draws a fresh 64-bit seed from
+    the ``generator`` option (default: torch's default CPU generator, so ``torch.manual_seed`` makes
+    runs reproducible; CPU draws need no device sync) and calls :func:`neft_kernels.noisy_embedding`.
 
-    ``attention_mask`` and ``position_ids`` come as ``forward`` arguments or, for callers that
-    pass only ids (as Hugging Face models do), from an enclosing :meth:`side_inputs` block.
+    The noise options (``noise_alpha``, ``length_mode``, ``distribution``, ``backend``,
+    ``generator``, ``tp_group``, ...) are those of :class:`~neft_kernels.NoiseOptions`, passed as
+    keywords; ``noise_options`` holds them. ``noise_alpha`` may change at any step: the module also
+    keeps it as a 0-d float64 tensor on the weight's device, updated in place, which compiled
+    graphs and captured CUDA graphs read, so a new value needs no recompile and no re-capture.
+
+    ``attention_mask``, ``position_ids``, ``cu_seqlens`` and ``noise_mask`` come as ``forward``
+    arguments or, for callers that pass only ids (as Hugging Face models do), from an enclosing
+    :meth:`side_inputs` block.
     """
 
     # Set by noisy_class for subclasses with their own forward (a scaled embedding, say): noise
@@ -85,51 +96,53 @@ class NoisyEmbedding(nn.Embedding):
         _freeze: bool = False,
         device=None,
         dtype=None,
-        *,
-        noise_alpha: float = 5.0,
-        length_mode: str = "per_sequence",
-        backend: str = "auto",
-        generator: torch.Generator | None = None,
-        tp_group=None,
+        **noise_options,
     ) -> None:
+        options = NoiseOptions.make(**noise_options)
         if sparse:
             raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward "
                              "produces a dense gradient")
         super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type,
                          scale_grad_by_freq, sparse, _weight, _freeze, device, dtype)
-        self.configure_noise(noise_alpha, length_mode=length_mode, backend=backend, generator=generator,
-                             tp_group=tp_group)
+        self.configure_noise(options)
 
-    def configure_noise(self, noise_alpha: float, *, length_mode: str = "per_sequence", backend: str = "auto",
-                        generator: torch.Generator | None = None, tp_group=None) -> None:
-        """Set (or change) the noise options, all validated before any is set."""
-        alpha = validation.check_noise_options(noise_alpha, dict(length_mode=length_mode, backend=backend,
-                                                                 generator=generator, tp_group=tp_group))
-        self._noise_alpha = alpha
-        self.length_mode = length_mode
-        self.backend = backend
-        self.generator = generator
-        self.tp_group = tp_group
-        if not hasattr(self, "_side_input_stack"):
+    def configure_noise(self, options: NoiseOptions | None = None, /, **changes) -> None:
+        """Set the noise options: ``options`` (default: the current ones) with ``changes``, all
+        checked before any is set."""
+        options = NoiseOptions.make(options if options is not None else vars(self).get("noise_options"), **changes)
+        self.noise_options = options
+        self._noise_on = options.noise_alpha != 0
+        alpha = vars(self).get("_alpha_data")
+        if alpha is not None and alpha.device == self.weight.device:
+            with torch.no_grad():
+                alpha.fill_(options.noise_alpha)  # in place: compiled and captured graphs read this tensor
+        else:
+            self._alpha_data = torch.tensor(options.noise_alpha, dtype=torch.float64, device=self.weight.device)
+        if "_side_input_stack" not in vars(self):
             self._side_input_stack: list[tuple[torch.Tensor | None, ...]] = []
+            self._noise_stats: NoiseStats | None = None
 
-    def noise_options(self) -> dict:
-        """The current options, as :meth:`configure_noise` takes them."""
-        return dict(noise_alpha=self.noise_alpha, length_mode=self.length_mode, backend=self.backend,
-                    generator=self.generator, tp_group=self.tp_group)
+    def _apply(self, fn, recurse=True):
+        # ``.to(device)`` / ``.cuda()`` / ``to_empty``: alpha's tensor follows the weight's device
+        # (and stays float64 whatever the weight's dtype becomes).
+        result = super()._apply(fn, recurse)
+        if "noise_options" in vars(self) and self._alpha_data.device != self.weight.device:
+            self._alpha_data = torch.tensor(self.noise_options.noise_alpha, dtype=torch.float64,
+                                            device=self.weight.device)
+        return result
 
     @contextmanager
     def side_inputs(self, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                    cu_seqlens: torch.Tensor | None = None) -> Iterator[None]:
-        """Supply ``attention_mask`` / ``position_ids`` / ``cu_seqlens`` to calls inside the block that
-        pass only ids.
+                    cu_seqlens: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Supply ``attention_mask`` / ``position_ids`` / ``cu_seqlens`` / ``noise_mask`` to calls
+        inside the block that pass only ids.
 
-        Blocks nest and the innermost decides both (an encoder's mask must not reach a decoder
+        Blocks nest and the innermost decides all (an encoder's mask must not reach a decoder
         called without one). A tensor whose shape does not broadcast to the ids' (a mask over
         past tokens, a 4-D attention mask) or a non-tensor (a dict of masks, a ``BlockMask``) is
         not a per-token input and is ignored.
         """
-        self._side_input_stack.append((attention_mask, position_ids, cu_seqlens))
+        self._side_input_stack.append((attention_mask, position_ids, cu_seqlens, noise_mask))
         try:
             yield
         finally:
@@ -137,22 +150,27 @@ class NoisyEmbedding(nn.Embedding):
 
     @property
     def noise_alpha(self) -> float:
-        """NEFTune's alpha; settable at any step, refused if negative, NaN or infinite."""
-        return self._noise_alpha
+        """NEFTune's alpha; settable at any step (also between compiled calls and CUDA-graph
+        replays), refused if negative, NaN or infinite."""
+        return self.noise_options.noise_alpha
 
     @noise_alpha.setter
     def noise_alpha(self, value: float) -> None:
-        self._noise_alpha = validation.check_alpha(value)
+        self.configure_noise(noise_alpha=value)
 
     def _pending_side_inputs(self, input_ids: torch.Tensor):
         """The innermost frame's side inputs that apply to these ids (others are not per-token inputs)."""
-        mask, positions, cu_seqlens = self._side_input_stack[-1]
-        mask, positions = ((t != 0 if t.is_floating_point() else t) if validation.broadcasts_to(t, input_ids.shape)
-                           else None for t in (mask, positions))
+        mask, positions, cu_seqlens, noise_mask = self._side_input_stack[-1]
+        if noise_mask is MISSING_LABELS:
+            raise ValueError(f"noise_tokens={self.noise_options.noise_tokens!r} takes the noised tokens from the "
+                             "labels the model is called with, and this call has none")
+        mask, positions, noise_mask = ((t != 0 if t.is_floating_point() else t)
+                                       if validation.broadcasts_to(t, input_ids.shape) else None
+                                       for t in (mask, positions, noise_mask))
         # cu_seqlens indexes the flat tokens; the hooks pass it on only as a 1-D tensor.
         if cu_seqlens is not None and cu_seqlens.device != input_ids.device:
             cu_seqlens = None
-        return mask, positions, cu_seqlens
+        return mask, positions, cu_seqlens, noise_mask
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
@@ -162,7 +180,7 @@ class NoisyEmbedding(nn.Embedding):
         ``forward``: the result is a copy of it, sharing the weight, made noisy as
         :func:`make_noisy` does, so it computes what the source computes (plus noise in train mode).
         """
-        validation.check_noise_options(noise_alpha, kwargs)
+        NoiseOptions.make(noise_alpha=noise_alpha, **kwargs)  # refused before anything is built
         base = vars(embedding).get("_neft_original_class", type(embedding))  # a patched one: its own class
         if base.forward is not nn.Embedding.forward and not issubclass(base, NoisyEmbedding):
             if cls is not NoisyEmbedding:
@@ -183,49 +201,73 @@ class NoisyEmbedding(nn.Embedding):
         module.train(embedding.training)
         return module
 
-    def _draw_seed(self, device: torch.device) -> int | torch.Tensor:
-        """This call's seed, from ``generator`` (default: torch's CPU generator), with no sync.
+    def _draw_seed(self, device: torch.device, graph: bool) -> int | torch.Tensor:
+        """This call's seed, from the ``generator`` option (default: torch's CPU generator), with no sync.
 
         Eagerly a host int. Traced by ``torch.compile``, a 0-d int64 tensor, so that the graph takes
-        it as an input. On a CUDA weight, while a CUDA graph is captured or a graph compiled, it is
-        drawn on the device (from ``generator`` if that is a CUDA generator, else the device's default
-        one), whose Philox state is graph-safe: every replay draws a new seed, reproducibly from
-        ``torch.manual_seed``.
+        it as an input. On a CUDA weight, while a CUDA graph is captured or a graph compiled
+        (``graph``), it is drawn on the device (from the generator if that is a CUDA generator,
+        else the device's default one), whose Philox state is graph-safe: every replay draws a new
+        seed, reproducibly from ``torch.manual_seed``.
         """
-        compiling = torch.compiler.is_compiling()
-        if device.type == "cuda" and (compiling or torch.cuda.is_current_stream_capturing()):
-            generator = self.generator
+        generator = self.noise_options.generator
+        if graph and device.type == "cuda":
             if generator is not None and generator.device.type != "cuda":
                 raise RuntimeError("NoisyEmbedding(generator=...) is a CPU generator: under CUDA graph capture its "
                                    "seeds would be frozen into the graph. Pass a CUDA generator, or none")
             return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
-        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=self.generator)
-        return seed if compiling else seed.item()
+        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=generator)
+        return seed if graph else seed.item()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self._noise_alpha == 0 or _no_noise_depth or not (
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or not self._noise_on or _no_noise_depth or not (
                 torch.is_grad_enabled() or _noise_without_grad_depth):
             return super().forward(input_ids)
-        if attention_mask is None and position_ids is None and cu_seqlens is None and self._side_input_stack:
-            attention_mask, position_ids, cu_seqlens = self._pending_side_inputs(input_ids)
-        weight = self.weight
-        seed, offset = self._draw_seed(weight.device), rank_offset(self.tp_group, weight)
+        if attention_mask is None and position_ids is None and cu_seqlens is None and noise_mask is None \
+                and self._side_input_stack:
+            attention_mask, position_ids, cu_seqlens, noise_mask = self._pending_side_inputs(input_ids)
+        weight, options = self.weight, self.noise_options
+        # Compiled or captured: alpha as the tensor the graph reads (a new value needs no recompile).
+        graph = torch.compiler.is_compiling() or (weight.device.type == "cuda"
+                                                 and torch.cuda.is_current_stream_capturing())
+        alpha = self._alpha_data if graph else options.noise_alpha
+        call = dict(seed=self._draw_seed(weight.device, graph), offset=rank_offset(options.tp_group, weight),
+                    attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                    noise_mask=noise_mask, length_mode=options.length_mode, distribution=options.distribution,
+                    backend=options.backend)
         if self._noise_after_own_forward or self.max_norm is not None or is_dtensor(weight):
-            return self._forward_special(input_ids, dict(
-                seed=seed, offset=offset, attention_mask=attention_mask, position_ids=position_ids,
-                cu_seqlens=cu_seqlens, length_mode=self.length_mode, backend=self.backend))
-        return _noisy_embedding(input_ids, weight, self._noise_alpha, seed, offset, attention_mask, position_ids,
-                                cu_seqlens, self.length_mode, self.padding_idx, self.scale_grad_by_freq, self.backend,
-                                check_ids=True)
+            out = self._forward_special(input_ids, alpha, call)
+        else:
+            out = _noisy_embedding(input_ids, weight, alpha, padding_idx=self.padding_idx,
+                                   scale_grad_by_freq=self.scale_grad_by_freq, check_ids=True, **call)
+        if self._noise_stats is not None and not graph and not is_dtensor(weight):
+            with torch.no_grad():
+                clean = super().forward(input_ids)
+            self._noise_stats.add(input_ids, clean, out, {k: call[k] for k in _STATS_SIDE})
+        return out
 
-    def _forward_special(self, input_ids: torch.Tensor, options: dict) -> torch.Tensor:
+    def record_noise_stats(self) -> None:
+        """Record statistics of the following noised eager calls until :meth:`read_noise_stats`:
+        device tensor work only (an extra lookup per call), for a logging step."""
+        if self._noise_stats is None:
+            self._noise_stats = NoiseStats()
+
+    def read_noise_stats(self) -> dict[str, float]:
+        """The statistics recorded since :meth:`record_noise_stats` (one host read; then recording
+        stops): ``noised_fraction`` of the tokens, their ``mean_length`` (``L``) and ``noise_ratio``
+        (mean noise norm over embedding norm). Empty when no noised call was recorded."""
+        stats, self._noise_stats = self._noise_stats, None
+        return {} if stats is None else stats.read()
+
+    def _forward_special(self, input_ids: torch.Tensor, alpha, call: dict) -> torch.Tensor:
         """The forward of a tensor-parallel weight, a subclass's own forward, or ``max_norm``."""
         if is_dtensor(self.weight):
-            return self._noise_after_reduction(input_ids, options)
+            return self._noise_after_reduction(input_ids, alpha, call)
         if self._noise_after_own_forward:
             # Noise on the subclass's output (after Gemma's scale, say), as transformers' hook adds it.
-            return add_noise(super().forward(input_ids), self.noise_alpha, **options)
+            return add_noise(super().forward(input_ids), alpha, **call)
         # max_norm: F.embedding renormalizes the looked-up rows in place too; the ids are refused
         # first (ATen's renorm does not bounds-check on a GPU; this check syncs there), or clamped
         # where the check is off.
@@ -234,12 +276,10 @@ class NoisyEmbedding(nn.Embedding):
         with torch.no_grad():
             torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
                                     self.norm_type)
-        return _noisy_embedding(input_ids, self.weight, self._noise_alpha, options["seed"], options["offset"],
-                                options["attention_mask"], options["position_ids"], options["cu_seqlens"],
-                                self.length_mode, self.padding_idx, self.scale_grad_by_freq, self.backend,
-                                check_ids=True)
+        return _noisy_embedding(input_ids, self.weight, alpha, padding_idx=self.padding_idx,
+                                scale_grad_by_freq=self.scale_grad_by_freq, check_ids=True, **call)
 
-    def _noise_after_reduction(self, input_ids, options: dict) -> torch.Tensor:
+    def _noise_after_reduction(self, input_ids, alpha, call: dict) -> torch.Tensor:
         """Tensor parallel (a DTensor weight, e.g. ``RowwiseParallel``): look up, reduce the partial
         rows once, add the noise (the same on every rank of the group), hand back a replicated
         DTensor that the parallel style lays out as it was asked to."""
@@ -248,9 +288,9 @@ class NoisyEmbedding(nn.Embedding):
         out = super().forward(input_ids)
         mesh = out.device_mesh
         full = out.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
-        if isinstance(options["attention_mask"], DTensor) or isinstance(options["position_ids"], DTensor):
+        if any(isinstance(call[k], DTensor) for k in ("attention_mask", "position_ids", "noise_mask")):
             raise TypeError("tensor-parallel side inputs must be plain (replicated) tensors")
-        noisy = add_noise(full, self.noise_alpha, **options)
+        noisy = add_noise(full, alpha, **call)
         return DTensor.from_local(noisy, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
     def __reduce_ex__(self, protocol):
@@ -262,8 +302,9 @@ class NoisyEmbedding(nn.Embedding):
         return _rebuild_noisy, (base,), self.__dict__
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, noise_alpha={self.noise_alpha}, length_mode={self.length_mode}, "
-                f"backend={self.backend}")
+        options = self.noise_options
+        return (f"{super().extra_repr()}, noise_alpha={options.noise_alpha}, length_mode={options.length_mode}, "
+                f"distribution={options.distribution}, backend={options.backend}")
 
 
 @cache
@@ -294,11 +335,11 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
     """Turn ``embedding`` itself into a :class:`NoisyEmbedding`, in place.
 
     The module object, its weight Parameter (so tied heads stay tied), its buffers and its
-    ``state_dict`` stay the same; only the class changes. Calling it again updates the options.
-    :func:`make_plain` undoes it. ``options``: ``length_mode``, ``backend``, ``generator``,
-    ``tp_group``. Every option is checked first: when it raises, the module is as it was.
+    ``state_dict`` stay the same; only the class changes. Calling it again sets the options
+    (:class:`~neft_kernels.NoiseOptions`, as keywords). :func:`make_plain` undoes it. Every option
+    is checked first: when it raises, the module is as it was.
     """
-    validation.check_noise_options(noise_alpha, options)
+    noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
     vars(embedding).pop(MADE_PLAIN, None)
@@ -307,7 +348,7 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
     if not isinstance(embedding, NoisyEmbedding):
         vars(embedding)["_neft_original_class"] = type(embedding)
         embedding.__class__ = noisy_class(type(embedding))
-    embedding.configure_noise(noise_alpha, **options)
+    embedding.configure_noise(noise_options)
     return embedding
 
 
@@ -322,6 +363,7 @@ def _without_noise(cls: type, noisy: type, original: type) -> type:
     return type(cls.__name__.replace(noisy.__name__, original.__name__), bases, namespace)
 
 
+_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")  # what configure_noise sets
 MADE_PLAIN = "_neft_made_plain"  # set by make_plain: patch_model's hooks leave such an embedding plain
 
 
@@ -331,6 +373,6 @@ def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     if original is not None:
         vars(embedding)[MADE_PLAIN] = True
         embedding.__class__ = _without_noise(type(embedding), noisy_class(original), original)
-        for name in ("_noise_alpha", "length_mode", "backend", "generator", "tp_group", "_side_input_stack"):
+        for name in _STATE:
             vars(embedding).pop(name, None)
     return embedding

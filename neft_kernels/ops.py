@@ -18,20 +18,24 @@ from . import validation
 from .backends import module, resolve
 from .id_check import check_id_range, device_id_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
-from .spec import SUPPORTED_DTYPES
+from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES
 
-_NONE = (None, None, None)
+_NONE = (None, None, None, None)
 
 
-def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float,
-                  alpha: float, width: int, attention_mask: Optional[torch.Tensor],
-                  position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], per_sequence: bool,
-                  backend: str, check_ids: bool) -> torch.Tensor:
+def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, alpha: float | torch.Tensor,
+                  offset: int, scale: float, width: int, attention_mask: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                  noise_mask: Optional[torch.Tensor], per_token: bool, gaussian: bool, backend: str,
+                  check_ids: bool) -> torch.Tensor:
     if isinstance(seed, torch.Tensor) and seed.device.type == "cpu":
         seed = int(seed)
+    if isinstance(alpha, torch.Tensor) and alpha.device.type == "cpu":
+        alpha = float(alpha)  # no sync; only an accelerator's kernels read alpha from memory
     flag = device_id_flag(ids) if check_ids and ids.device.type != "cpu" else None
-    out = module(backend).forward(ids, weight, seed, offset, None if per_sequence else scale, alpha, width,
-                                  attention_mask, position_ids, cu_seqlens, None if flag is None else flag.buffer)
+    out = module(backend).forward(ids, weight, seed, offset, None if per_token else scale, alpha, width,
+                                  attention_mask, position_ids, cu_seqlens, noise_mask, gaussian,
+                                  None if flag is None else flag.buffer)
     if flag is not None:
         flag.read_back()
     return out
@@ -46,24 +50,26 @@ def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padd
 
 
 @torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())
-def _forward_op(ids: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, offset: int, scale: float, alpha: float,
-                width: int, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                cu_seqlens: Optional[torch.Tensor], per_sequence: bool, padding_idx: Optional[int],
-                scale_grad_by_freq: bool, backend: str, check_ids: bool = True) -> torch.Tensor:
-    """Ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v1.
+def _forward_op(ids: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, alpha: torch.Tensor, offset: int,
+                scale: float, width: int, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor], noise_mask: Optional[torch.Tensor], per_token: bool,
+                gaussian: bool, padding_idx: Optional[int], scale_grad_by_freq: bool, backend: str,
+                check_ids: bool = True) -> torch.Tensor:
+    """Ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v2.
 
-    ``scale`` for every token, or with ``per_sequence`` the scales the backend derives from
-    ``alpha`` and the side inputs (``(rows, width)`` views; ``cu_seqlens`` 1-D). ``seed``: a 0-d
-    int64 tensor on the CPU or on the weight's device (read by the kernel: graph-safe).
-    ``padding_idx`` and ``scale_grad_by_freq`` only shape the gradient.
+    ``scale`` for every token, or with ``per_token`` the scales the backend derives from ``alpha``
+    (a 0-d float64 tensor, on the CPU or read by the kernel on the weight's device) and the side
+    inputs (``(rows, width)`` views; ``cu_seqlens`` 1-D). ``seed``: a 0-d int64 tensor on the CPU
+    or on the weight's device (read by the kernel: graph-safe). ``padding_idx`` and
+    ``scale_grad_by_freq`` only shape the gradient.
     """
-    return _forward_impl(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens,
-                         per_sequence, backend, check_ids)
+    return _forward_impl(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids, cu_seqlens,
+                         noise_mask, per_token, gaussian, backend, check_ids)
 
 
 @_forward_op.register_fake
-def _(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens, per_sequence,
-      padding_idx, scale_grad_by_freq, backend, check_ids=True):
+def _(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids, cu_seqlens, noise_mask, per_token,
+      gaussian, padding_idx, scale_grad_by_freq, backend, check_ids=True):
     return weight.new_empty(*ids.shape, weight.shape[1])
 
 
@@ -101,22 +107,25 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
         return (_backward_op if via_op else _backward_impl)(grad_rows, ids.reshape(-1), *ctx.grad_args)
 
     @staticmethod
-    def forward(ctx, ids, weight, seed, attention_mask, position_ids, cu_seqlens, args):
-        offset, scale, alpha, width, per_sequence, padding_idx, scale_grad_by_freq, backend, check_ids = args
+    def forward(ctx, ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
+        offset, scale, width, per_token, gaussian, padding_idx, scale_grad_by_freq, backend, check_ids = args
         _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
         if torch.compiler.is_compiling():
             if not isinstance(seed, torch.Tensor):
                 seed = torch.tensor(seed, dtype=torch.int64)
-            return _forward_op(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids,
-                               cu_seqlens, per_sequence, padding_idx, scale_grad_by_freq, backend, check_ids)
-        return _forward_impl(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids, cu_seqlens,
-                             per_sequence, backend, check_ids)
+            if not isinstance(alpha, torch.Tensor):
+                alpha = torch.tensor(alpha, dtype=torch.float64)
+            return _forward_op(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids,
+                               cu_seqlens, noise_mask, per_token, gaussian, padding_idx, scale_grad_by_freq, backend,
+                               check_ids)
+        return _forward_impl(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids, cu_seqlens,
+                             noise_mask, per_token, gaussian, backend, check_ids)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
-        return None, grad_weight, None, None, None, None, None
+        return None, grad_weight, None, None, None, None, None, None, None
 
 
 # Function.apply's Python wrapper (signature binding, functorch wrapper checks over every argument)
@@ -131,7 +140,7 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_output):
-    return (None, _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, True), *(None,) * 13)
+    return (None, _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, True), *(None,) * 15)
 
 
 _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -149,24 +158,29 @@ def _rows(t: Optional[torch.Tensor], shape: torch.Size, rows: int, width: int) -
 def noisy_embedding(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
-    noise_alpha: float,
+    noise_alpha: float | torch.Tensor,
     *,
     seed: int | torch.Tensor,
     offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    noise_mask: torch.Tensor | None = None,
     length_mode: str = "per_sequence",
+    distribution: str = "uniform",
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Embedding lookup plus NEFTune noise in one pass, bit-exact to noise spec v1.
+    """Embedding lookup plus NEFTune noise in one pass, bit-exact to noise spec v2.
 
     Args:
         input_ids: integer token ids of any shape; the last dim is the sequence.
         weight: ``(num_embeddings, embedding_dim)`` float32, bfloat16 or float16 table.
-        noise_alpha: NEFTune's alpha; the noise is ``Uniform(-1, 1) * alpha / sqrt(L * d)``.
+        noise_alpha: NEFTune's alpha; the noise is ``e * alpha / sqrt(L * d)``. A float, or a
+            0-d floating tensor on the CPU or on the weight's device: there the kernels read it
+            (a compiled graph takes it as an input, a captured CUDA graph reads its current
+            value at each replay); its value is not checked on the host (that would sync).
         seed: 64-bit Philox key: an int in ``[-2**63, 2**64)``, or a 0-d int64 tensor on the CPU
             or on the weight's device (read by the kernel there, so a captured CUDA graph uses
             the seed each replay draws).
@@ -179,8 +193,13 @@ def noisy_embedding(
             flash-attention requires; a sub-sequence starts at each entry (the same ``L`` as the
             equivalent ``position_ids``). Its values are not read on the host (that would sync):
             repeated entries and entries outside ``[0, N)`` mark no extra start.
+        noise_mask: tokens where it is 0 get no noise but still count towards ``L`` (response-
+            or prompt-only noise, a multimodal model's placeholder tokens); broadcasts like
+            ``attention_mask``.
         length_mode: ``"per_sequence"`` (the paper's per-sequence ``L``) or ``"padded"``
             (Hugging Face's: ``L`` = padded width, every token noised).
+        distribution: ``"uniform"`` (``e ~ U(-1, 1)``, spec v1) or ``"gaussian"`` (``e ~ N(0, 1)``,
+            spec v2's Box-Muller stream), at the same scale.
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.
         scale_grad_by_freq: divide each row's gradient by its id's count in the batch.
         backend: ``"triton"``, ``"cpu"``, ``"cuda"`` (compiled ``csrc/``), ``"torch"`` (the
@@ -190,16 +209,20 @@ def noisy_embedding(
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable
         with respect to ``weight``.
     """
-    return _noisy_embedding(input_ids, weight, validation.check_alpha(noise_alpha), seed, offset, attention_mask,
-                            position_ids, cu_seqlens, length_mode, padding_idx, scale_grad_by_freq, backend,
-                            check_ids=True)
+    return _noisy_embedding(input_ids, weight, validation.check_alpha_arg(noise_alpha, weight), seed=seed,
+                            offset=offset, attention_mask=attention_mask, position_ids=position_ids,
+                            cu_seqlens=cu_seqlens, noise_mask=noise_mask, length_mode=length_mode,
+                            distribution=distribution, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
+                            backend=backend, check_ids=True)
 
 
-def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_mask, position_ids, cu_seqlens,
-                     length_mode, padding_idx, scale_grad_by_freq, backend, check_ids: bool) -> torch.Tensor:
+def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, *, seed, offset, attention_mask, position_ids,
+                     cu_seqlens, noise_mask, length_mode, distribution, padding_idx, scale_grad_by_freq, backend,
+                     check_ids: bool) -> torch.Tensor:
     """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function."""
-    validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens)
+    validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens, noise_mask)
     validation.check_choice("length_mode", length_mode, LENGTH_MODES)
+    validation.check_choice("distribution", distribution, DISTRIBUTIONS)
     seed = validation.normalize_seed(seed, weight.device)
     if padding_idx is not None:
         padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
@@ -207,27 +230,36 @@ def _noisy_embedding(input_ids, weight, alpha: float, seed, offset, attention_ma
     width = shape[-1] if shape else 1
     n = input_ids.numel()
     rows = n // width if width else 0
-    per_sequence = length_mode == "per_sequence" and n > 0 and weight.shape[1] > 0 and (
-        attention_mask is not None or position_ids is not None or cu_seqlens is not None)
-    if per_sequence:
-        side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens)
+    tensor_alpha = isinstance(alpha, torch.Tensor)
+    if length_mode == "padded":  # L = the row width, whatever the mask or packing says
+        attention_mask = position_ids = cu_seqlens = None
+    # Per-token scales, derived by the backend on the device: from the side inputs, a noise mask, or
+    # an alpha the host does not read.
+    per_token = n > 0 and weight.shape[1] > 0 and (
+        tensor_alpha or attention_mask is not None or position_ids is not None or cu_seqlens is not None
+        or noise_mask is not None)
+    if per_token:
+        side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens,
+                _rows(noise_mask, shape, rows, width))
         scale = 0.0
     else:
-        side, scale = _NONE, scale_for_length(alpha, max(width, 1), weight.shape[1])
-    args = (offset, scale, alpha, width, per_sequence, padding_idx, bool(scale_grad_by_freq),
+        side = _NONE
+        scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
+    args = (offset, scale, width, per_token, distribution == "gaussian", padding_idx, bool(scale_grad_by_freq),
             resolve(backend, weight.device), check_ids)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, *side, args)
-    return _apply_eager(input_ids, weight, seed, *side, args)
+        return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
+    return _apply_eager(input_ids, weight, seed, alpha, *side, args)
 
 
-def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, offset: int = 0,
+def add_noise(x: torch.Tensor, noise_alpha: float | torch.Tensor, *, seed: int | torch.Tensor, offset: int = 0,
               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-              cu_seqlens: torch.Tensor | None = None, length_mode: str = "per_sequence",
+              cu_seqlens: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None,
+              length_mode: str = "per_sequence", distribution: str = "uniform",
               backend: str = "auto") -> torch.Tensor:
-    """``x`` (``(..., L, d)`` embeddings already looked up) plus spec v1 noise, differentiable.
+    """``x`` (``(..., L, d)`` embeddings already looked up) plus spec v2 noise, differentiable.
 
-    Spec v1 noise depends on token positions, not on ids, so this is the fused op with ids
+    The noise depends on token positions, not on ids, so this is the fused op with ids
     ``0..N-1`` into ``x``'s rows: the same noise :func:`noisy_embedding` adds for the same seed,
     offset and side inputs. For embeddings computed some other way: scaled subclasses, or a
     tensor-parallel lookup after its reduction.
@@ -239,11 +271,13 @@ def add_noise(x: torch.Tensor, noise_alpha: float, *, seed: int | torch.Tensor, 
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
     tokens = "x's tokens (x.shape[:-1])"
-    validation.check_side_input("attention_mask", attention_mask, x.shape[:-1], x.device, of=tokens)
-    validation.check_side_input("position_ids", position_ids, x.shape[:-1], x.device, of=tokens)
+    for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids), ("noise_mask", noise_mask)):
+        validation.check_side_input(name, t, x.shape[:-1], x.device, of=tokens)
     validation.check_cu_seqlens(cu_seqlens, x.device, of="x")
     rows = x.reshape(-1, x.shape[-1])
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
     # The positions are in range by construction: no id check.
-    return _noisy_embedding(positions, rows, validation.check_alpha(noise_alpha), seed, offset, attention_mask,
-                            position_ids, cu_seqlens, length_mode, None, False, backend, check_ids=False)
+    return _noisy_embedding(positions, rows, validation.check_alpha_arg(noise_alpha, x), seed=seed, offset=offset,
+                            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                            noise_mask=noise_mask, length_mode=length_mode, distribution=distribution,
+                            padding_idx=None, scale_grad_by_freq=False, backend=backend, check_ids=False)

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from .lengths import LENGTH_MODES
 from .spec import SUPPORTED_DTYPES, num_lanes
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
@@ -98,25 +97,19 @@ def check_alpha(noise_alpha: float) -> float:
     return alpha
 
 
-NOISE_OPTIONS = ("length_mode", "backend", "generator", "tp_group")
-
-
-def check_noise_options(noise_alpha: float, options: dict) -> float:
-    """Every noise option at once, before anything is changed; returns the alpha as a float.
-
-    ``options`` are :class:`~neft_kernels.NoisyEmbedding`'s keyword options: ``length_mode``,
-    ``backend``, ``generator`` and ``tp_group``; any other name (a misspelling) is refused.
-    """
-    unknown = sorted(set(options) - set(NOISE_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown noise option(s) {unknown}; the options are noise_alpha and {list(NOISE_OPTIONS)}")
-    alpha = check_alpha(noise_alpha)
-    check_choice("length_mode", options.get("length_mode", "per_sequence"), LENGTH_MODES)
-    check_choice("backend", options.get("backend", "auto"), BACKENDS)
-    generator = options.get("generator")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return alpha
+def check_alpha_arg(noise_alpha: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A functional call's alpha: a checked float, or a one-value floating tensor on the CPU or on
+    ``like``'s device, as the 0-d float64 tensor the kernels read. A CPU tensor's value is checked
+    (and taken as a float) when not traced; an accelerator's is not read on the host (that would sync)."""
+    if not isinstance(noise_alpha, torch.Tensor):
+        return check_alpha(noise_alpha)
+    if noise_alpha.numel() != 1 or not noise_alpha.is_floating_point() or (
+            noise_alpha.device.type != "cpu" and noise_alpha.device != like.device):
+        raise TypeError(f"a tensor noise_alpha must hold one floating value on the CPU or on {like.device}, got "
+                        f"{noise_alpha.dtype} of shape {tuple(noise_alpha.shape)} on {noise_alpha.device}")
+    if noise_alpha.device.type == "cpu" and not torch.compiler.is_compiling():
+        return check_alpha(float(noise_alpha))
+    return noise_alpha.reshape(()).to(torch.float64)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -148,7 +141,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: 
 
 
 def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
+               position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+               noise_mask: torch.Tensor | None = None) -> None:
     """The per-call checks of :func:`neft_kernels.noisy_embedding`: shapes, dtypes and devices only.
 
     Each check runs its full form (with the error message) only when a quick test fails: this is
@@ -166,5 +160,7 @@ def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, atten
         check_side_input("position_ids", position_ids, shape, device)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, device)
+    if noise_mask is not None:
+        check_side_input("noise_mask", noise_mask, shape, device)
     if offset or type(offset) is not int:
         check_offset(offset, input_ids.numel(), weight.shape[1])

@@ -37,25 +37,29 @@ def _variants(embedding_dim: int):
     """(kernel name, variant name, JITFunction, signature, constexprs, options) as the launchers use them."""
     fwd_n, fwd_q = kernels.forward_blocks(embedding_dim)
     bwd_n, bwd_d = kernels.backward_blocks(embedding_dim)
-    for has_mask, has_pos, has_cu, variant in ((True, False, False, "mask"), (True, True, False, "mask + positions"),
-                                               (False, False, True, "cu_seqlens")):
+    for has_mask, has_pos, has_cu, has_noise, alpha_ptr, variant in (
+            (True, False, False, False, False, "mask"), (True, True, False, False, False, "mask + positions"),
+            (False, False, True, False, False, "cu_seqlens"),
+            (True, False, False, True, True, "mask + noise mask, alpha from memory")):
         sig = {"mask_ptr": "*i64", "m_s0": "i64", "m_s1": "i64", "pos_ptr": "*i64", "p_s0": "i64", "p_s1": "i64",
-               "cu_ptr": "*i32", "n_cu": "i32", "cu_steps": "i32", "out_ptr": "*fp32", "width": "i32",
-               "alpha_bits": "i64", "d": "i32", "HAS_MASK": "constexpr", "HAS_POS": "constexpr",
-               "HAS_CU": "constexpr", "BLOCK": "constexpr", "WALK": "constexpr"}
-        consts = {"HAS_MASK": has_mask, "HAS_POS": has_pos, "HAS_CU": has_cu, "BLOCK": kernels._SCALES_BLOCK,
-                  "WALK": kernels._SCALES_WALK}
+               "cu_ptr": "*i32", "n_cu": "i32", "cu_steps": "i32", "noise_ptr": "*i8", "n_s0": "i64", "n_s1": "i64",
+               "out_ptr": "*fp32", "width": "i32", "alpha_bits": "i64", "alpha_ptr": "*fp64", "d": "i32",
+               "HAS_MASK": "constexpr", "HAS_POS": "constexpr", "HAS_CU": "constexpr", "HAS_NOISE_MASK": "constexpr",
+               "ALPHA_FROM_PTR": "constexpr", "BLOCK": "constexpr", "WALK": "constexpr"}
+        consts = {"HAS_MASK": has_mask, "HAS_POS": has_pos, "HAS_CU": has_cu, "HAS_NOISE_MASK": has_noise,
+                  "ALPHA_FROM_PTR": alpha_ptr, "BLOCK": kernels._SCALES_BLOCK, "WALK": kernels._SCALES_WALK}
         yield "token_scales", variant, kernels._token_scales_kernel, sig, consts, kernels.SCALES_LAUNCH_OPTIONS
     for dtype in ("fp32", "bf16", "fp16"):
-        for per_token, seed_ptr, variant in ((False, False, "scalar scale"), (True, False, "per-token scale"),
-                                             (True, True, "per-token scale, device seed")):
+        for per_token, seed_ptr, gaussian, variant in (
+                (False, False, False, "scalar scale"), (True, False, False, "per-token scale"),
+                (True, True, False, "per-token scale, device seed"), (True, True, True, "gaussian")):
             sig = {"ids_ptr": "*i64", "w_ptr": _PTR[dtype], "out_ptr": _PTR[dtype], "scale_ptr": "*fp32",
                    "scale_value": "fp32", "seed": "i64", "seed_ptr": "*i64", "offset": "i64", "bad_ptr": "*i64",
                    "n_tokens": "i32", "d": "i32", "n_lanes": "i32", "w_stride": "i32", "n_rows": "i32",
                    "PER_TOKEN_SCALE": "constexpr", "SEED_FROM_PTR": "constexpr", "RECORD_BAD": "constexpr",
-                   "IS_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
+                   "IS_BF16": "constexpr", "GAUSSIAN": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
             consts = {"PER_TOKEN_SCALE": per_token, "SEED_FROM_PTR": seed_ptr, "RECORD_BAD": True,
-                      "IS_BF16": dtype == "bf16", "BLOCK_N": fwd_n, "BLOCK_Q": fwd_q}
+                      "IS_BF16": dtype == "bf16", "GAUSSIAN": gaussian, "BLOCK_N": fwd_n, "BLOCK_Q": fwd_q}
             yield ("noisy_embedding_fwd", f"{dtype}, {variant}", kernels._noisy_embedding_fwd_kernel, sig, consts,
                    kernels.LAUNCH_OPTIONS)
         sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "gw_ptr": "*fp32", "n_tokens": "i32", "d": "i32",
@@ -107,9 +111,10 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
                                 "sass_ffma": len(re.findall(r"\bFFMA\b", _cuobjdump("-sass", cubin))),
                                 "ptx_ftz": len(re.findall(r"\.ftz\b", compiled.asm["ptx"])),
                                 "ptx_fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
-                                # The scales' float64 divide and root must be IEEE (round to nearest).
-                                "ptx_f64_div_sqrt": sorted(set(re.findall(r"\b(?:div|sqrt)\.\w+\.f64\b",
-                                                                          compiled.asm["ptx"])))})
+                                # Every divide and root must be IEEE (round to nearest): the scales'
+                                # float64 ones, the Gaussian stream's float32 ones.
+                                "ptx_div_sqrt": sorted(set(re.findall(r"\b(?:div|sqrt)\.\w+\.f(?:32|64)\b",
+                                                                      compiled.asm["ptx"])))})
     return reports
 
 

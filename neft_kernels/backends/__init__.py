@@ -1,10 +1,13 @@
 """Kernels, one module per backend, each with the same two functions:
 
 * ``forward(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids,
-  cu_seqlens, bad_ids=None)``: ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v1. ``scale`` is every token's
-  scale, or None: then the backend derives per-token scales on the tensors' device from ``alpha``
-  and the side inputs (``(rows, width)`` views, ``cu_seqlens`` 1-D). ``seed``: an int, or a 0-d
-  int64 tensor on the weight's device that the kernel reads. Out-of-range ids are never read (NaN
+  cu_seqlens, noise_mask, gaussian, bad_ids=None)``: ids of any shape -> ``ids.shape + (d,)``
+  noisy rows, spec v2 (``gaussian``: the Gaussian stream, else the uniform one). ``scale`` is
+  every token's scale, or None: then the backend derives per-token scales on the tensors' device
+  from ``alpha`` and the side inputs (``(rows, width)`` views, ``cu_seqlens`` 1-D; none: ``L`` =
+  ``width``), zero where ``noise_mask`` is 0. ``alpha``: a float, or (accelerators only) a 0-d
+  float64 tensor on the weight's device that the kernel reads. ``seed``: an int, or a 0-d int64
+  tensor on the weight's device that the kernel reads. Out-of-range ids are never read (NaN
   rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids`` (min, max, V).
 * ``backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq, deterministic)``: (N, d)
   grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype.

@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: spec v1's reference, runs on any device (not graph-safe, not lean)."""
+"""The pure-PyTorch backend: spec v2's reference, runs on any device (not graph-safe, not lean)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from ..spec import reference_backward, reference_forward
 
 
 def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
-            alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-            cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+            alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
+            gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
     if ids.device.type == "cpu":
         check_id_range(ids, weight.shape[0])
     elif bad_ids is not None and ids.numel():  # record (min, max, V), as the kernels do, without a sync
@@ -21,10 +22,12 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
         bad_ids[2] = torch.where(bad.any(), torch.clamp(bad_ids[2], min=weight.shape[0]), bad_ids[2])
     if scale is None:
         scale = token_scales((ids.numel() // width, width) if width else (0, 0), alpha, weight.shape[1],
-                             attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
+                             attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                             noise_mask=noise_mask, device=ids.device)
     if isinstance(seed, torch.Tensor):
         seed = int(seed)  # the reference reads a device seed on the host
-    return reference_forward(ids.reshape(-1), weight, scale, seed, offset).view(*ids.shape, weight.shape[1])
+    return reference_forward(ids.reshape(-1), weight, scale, seed, offset,
+                             "gaussian" if gaussian else "uniform").view(*ids.shape, weight.shape[1])
 
 
 def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,

@@ -21,7 +21,7 @@ from ..spec import num_lanes
 _FWD_ELEMENTS = 4096
 _BWD_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
-# Never let a kernel contract a*b + c into an FMA: spec v1 rounds the product first.
+# Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 # The scales kernel holds a 1024-token block in several scans: 8 warps keep it out of local memory.
 SCALES_LAUNCH_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
@@ -50,15 +50,55 @@ def _store_f32(ptr, offsets, value, mask, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, bits, scale, d, IS_BF16: tl.constexpr):
-    """One quarter of the dims: widen the row, add ``e * scale`` (spec v1 rounding), store.
+def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e, scale, d, IS_BF16: tl.constexpr):
+    """One quarter of the dims: widen the row, add ``e * scale`` (spec rounding), store.
 
     A token whose id is out of range reads nothing and writes NaN.
     """
     mask = valid & (col < d)
     w = _load_f32(w_ptr, w_row + col, mask & in_range, IS_BF16)
-    e = tl.uint_to_uniform_float(bits) * 2.0 - 1.0
     _store_f32(out_ptr, out_row + col, tl.where(in_range, w + e * scale, float("nan")), mask, IS_BF16)
+
+
+@triton.jit
+def _uniform(bits):
+    """Spec v1's ``e`` in [-1, 1) from a 32-bit word."""
+    return tl.uint_to_uniform_float(bits) * 2.0 - 1.0
+
+
+@triton.jit
+def _log_f32(u):
+    """Spec v2's float32 log of ``u`` in (0, 1) (``neft_kernels.spec.log_f32``): IEEE ops only."""
+    bits = u.to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) - 127
+    mantissa_bits = (bits & 0x7FFFFF) | 0x3F800000
+    big = mantissa_bits > 0x3FB504F3
+    m = mantissa_bits.to(tl.float32, bitcast=True)
+    m = tl.where(big, m * 0.5, m)
+    exponent = tl.where(big, exponent + 1, exponent)
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    z = s * s
+    p = ((0.222222224 * z + 0.285714298) * z + 0.400000006) * z + 0.666666687
+    return exponent.to(tl.float32) * 0.693147182 + ((s + s) + (s * z) * p)
+
+
+@triton.jit
+def _gaussian_pair(a, b):
+    """Spec v2's two standard normals from two 32-bit words (``neft_kernels.spec.gaussian_pair``)."""
+    u1 = ((a >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
+    u2 = (b >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    radius = tl.sqrt_rn(tl.maximum(_log_f32(u1) * -2.0, 0.0))
+    t = u2 * 4.0
+    quadrant = t.to(tl.int32)
+    phi = ((t - quadrant.to(tl.float32)) - 0.5) * 1.57079637
+    p = phi * phi
+    sin_phi = phi + (phi * p) * (((2.75573188e-06 * p + -0.000198412701) * p + 0.00833333377) * p + -0.166666672)
+    cos_phi = 1.0 + p * (((2.48015876e-05 * p + -0.00138888892) * p + 0.0416666679) * p + -0.5)
+    c = (cos_phi - sin_phi) * 0.707106769
+    s = (cos_phi + sin_phi) * 0.707106769
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    return radius * cos, radius * sin
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -66,7 +106,7 @@ def _noisy_embedding_fwd_kernel(
     ids_ptr, w_ptr, out_ptr, scale_ptr, scale_value, seed, seed_ptr, offset, bad_ptr,
     n_tokens, d, n_lanes, w_stride, n_rows,
     PER_TOKEN_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, RECORD_BAD: tl.constexpr, IS_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     lane = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -98,10 +138,15 @@ def _noisy_embedding_fwd_kernel(
     w_row = ids[:, None] * w_stride
     out_row = tok[:, None] * d
     col = lane[None, :]
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, r0, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, r1, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, in_range, r2, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, in_range, r3, scale, d, IS_BF16)
+    if GAUSSIAN:
+        e0, e1 = _gaussian_pair(r0, r1)
+        e2, e3 = _gaussian_pair(r2, r3)
+    else:
+        e0, e1, e2, e3 = _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e0, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, e1, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, in_range, e2, scale, d, IS_BF16)
+    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, in_range, e3, scale, d, IS_BF16)
 
 
 @triton.jit
@@ -177,10 +222,11 @@ def _min_op(a, b):
 
 
 @triton.jit(do_not_specialize=["alpha_bits"])
-def _token_scales_kernel(mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps, out_ptr, width, alpha_bits,
-                         d, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_CU: tl.constexpr,
+def _token_scales_kernel(mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu, cu_steps, noise_ptr, n_s0, n_s1,
+                         out_ptr, width, alpha_bits, alpha_ptr, d, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr,
+                         HAS_CU: tl.constexpr, HAS_NOISE_MASK: tl.constexpr, ALPHA_FROM_PTR: tl.constexpr,
                          BLOCK: tl.constexpr, WALK: tl.constexpr):
-    """Spec v1 ``scale_n`` of BLOCK tokens of one row (grid: rows x blocks of a row).
+    """Spec ``scale_n`` of BLOCK tokens of one row (grid: rows x blocks of a row).
 
     Within the block, scans find each token's sub-sequence piece and its real tokens; a piece that
     crosses the block's edge adds what a walk over the neighbouring chunks (WALK at a time, until
@@ -225,9 +271,15 @@ def _token_scales_kernel(mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu
         done = (nxt < width) | (pos >= width)
     length += tl.where(piece_lo < 0, carry_in, 0) + tl.where(piece_hi >= BLOCK, carry_out, 0)
 
-    # float32(alpha / sqrt(L * d)) in float64 (IEEE div and sqrt), rounded once; alpha arrives as its bits.
-    alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    # float32(alpha / sqrt(L * d)) in float64 (IEEE div and sqrt), rounded once. alpha arrives as its
+    # bits, or is read from memory (a compiled or captured graph's alpha tensor).
+    if ALPHA_FROM_PTR:
+        alpha = tl.load(alpha_ptr)
+    else:
+        alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
     scale = (alpha / tl.sqrt(tl.maximum(length, 1).to(tl.float64) * d)).to(tl.float32)
+    if HAS_NOISE_MASK:  # tokens kept clean still counted towards L above
+        real = real & (tl.load(noise_ptr + row * n_s0 + col * n_s1, mask=col < width, other=0) != 0)
     tl.store(out_ptr + row * width + col, tl.where(real, scale, 0.0), mask=col < width)
 
 
@@ -255,20 +307,22 @@ def _check_device(t: torch.Tensor) -> None:
 
 
 def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
-            alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-            cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+            alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
+            gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The backend contract (see ``backends/__init__.py``): at most two launches, scales then rows."""
     _check_device(weight)
     if ids.device.type == "cpu":  # the interpreter: CPU ids are checked on the host, no device to sync
         check_id_range(ids, weight.shape[0])
     if scale is None:
-        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens)
-    return fused_forward(ids, weight, scale, seed, offset, bad_ids)
+        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
+                             noise_mask, ids.device)
+    return fused_forward(ids, weight, scale, seed, offset, bad_ids, gaussian)
 
 
 def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float, seed: int | torch.Tensor,
-                  offset: int, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Ids of any shape into a (V, d) weight -> ``ids.shape + (d,)`` noisy rows, spec v1, in one launch.
+                  offset: int, bad_ids: torch.Tensor | None = None, gaussian: bool = False) -> torch.Tensor:
+    """Ids of any shape into a (V, d) weight -> ``ids.shape + (d,)`` noisy rows, spec v2, in one launch.
 
     ``seed``: a signed int64 value, or a 0-d int64 tensor on the weight's device that the kernel
     reads (graph-safe). ``bad_ids``: an int64 ``(3,)`` tensor on that device into which the kernel
@@ -291,7 +345,7 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
         0.0 if per_token else float(scale), 0 if seed_ptr else seed, seed if seed_ptr else ids, offset,
         ids if bad_ids is None else bad_ids, n_tokens, d, q, weight.stride(0), weight.shape[0],
         PER_TOKEN_SCALE=per_token, SEED_FROM_PTR=seed_ptr, RECORD_BAD=bad_ids is not None,
-        IS_BF16=weight.dtype == torch.bfloat16,
+        IS_BF16=weight.dtype == torch.bfloat16, GAUSSIAN=gaussian,
         BLOCK_N=block_n, BLOCK_Q=block_q, **LAUNCH_OPTIONS,
     )
     return out
@@ -339,31 +393,39 @@ _SCALES_BLOCK = 1024  # tokens of a row per program
 _SCALES_WALK = 4096  # tokens per step of the walk past a block's edge
 
 
-def token_scales(width: int, n_tokens: int, alpha: float, embedding_dim: int, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Spec v1 per-token scales (``"per_sequence"``) of ``n_tokens`` tokens in rows of ``width``.
+def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Spec per-token scales of ``n_tokens`` tokens in rows of ``width``.
 
-    ``attention_mask`` / ``position_ids``: (rows, width) views (broadcast strides welcome);
-    ``cu_seqlens``: 1-D cumulative sequence starts over the flat tokens. One launch; the same bits
-    as :func:`neft_kernels.lengths.token_scales`.
+    ``attention_mask`` / ``position_ids`` / ``noise_mask``: (rows, width) views (broadcast strides
+    welcome); ``cu_seqlens``: 1-D cumulative sequence starts over the flat tokens; none of them:
+    ``L`` = ``width``. ``alpha``: a float, or a 0-d float64 tensor the kernel reads. One launch;
+    the same bits as :func:`neft_kernels.lengths.token_scales`.
     """
-    some = next(t for t in (attention_mask, position_ids, cu_seqlens) if t is not None)
-    _check_device(some)
-    out = torch.empty(n_tokens, dtype=torch.float32, device=some.device)
+    side = (attention_mask, position_ids, cu_seqlens, noise_mask)
+    if device is None:
+        device = next(t.device for t in (*side, alpha) if isinstance(t, torch.Tensor))
+    out = torch.empty(n_tokens, dtype=torch.float32, device=device)
+    _check_device(out)
     if not n_tokens:
         return out
     rows = n_tokens // width
-    mask = attention_mask.view(torch.uint8) if attention_mask is not None and attention_mask.dtype == torch.bool \
-        else attention_mask
+    mask, noise = (t.view(torch.uint8) if t is not None and t.dtype == torch.bool else t
+                   for t in (attention_mask, noise_mask))
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()  # the kernel indexes it densely
     n_cu = 0 if cu_seqlens is None else cu_seqlens.numel()
+    alpha_ptr = isinstance(alpha, torch.Tensor)
     block = min(triton.next_power_of_2(width), _SCALES_BLOCK)
     _token_scales_kernel[(rows, triton.cdiv(width, block))](
         out if mask is None else mask, *(mask.stride() if mask is not None else (0, 0)),
         out if position_ids is None else position_ids, *(position_ids.stride() if position_ids is not None else (0, 0)),
-        out if cu_seqlens is None else cu_seqlens, n_cu, n_cu.bit_length(), out, width,
-        struct.unpack("<q", struct.pack("<d", alpha))[0], embedding_dim,
-        HAS_MASK=mask is not None, HAS_POS=position_ids is not None, HAS_CU=cu_seqlens is not None,
-        BLOCK=block, WALK=_SCALES_WALK, **SCALES_LAUNCH_OPTIONS,
+        out if cu_seqlens is None else cu_seqlens, n_cu, n_cu.bit_length(),
+        out if noise is None else noise, *(noise.stride() if noise is not None else (0, 0)), out, width,
+        0 if alpha_ptr else struct.unpack("<q", struct.pack("<d", alpha))[0], alpha if alpha_ptr else out,
+        embedding_dim, HAS_MASK=mask is not None, HAS_POS=position_ids is not None, HAS_CU=cu_seqlens is not None,
+        HAS_NOISE_MASK=noise is not None, ALPHA_FROM_PTR=alpha_ptr, BLOCK=block, WALK=_SCALES_WALK,
+        **SCALES_LAUNCH_OPTIONS,
     )
     return out

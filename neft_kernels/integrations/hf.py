@@ -21,8 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .. import validation
-from ..module import MADE_PLAIN, NoisyEmbedding, make_noisy, make_plain
+from ..module import MADE_PLAIN, MISSING_LABELS, NoisyEmbedding, make_noisy, make_plain
+from ..options import NoiseOptions
 
 logger = logging.getLogger("neft_kernels")
 _SIDE_INPUTS = ("attention_mask", "position_ids")
@@ -91,6 +91,7 @@ class _SideInputHook:
         self.var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         # cu_seqlens indexes one call's flat tokens: never inherited (a decoder must not get its encoder's).
         self.takes = (*(name in signature.parameters for name in _SIDE_INPUTS), True)
+        self.takes_labels = "labels" in signature.parameters
         self._signature = signature
         setattr(self, _MARK, True)
 
@@ -122,13 +123,26 @@ class _SideInputHook:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
             cu_seqlens = None
         frame = (*(bound.get(name) for name in _SIDE_INPUTS), cu_seqlens)
+        labels = bound.get("labels")
         for emb in _noisy_below(module, self.paths):
             stack = emb._side_input_stack
             if self.outermost:
                 stack.clear()
-            outer = stack[-1] if stack else (None, None, None)
-            stack.append(tuple(mine if own else theirs for mine, theirs, own in zip(frame, outer, self.takes)))
+            outer = stack[-1] if stack else (None, None, None, MISSING_LABELS)
+            mine = tuple(m if own else theirs for m, theirs, own in zip(frame, outer, self.takes))
+            stack.append((*mine, self._noise_mask(emb.noise_options.noise_tokens, labels, outer[3])))
         return None
+
+    def _noise_mask(self, noise_tokens: str, labels, outer):
+        """The tokens to noise, from the labels of the innermost call that takes them (causal LMs'
+        labels are aligned with their input ids: -100 marks the prompt)."""
+        if noise_tokens == "all":
+            return None
+        if not self.takes_labels:
+            return outer
+        if not isinstance(labels, torch.Tensor):
+            return MISSING_LABELS
+        return labels != -100 if noise_tokens == "response" else labels == -100
 
 
 def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
@@ -182,7 +196,7 @@ def _repatch_replaced(root: nn.Module) -> None:
         return
     modules = list(root.get_input_embeddings().modules())
     if not any(isinstance(m, NoisyEmbedding) or vars(m).get(MADE_PLAIN) for m in modules):
-        patch_model(root, **options)
+        patch_model(root, **options.as_kwargs())
 
 
 def _neftune_sites(model: nn.Module) -> list[nn.Module]:
@@ -252,24 +266,24 @@ def is_patched(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence", *,
-                backend: str = "auto", generator=None, tp_group=None) -> nn.Module:
+def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_sequence",
+                **options) -> nn.Module:
     """Add NEFTune noise to ``model``'s input embeddings in train mode; returns ``model``.
 
     Args:
         model: a transformers ``PreTrainedModel``, a PEFT ``PeftModel``, or any module with
             ``get_input_embeddings()``.
-        noise_alpha, length_mode, backend, generator, tp_group: as for
-            :class:`~neft_kernels.NoisyEmbedding`.
+        noise_alpha, length_mode, options: :class:`~neft_kernels.NoiseOptions` (``distribution``,
+            ``noise_tokens``, ``backend``, ``generator``, ``tp_group``), as keywords.
             ``"per_sequence"`` takes ``L`` from the ``attention_mask`` and ``position_ids`` that
             the innermost hooked module (the one calling the embedding) was called with; packed
-            rows start a sub-sequence wherever the position is 0.
+            rows start a sub-sequence wherever the position is 0. ``noise_tokens="response"``
+            (or ``"prompt"``) takes the noised tokens from the ``labels`` the model is called with.
 
     Idempotent: patching again only updates the options. Undo with :func:`unpatch_model`.
     """
-    options = dict(length_mode=length_mode, backend=backend, generator=generator, tp_group=tp_group)
     # Everything that can be refused is refused before the model is touched.
-    validation.check_noise_options(noise_alpha, options)
+    noise_options = NoiseOptions.make(noise_alpha=noise_alpha, length_mode=length_mode, **options)
     targets = _input_embeddings(model)
     for emb in targets:
         if emb.sparse:
@@ -277,13 +291,15 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
                              "dense gradient")
     refuse_other_neftune(model)
     first_time = not is_patched(model)
-    embeddings = [make_noisy(e, noise_alpha, **options) for e in targets]
+    embeddings = [make_noisy(e, **noise_options.as_kwargs()) for e in targets]
     _hook_ancestors(model, embeddings)
-    vars(model)[_OPTIONS] = dict(noise_alpha=noise_alpha, **options)
+    vars(model)[_OPTIONS] = noise_options
     if first_time:  # said once per patch, not per call
         names = sorted({name for name, m in model.named_modules() if any(m is e for e in embeddings)})
-        logger.info("NEFTune noise on %s of %s: noise_alpha=%s, length_mode=%s, backend=%s", ", ".join(names),
-                    type(model).__name__, noise_alpha, length_mode, backend)
+        logger.info("NEFTune noise on %s of %s: noise_alpha=%s, length_mode=%s, distribution=%s, noise_tokens=%s, "
+                    "backend=%s", ", ".join(names), type(model).__name__, noise_options.noise_alpha,
+                    noise_options.length_mode, noise_options.distribution, noise_options.noise_tokens,
+                    noise_options.backend)
     return model
 
 
@@ -317,7 +333,7 @@ def _snapshot(model: nn.Module):
     """A function that puts ``model``'s patch state back exactly as it is now: which embeddings are
     noisy and with which options (hand-built ones too), which modules carry our hooks, what
     ``patch_model`` last recorded on the root, and which embeddings were made plain by hand."""
-    noisy = [(e, e.noise_options()) for e in model.modules() if isinstance(e, NoisyEmbedding)]
+    noisy = [(e, e.noise_options) for e in model.modules() if isinstance(e, NoisyEmbedding)]
     plain = [(e, vars(e).get(MADE_PLAIN)) for e in model.modules()
              if isinstance(e, nn.Embedding) and not isinstance(e, NoisyEmbedding)]
     hooked = {id(m) for m in model.modules() if _has_our_hook(m)}
@@ -332,7 +348,7 @@ def _snapshot(model: nn.Module):
             if not made_plain:
                 vars(emb).pop(MADE_PLAIN, None)
         for emb, opts in noisy:
-            emb.configure_noise(**opts)
+            emb.configure_noise(opts)
         if root_options is None:
             vars(model).pop(_OPTIONS, None)
         else:

@@ -8,7 +8,9 @@ import weakref
 
 from transformers import Trainer, TrainerCallback
 
-from .. import validation
+from ..module import NoisyEmbedding
+from ..options import NoiseOptions
+from ..schedules import Schedule, alpha_schedule
 from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftune
 
 
@@ -27,23 +29,48 @@ class NEFTuneCallback(TrainerCallback):
     """Patch the model at train begin; at train end put it back as it was (unpatched, or with the
     patch the user applied before training), so checkpoints stay plain.
 
-    ``Trainer(..., callbacks=[NEFTuneCallback(noise_alpha=5.0)])``. ``options`` go to
-    :func:`~neft_kernels.patch_model` (``length_mode``, ``backend``, ``generator``, ``tp_group``)
-    and are checked here, at construction. When the callback is passed at construction, the
-    Trainer's ``train`` is also wrapped so that the model is restored if training raises. Refuses
-    to run next to ``neftune_noise_alpha`` (transformers' own hook) or any other NEFTune hook on
-    the model, which would add noise twice: when the Trainer is built, and again at train begin.
+    ``Trainer(..., callbacks=[NEFTuneCallback(noise_alpha=5.0)])``. ``options`` are
+    :class:`~neft_kernels.NoiseOptions` (``length_mode``, ``distribution``, ``noise_tokens``,
+    ``backend``, ``generator``, ``tp_group``) for :func:`~neft_kernels.patch_model`, checked here,
+    at construction.
+
+    ``schedule`` (``"constant"``, ``"linear"``, ``"cosine"`` or a callable of the step; see
+    :func:`~neft_kernels.alpha_schedule`) sets alpha at each optimizer step, decaying to
+    ``final_alpha`` over the run's ``max_steps`` after ``warmup_steps``. On the Trainer's logging
+    steps the training logs gain ``neftune_alpha``, ``neftune_noised_fraction``,
+    ``neftune_mean_length`` and ``neftune_noise_ratio`` (``log_stats=False``: alpha only); the
+    statistics are recorded on those steps only, and read when the Trainer logs.
+
+    When the callback is passed at construction, the Trainer's ``train`` is also wrapped so that
+    the model is restored if training raises. Refuses to run next to ``neftune_noise_alpha``
+    (transformers' own hook) or any other NEFTune hook on the model, which would add noise twice:
+    when the Trainer is built, and again at train begin.
     """
 
-    def __init__(self, noise_alpha: float = 5.0, **options) -> None:
-        self.noise_alpha = validation.check_noise_options(noise_alpha, options)  # a misspelling fails here
-        self.options = options
+    def __init__(self, noise_alpha: float = 5.0, *, schedule: Schedule = "constant", final_alpha: float = 0.0,
+                 warmup_steps: int = 0, log_stats: bool = True, **options) -> None:
+        self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)  # a misspelling fails here
+        self.schedule = (schedule, final_alpha, warmup_steps)
+        if schedule == "constant" or callable(schedule):  # the others need the run's length: checked at train begin
+            alpha_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
+        self.log_stats = log_stats
+        self._alpha_at = None
+        self._model = None
         self._restore = None
         self._wrapped: weakref.WeakSet = weakref.WeakSet()  # by object: a freed trainer's id can come back
 
+    @property
+    def noise_alpha(self) -> float:
+        return self.noise_options.noise_alpha
+
     def __repr__(self) -> str:
-        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"NEFTuneCallback(noise_alpha={self.noise_alpha}{options})"
+        defaults = NoiseOptions()
+        options = "".join(f", {k}={v!r}" for k, v in self.noise_options.as_kwargs().items()
+                          if k != "noise_alpha" and v != getattr(defaults, k))
+        schedule, final_alpha, warmup_steps = self.schedule
+        extra = "" if schedule == "constant" and not warmup_steps else (
+            f", schedule={schedule!r}, final_alpha={final_alpha}, warmup_steps={warmup_steps}")
+        return f"NEFTuneCallback(noise_alpha={self.noise_alpha}{options}{extra})"
 
     def _refuse_double_noise(self, args) -> None:
         if getattr(args, "neftune_noise_alpha", None) is not None:
@@ -54,14 +81,17 @@ class NEFTuneCallback(TrainerCallback):
 
     def _unpatch(self) -> None:
         if self._restore is not None:
+            for emb in self._embeddings():
+                emb.read_noise_stats()  # stop recording
             self._restore()
             self._restore = None
+        self._model = None
 
     def _wrap_train(self, trainer: Trainer | None) -> None:
         if trainer is None or trainer in self._wrapped:
             return
         self._wrapped.add(trainer)
-        train = trainer.train
+        train, log = trainer.train, trainer.log
 
         @functools.wraps(train)
         def train_then_unpatch(*args, **kwargs):
@@ -70,7 +100,40 @@ class NEFTuneCallback(TrainerCallback):
             finally:
                 self._unpatch()
 
+        @functools.wraps(log)
+        def log_with_noise(logs, *args, **kwargs):
+            if "loss" in logs and self._model is not None:  # a training log: before the reporters see it
+                logs.update(self._telemetry())
+            return log(logs, *args, **kwargs)
+
         trainer.train = train_then_unpatch
+        trainer.log = log_with_noise
+
+    def _embeddings(self) -> list[NoisyEmbedding]:
+        return [m for m in self._model.modules() if isinstance(m, NoisyEmbedding)]
+
+    def _telemetry(self) -> dict[str, float]:
+        logs = {"neftune_alpha": self._embeddings()[0].noise_alpha} if self._embeddings() else {}
+        if self.log_stats:
+            for emb in self._embeddings():  # the first embedding that recorded (a tied copy records nothing)
+                stats = emb.read_noise_stats()
+                if stats:
+                    logs.update({f"neftune_{k}": v for k, v in stats.items()})
+                    break
+        return logs
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._model is None:
+            return
+        alpha = self._alpha_at(state.global_step)
+        for emb in self._embeddings():
+            if emb.noise_alpha != alpha:
+                emb.noise_alpha = alpha
+        logs_this_step = (state.global_step + 1) % max(state.logging_steps, 1) == 0 or (
+            args.logging_first_step and state.global_step == 0)
+        if self.log_stats and logs_this_step and args.logging_strategy == "steps":
+            for emb in self._embeddings():
+                emb.record_noise_stats()
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._refuse_double_noise(args)
@@ -86,9 +149,14 @@ class NEFTuneCallback(TrainerCallback):
             remove_other_neftune(model)
             self._refuse_double_noise(args)
         self._unpatch()  # a run that ended without on_train_end (it raised, unwrapped): restore it first
+        schedule, final_alpha, warmup_steps = self.schedule
+        self._alpha_at = alpha_schedule(self.noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps,
+                                        total_steps=state.max_steps)
+        self._wrap_train(_running_trainer())  # added after construction: its logs still get the telemetry
         restore = _snapshot(model)
-        patch_model(model, self.noise_alpha, **self.options)  # refuses any other NEFTune hook left on it
+        patch_model(model, **self.noise_options.as_kwargs())  # refuses any other NEFTune hook left on it
         self._restore = restore
+        self._model = model
 
     def on_train_end(self, args, state, control, **kwargs):
         self._unpatch()

@@ -1,0 +1,81 @@
+"""Alpha schedules: NEFTune's alpha as a function of the optimizer step."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+from torch import nn
+
+from . import validation
+
+SCHEDULES = ("constant", "linear", "cosine")
+Schedule = Union[str, Callable[[int], float]]
+
+
+def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final_alpha: float = 0.0,
+                   warmup_steps: int = 0, total_steps: int | None = None) -> Callable[[int], float]:
+    """Alpha at each optimizer step (0-based).
+
+    ``schedule``: ``"constant"``; ``"linear"`` or ``"cosine"`` decay from ``noise_alpha`` after the
+    warm-up to ``final_alpha`` at ``total_steps`` (held there after); or any callable of the step
+    (returned as it is; its values are checked when set). ``warmup_steps``: alpha rises linearly
+    from 0 to ``noise_alpha`` over the first steps (step ``warmup_steps`` is the first at full alpha).
+    """
+    if callable(schedule):
+        return schedule
+    alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha)
+    validation.check_choice("schedule", schedule, SCHEDULES)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
+        raise ValueError(f"a {schedule} schedule needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r}")
+
+    def at(step: int) -> float:
+        if step < warmup_steps:
+            return alpha * step / warmup_steps
+        if schedule == "constant":
+            return alpha
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return final + (alpha - final) * shape
+
+    return at
+
+
+class AlphaScheduler:
+    """Sets ``noise_alpha`` on every :class:`~neft_kernels.NoisyEmbedding` in ``module`` from a
+    schedule, like torch's LR schedulers: call :meth:`step` after each optimizer step.
+
+    Setting alpha writes the modules' alpha tensors in place: compiled models and captured CUDA
+    graphs use the new value with no recompile. ``schedule`` and the keywords are those of
+    :func:`alpha_schedule`.
+    """
+
+    def __init__(self, module: nn.Module, noise_alpha: float, schedule: Schedule = "constant", **kwargs) -> None:
+        self.module = module
+        self.schedule = alpha_schedule(noise_alpha, schedule, **kwargs)
+        self.last_step = 0
+        self.alpha = self._apply()
+
+    def _apply(self) -> float:
+        from .module import NoisyEmbedding  # the schedule knows the module only here
+
+        alpha = validation.check_alpha(self.schedule(self.last_step))
+        for m in self.module.modules():
+            if isinstance(m, NoisyEmbedding):
+                m.noise_alpha = alpha
+        return alpha
+
+    def step(self) -> float:
+        """Advance one step; returns the alpha now set."""
+        self.last_step += 1
+        self.alpha = self._apply()
+        return self.alpha
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = state["last_step"]
+        self.alpha = self._apply()

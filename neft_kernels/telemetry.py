@@ -1,0 +1,38 @@
+"""Noise statistics an embedding records on request (a logging step), on the device, read once."""
+
+from __future__ import annotations
+
+import torch
+
+from .lengths import token_lengths
+
+
+class NoiseStats:
+    """Running sums over the noised calls since the last :meth:`read`: tokens, noised tokens,
+    their ``L`` and their noise-to-embedding norm ratio. Adding is tensor work on the device (no
+    sync); :meth:`read` brings the sums to the host once."""
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None  # float64: tokens, noised, sum of L, sum of ratios
+
+    def add(self, input_ids: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, side: dict) -> None:
+        with torch.no_grad():
+            length, noised = token_lengths(input_ids.shape, device=input_ids.device, **side)
+            n = length.numel()
+            noised = torch.ones(n, dtype=torch.bool, device=length.device) if noised is None else noised
+            clean, noisy = clean.reshape(n, -1).float(), noisy.reshape(n, -1).float()
+            ratio = (noisy - clean).norm(dim=-1).double() / clean.norm(dim=-1).double().clamp(min=1e-30)
+            w = noised.double()
+            sums = torch.stack([w.new_tensor(float(n)), w.sum(), (length * w).sum(), (ratio * w).sum()])
+            self._sums = sums if self._sums is None else self._sums + sums
+
+    def read(self) -> dict[str, float]:
+        """``noised_fraction``, ``mean_length`` and ``noise_ratio`` (mean noise norm over embedding
+        norm) of the noised tokens since the last read; empty when no noised call was recorded."""
+        if self._sums is None:
+            return {}
+        tokens, noised, length, ratio = self._sums.tolist()
+        self._sums = None
+        noised_or_one = max(noised, 1.0)
+        return {"noised_fraction": noised / max(tokens, 1.0), "mean_length": length / noised_or_one,
+                "noise_ratio": ratio / noised_or_one}
