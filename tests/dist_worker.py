@@ -21,8 +21,8 @@ def _capture(emb):
     """Record every call of ``emb``: its ids, its (full) output, the seed it drew, its (full) weight."""
     seen, draw = [], emb._draw_seed
 
-    def record_seed(device):
-        seen.append({"seed": draw(device)})
+    def record_seed(*args):
+        seen.append({"seed": draw(*args)})
         return seen[-1]["seed"]
 
     def hook(module, args, out):

@@ -144,7 +144,7 @@ def test_explicit_arguments_win_and_other_shapes_are_ignored():
     with emb.side_inputs(attention_mask=torch.ones(1, 6, dtype=torch.long)):  # a mask over past tokens too
         ignored = emb(ids)
     assert_bits_equal(ignored, noisy_embedding(ids, emb.weight, 5.0, seed=_seed_of(0), backend="torch"))
-    emb.generator.manual_seed(0)
+    emb.noise_options.generator.manual_seed(0)
     with emb.side_inputs(attention_mask=torch.ones_like(ids)):
         explicit = emb(ids, attention_mask=mask)
     assert_bits_equal(explicit, noisy_embedding(ids, emb.weight, 5.0, seed=_seed_of(0), attention_mask=mask,
@@ -261,7 +261,7 @@ def test_patched_restores_earlier_options_and_non_tensor_masks_are_ignored():
     with patched(model, 1.0, "padded"):
         assert model.get_input_embeddings().noise_alpha == 1.0
     emb = model.get_input_embeddings()
-    assert (emb.noise_alpha, emb.length_mode) == (ALPHA, "per_sequence") and is_patched(model)
+    assert (emb.noise_alpha, emb.noise_options.length_mode) == (ALPHA, "per_sequence") and is_patched(model)
     ids, _ = padded_batch()
     with emb.side_inputs(attention_mask={"full_attention": torch.ones(3, 1, 12, 12)}):
         emb.train()(ids)  # a dict of masks (Gemma 3, flex attention) is not a per-token mask

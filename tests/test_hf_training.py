@@ -44,9 +44,10 @@ def _collate(items):
 
 
 def _args(tmp_path, **kw):
+    kw = {"max_steps": 3, "logging_steps": 1, **kw}
     return transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+        output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **kw)
 
 
 class _Probe(transformers.TrainerCallback):
@@ -143,7 +144,7 @@ def test_callback_keeps_a_patch_the_user_applied_before_training(tmp_path):
     transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
                          callbacks=[NEFTuneCallback(ALPHA)]).train()
     emb = model.get_input_embeddings()
-    assert is_patched(model) and emb.noise_alpha == 3.0 and emb.length_mode == "padded"
+    assert is_patched(model) and emb.noise_alpha == 3.0 and emb.noise_options.length_mode == "padded"
 
 
 @pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]])
@@ -210,7 +211,7 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
                 model.register_forward_pre_hook(lambda m, a, k: batches.append(k.get("position_ids")),
                                                 with_kwargs=True)
                 seeds, draw = [], emb._draw_seed
-                emb._draw_seed = lambda device: seeds.append(draw(device)) or seeds[-1]
+                emb._draw_seed = lambda *a: seeds.append(draw(*a)) or seeds[-1]
                 emb._seeds = seeds
 
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=_tiny_tokenizer(),
@@ -321,3 +322,59 @@ def test_callback_reused_across_trainers_restores_after_a_failed_run(tmp_path):
             trainer.train()
         assert not is_patched(model)
         del trainer
+
+
+class _AlphaProbe(transformers.TrainerCallback):
+    """The alpha every forward of each step used, and whether statistics were being recorded."""
+
+    def __init__(self):
+        self.alphas, self.recording = [], []
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        emb = model.get_input_embeddings()
+        self.alphas.append(emb.noise_alpha)
+        self.recording.append(emb._noise_stats is not None)
+
+
+def test_callback_schedule_sets_alpha_per_step_and_logs_the_noise(tmp_path):
+    model = build("llama")
+    probe = _AlphaProbe()
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, max_steps=5, logging_steps=2), train_dataset=_Rows(32),
+        data_collator=_collate,
+        callbacks=[NEFTuneCallback(noise_alpha=8.0, schedule="linear", final_alpha=0.0, warmup_steps=1), probe])
+    trainer.train()
+    assert probe.alphas == pytest.approx([0.0, 8.0, 6.0, 4.0, 2.0])  # HF convention: final alpha at max_steps
+    # recorded on the logging steps (2 and 4) only; read, and so stopped, when the Trainer logged
+    assert probe.recording == [False, True, False, True, False]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    assert [h["neftune_alpha"] for h in logs] == pytest.approx([8.0, 4.0])
+    for h in logs:
+        assert 0 < h["neftune_noised_fraction"] <= 1 and 4 <= h["neftune_mean_length"] <= 12
+        assert h["neftune_noise_ratio"] > 0
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NEFTuneCallback))
+    assert repr(callback) == "NEFTuneCallback(noise_alpha=8.0, schedule='linear', final_alpha=0.0, warmup_steps=1)"
+
+
+def test_callback_response_only_noise_from_the_labels(tmp_path):
+    model = build("llama")
+    probe = _Probe()
+    seen = []
+    emb = model.get_input_embeddings()
+
+    def collate(items):
+        batch = _collate(items)
+        batch["labels"][:, :3] = -100  # the prompt
+        seen.append(batch)
+        return batch
+
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1, logging_steps=1),
+                                   train_dataset=_Rows(), data_collator=collate,
+                                   callbacks=[NEFTuneCallback(noise_alpha=ALPHA, noise_tokens="response"), probe])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h][0]
+    batch = seen[0]  # the step's batch (the loader may collate ahead)
+    response = ((batch["labels"] != -100) & (batch["attention_mask"] != 0)).sum() / batch["input_ids"].numel()
+    assert logs["neftune_noised_fraction"] == pytest.approx(response.item())
+    assert type(emb) is nn.Embedding
