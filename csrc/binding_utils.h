@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "dtype.h"
+
 namespace neft {
 
 struct ForwardArgs {
@@ -23,6 +25,21 @@ inline std::vector<int64_t> output_sizes(const torch::Tensor& ids, int64_t d) {
   std::vector<int64_t> sizes(ids.sizes().begin(), ids.sizes().end());
   sizes.push_back(d);
   return sizes;
+}
+
+// The kernels' dtype of a weight or gradient: the one place that maps torch dtypes (the kernels
+// then dispatch on DType with dispatch_dtype, dtype.h).
+inline DType dtype_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat:
+      return DType::kFloat32;
+    case torch::kBFloat16:
+      return DType::kBFloat16;
+    case torch::kHalf:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "dtype must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
 }
 
 }  // namespace neft

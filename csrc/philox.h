@@ -1,6 +1,7 @@
-// Philox4x32-10 and the per-element math of noise spec v1 (README, neft_kernels/spec.py).
+// Philox4x32-10 and the per-element math of the noise spec (docs/spec.md, neft_kernels/spec.py):
+// v1's uniform stream here, v2's Gaussian one in gaussian.h.
 // Host and device: no torch, no STL beyond <cstdint>, so nvcc compiles it alone.
-// Build with -ffp-contract=off (host) and keep __fmul_rn/__fadd_rn (device): spec v1 rounds the
+// Build with -ffp-contract=off (host) and keep __fmul_rn/__fadd_rn (device): the spec rounds the
 // product e * scale before the add.
 #pragma once
 
@@ -70,9 +71,10 @@ NEFT_HD float uniform_pm1(uint32_t word) {
   return add_rn(mul_rn(u, 2.0f), -1.0f);
 }
 
-NEFT_HD float noisy_value(float w, uint32_t word, float scale) {
-  return add_rn(w, mul_rn(uniform_pm1(word), scale));
-}
+// The spec's last step before narrowing: w + float32(e * scale), the product rounded first.
+NEFT_HD float add_noise(float w, float e, float scale) { return add_rn(w, mul_rn(e, scale)); }
+
+NEFT_HD float noisy_value(float w, uint32_t word, float scale) { return add_noise(w, uniform_pm1(word), scale); }
 
 NEFT_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)

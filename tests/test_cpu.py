@@ -5,9 +5,10 @@ import warnings
 import pytest
 import torch
 
-from cases import DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, scale_cases
+from cases import (DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, noise_mask_for,
+                   scale_cases, side_inputs)
 from conftest import DTYPES, assert_bits_equal, requires_cpu_ext
-from neft_kernels import noisy_embedding
+from neft_kernels import noisy_embedding, spec
 from neft_kernels.backends import resolve
 from neft_kernels.lengths import token_scales
 
@@ -20,6 +21,53 @@ pytestmark = requires_cpu_ext
 @pytest.mark.parametrize("length_mode", LENGTH_MODES)
 def test_cpu_forward_matches_spec_model(dtype, d, kind, length_mode):
     check_matches_spec_model("cpu", dtype, d, kind, length_mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length_mode", LENGTH_MODES)
+def test_cpu_gaussian_forward_matches_spec_model(dtype, d, kind, length_mode):
+    check_matches_spec_model("cpu", dtype, d, kind, length_mode, distribution="gaussian")
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length_mode", LENGTH_MODES)
+def test_cpu_noise_mask_matches_spec_model(distribution, kind, length_mode):
+    """Tokens where noise_mask is 0 get no noise but still count towards L (also when "padded")."""
+    check_matches_spec_model("cpu", torch.bfloat16, 13, kind, length_mode, distribution=distribution,
+                             with_noise_mask=True)
+
+
+@pytest.mark.parametrize("form", ["bool", "uint8", "int32", "broadcast row", "broadcast column", "all zero"])
+def test_cpu_noise_mask_forms(form):
+    """A noise_mask of any integer or bool dtype, broadcast along either dim, or masking every token."""
+    weight = make_weight(37, 13, torch.float32)
+    ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask, _ = side_inputs("mask", (3, 11))
+    noise_mask = {"bool": noise_mask_for((3, 11)), "uint8": noise_mask_for((3, 11)).to(torch.uint8),
+                  "int32": noise_mask_for((3, 11)).int(), "broadcast row": (torch.arange(11) % 3 != 0)[None],
+                  "broadcast column": torch.tensor([[1], [0], [1]]), "all zero": torch.zeros(3, 11, dtype=torch.bool)}[form]
+    for distribution in ("uniform", "gaussian"):
+        out = noisy_embedding(ids, weight, 5.0, seed=9, attention_mask=mask, noise_mask=noise_mask, backend="cpu",
+                              distribution=distribution)
+        assert_bits_equal(out, expected(ids, weight, 5.0, 9, 0, mask, None, "per_sequence", None, distribution,
+                                        noise_mask.expand(3, 11)))
+    if form == "all zero":
+        assert_bits_equal(out, weight[ids])
+
+
+def test_cpu_gaussian_stream_matches_the_reference_over_many_tokens():
+    """131072 tokens x 64 dims of Gaussian noise (8.4M normals, every vectorised path and a counter carry)
+    equal spec.noise bit for bit. Rows of -0.0 and scale 1 make out = -0.0 + e = e exactly (signed zeros too)."""
+    from neft_kernels import _C_cpu
+
+    n, d, seed, offset = 131072, 64, -77, 2**32 - 5000
+    ids = torch.zeros(n, dtype=torch.int64)
+    out, _, _ = _C_cpu.forward(ids, torch.full((1, d), -0.0), seed, offset, 1.0, False, 0.0, n, None, None, None, None,
+                               True)
+    assert_bits_equal(out, spec.noise(n, d, seed, offset, distribution="gaussian"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,16 +148,45 @@ def test_cpu_forward_special_values(dtype):
 
 @pytest.mark.parametrize("width", [1, 7, 37, 1500])
 def test_cpu_scales_match_the_reference(width):
-    """The C++ per-token scales (masks of every dtype, broadcast strides, packed rows, cu_seqlens)."""
+    """The C++ per-token scales (masks of every dtype, broadcast strides, packed rows, cu_seqlens), with and
+    without a noise_mask (bool, uint8, broadcast)."""
     from neft_kernels import _C_cpu
 
-    for mask, pos, cu in scale_cases(width):
+    g = torch.Generator().manual_seed(width + 1)
+    noise_masks = (None, torch.randint(0, 2, (3, width), generator=g).bool(),
+                   torch.randint(0, 2, (3, width), generator=g).to(torch.uint8),
+                   (torch.arange(width) % 2 == 0)[None].expand(3, width))
+    for (mask, pos, cu), noise_mask in zip([*scale_cases(width)] * 2, noise_masks * 5):
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
-            got = _C_cpu.token_scales(3 * width, alpha, d, width, mask, pos, cu)
+            got = _C_cpu.token_scales(3 * width, alpha, d, width, mask, pos, cu, noise_mask)
             if mask is not None:  # unsigned masks read as well
-                assert_bits_equal(_C_cpu.token_scales(3 * width, alpha, d, width, mask.to(torch.uint16), pos, cu), got)
-            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
-            assert_bits_equal(got, want)
+                assert_bits_equal(
+                    _C_cpu.token_scales(3 * width, alpha, d, width, mask.to(torch.uint16), pos, cu, noise_mask), got)
+            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu,
+                                noise_mask=noise_mask)
+            assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full((3 * width,), want))
+
+
+def test_cpu_scales_with_only_a_noise_mask_use_the_row_width():
+    """No attention_mask / position_ids / cu_seqlens: L is the row width; noise_mask only zeroes scales."""
+    from neft_kernels import _C_cpu
+
+    noise_mask = noise_mask_for((3, 11))
+    got = _C_cpu.token_scales(33, 5.0, 64, 11, None, None, None, noise_mask)
+    want = torch.where(noise_mask.reshape(-1), torch.tensor(5.0 / (11 * 64) ** 0.5, dtype=torch.float32), 0.0)
+    assert_bits_equal(got, want)
+    assert_bits_equal(got, token_scales((3, 11), 5.0, 64, noise_mask=noise_mask))
+
+
+def test_cpu_side_inputs_of_the_wrong_shape_or_dtype_are_refused():
+    from neft_kernels import _C_cpu
+
+    with pytest.raises(RuntimeError, match="noise_mask of shape"):
+        _C_cpu.token_scales(33, 5.0, 64, 11, None, None, None, torch.ones(3, 10, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="attention_mask of shape"):
+        _C_cpu.token_scales(33, 5.0, 64, 11, torch.ones(2, 11, dtype=torch.int64), None, None, None)
+    with pytest.raises(RuntimeError, match="integer or bool"):
+        _C_cpu.token_scales(33, 5.0, 64, 11, None, None, None, torch.ones(3, 11))
 
 
 def test_an_extension_built_from_other_sources_is_refused_at_import():

@@ -1,4 +1,5 @@
-"""The torch-free CUDA sources compile with nvcc for sm_80 and sm_90 without spills (where nvcc is)."""
+"""The torch-free CUDA sources compile with nvcc for sm_80 and sm_90 without spills, their PTX has no
+FMA, flush-to-zero or approximate instruction, and the binding type-checks (where nvcc is)."""
 
 import re
 import shutil
@@ -20,11 +21,42 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", res.stderr)
-    assert len(kernels) == 6  # forward and backward for fp32, bf16, fp16
+    assert len(kernels) == 9  # forward (uniform and Gaussian) and backward for fp32, bf16, fp16
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)]
-    assert len(spills) == 12 and not any(spills), res.stderr
+    assert len(spills) == 18 and not any(spills), res.stderr
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", res.stderr)]
-    assert len(registers) == 6 and max(registers) <= 64, registers
+    assert len(registers) == 9 and max(registers) <= 64, registers
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """Each kernel's PTX body by its (mangled) name."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry (\w+)\(", ptx)]
+    return {name: ptx[start:end] for (start, name), (end, _) in zip(starts, [*starts[1:], (len(ptx), "")])}
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("fmad", [False, True])
+def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
+    """The spec rounds every float32 step: no fma, no .ftz, no approximate div/sqrt/lg2 in any kernel's
+    PTX, even with nvcc's default --fmad=true (the kernels use explicit _rn intrinsics throughout).
+    The Gaussian forwards divide and take roots with the IEEE instructions and truncate the quadrant."""
+    res = subprocess.run(
+        [NVCC, "-O3", f"--fmad={str(fmad).lower()}", "-std=c++17", "-ptx", "-arch=compute_90",
+         str(ROOT / "csrc" / "cuda" / "noisy_embedding.cu"), "-o", str(tmp_path / "k.ptx")],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    entries = _ptx_entries((tmp_path / "k.ptx").read_text())
+    assert len(entries) == 9, list(entries)
+    for name, body in entries.items():
+        assert not re.search(r"\bfma\.|\.ftz\b|\.approx\b|\b(?:lg2|ex2|sin|cos|rsqrt|rcp)\.", body), name
+    gaussian = [body for name, body in entries.items() if "forward_kernel" in name and "Lb1E" in name]
+    uniform = [body for name, body in entries.items() if "forward_kernel" in name and "Lb0E" in name]
+    assert len(gaussian) == len(uniform) == 3
+    for body in gaussian:
+        for instruction in ("div.rn.f32", "sqrt.rn.f32", "cvt.rzi.s32.f32", "mul.rn.f32", "add.rn.f32", "sub.rn.f32"):
+            assert instruction in body, instruction
+    for body in uniform:
+        assert "div." not in body and "sqrt." not in body
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")

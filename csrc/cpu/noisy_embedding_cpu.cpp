@@ -1,7 +1,8 @@
-// CPU kernels: the fused NEFTune forward (spec v1, bit-exact) and the deterministic embedding
-// backward with float32 accumulation. Parallel over tokens; the inner loop runs over a block of
-// quarter lanes so that the Philox rounds vectorise.
-#include <torch/extension.h>
+// CPU kernels: the fused NEFTune forward (spec v2, uniform or Gaussian, bit-exact), the per-token
+// scales, and the deterministic embedding backward with float32 accumulation. Parallel over tokens;
+// the inner loop runs over a block of quarter lanes so that the Philox rounds (and the Gaussian
+// transform) vectorise. No torch tensors: binding.cpp owns those.
+#include "noisy_embedding_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -10,11 +11,13 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
-#include "../binding_utils.h"
+#include "../gaussian.h"
 #include "../philox.h"
 
 namespace {
@@ -92,7 +95,7 @@ void philox_block(uint64_t first_counter, uint64_t seed, int64_t count, WordBloc
   philox_block_generic(first_counter, seed, count, words);
 }
 
-// One quarter's run of dims: widen, add e * scale (spec v1 rounding), narrow. One per dtype so
+// One quarter's run of uniform dims: widen, add e * scale (spec v1's stream, rounded first), narrow. One per dtype so
 // that each gets its own vector clones.
 NEFT_CLONES void noise_run(const float* row, float* dst, const uint32_t* words, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) dst[i] = neft::noisy_value(row[i], words[i], scale);
@@ -137,6 +140,30 @@ NEFT_CLONES void noise_run(const c10::Half* row, c10::Half* dst, const uint32_t*
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(neft::noisy_value(static_cast<float>(row[i]), words[i], scale));
 }
 
+// The Gaussian noise of a block of lanes (spec v2): quarters 0 and 1 from words (r0, r1), 2 and 3
+// from (r2, r3). Branch-free per lane, so the clones vectorise it.
+using NoiseBlock = float[4][kLaneBlock];
+
+NEFT_CLONES void gaussian_block(const WordBlock& words, int64_t count, NoiseBlock& noise) {
+  for (int64_t i = 0; i < count; ++i) {
+    neft::gaussian_pair(words[0][i], words[1][i], noise[0][i], noise[1][i]);
+    neft::gaussian_pair(words[2][i], words[3][i], noise[2][i], noise[3][i]);
+  }
+}
+
+// One quarter's run of dims from ready noise e: widen, add e * scale (rounded first), narrow.
+NEFT_CLONES void add_noise_run(const float* row, float* dst, const float* e, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = neft::add_noise(row[i], e[i], scale);
+}
+NEFT_CLONES void add_noise_run(const uint16_t* row, uint16_t* dst, const float* e, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = neft::to_bf16_bits(neft::add_noise(neft::from_bf16_bits(row[i]), e[i], scale));
+}
+NEFT_CLONES void add_noise_run(const c10::Half* row, c10::Half* dst, const float* e, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = c10::Half(neft::add_noise(static_cast<float>(row[i]), e[i], scale));
+}
+
 template <typename T>
 inline float load_f32(const T* p) {
   return static_cast<float>(*p);
@@ -155,12 +182,12 @@ inline uint16_t from_f32<uint16_t>(float v) {
   return neft::to_bf16_bits(v);
 }
 
-template <typename T>
-void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scales, float scale_value,
-                  uint64_t seed, uint64_t offset, int64_t first, int64_t last, int64_t d, int64_t w_stride,
-                  int64_t num_rows) {
+template <typename T, bool kGaussian>
+void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scales, float scale_value, uint64_t seed,
+                  uint64_t offset, int64_t first, int64_t last, int64_t d, int64_t w_stride, int64_t num_rows) {
   const int64_t q = (d + 3) / 4;
   alignas(64) WordBlock words;
+  alignas(64) NoiseBlock noise;  // the Gaussian path only
   for (int64_t n = first; n < last; ++n) {
     const float scale = scales ? scales[n] : scale_value;
     T* dst = out + n * d;
@@ -172,80 +199,50 @@ void forward_rows(const int64_t* ids, const T* weight, T* out, const float* scal
     for (int64_t k0 = 0; k0 < q; k0 += kLaneBlock) {
       const int64_t count = std::min(kLaneBlock, q - k0);
       philox_block(offset + static_cast<uint64_t>(n * q + k0), seed, count, words);
+      if constexpr (kGaussian) gaussian_block(words, count, noise);
       for (int64_t w = 0; w < 4; ++w) {
-        const int64_t j0 = w * q + k0;
-        noise_run(row + j0, dst + j0, words[w], std::min(count, d - j0), scale);
+        const int64_t j0 = w * q + k0, len = std::min(count, d - j0);
+        if constexpr (kGaussian) {
+          add_noise_run(row + j0, dst + j0, noise[w], len, scale);
+        } else {
+          noise_run(row + j0, dst + j0, words[w], len, scale);
+        }
       }
     }
   }
 }
 
-template <typename T>
-void dispatch_forward(const torch::Tensor& ids, const torch::Tensor& weight, torch::Tensor& out, const float* s_ptr,
-                      double scale_value, uint64_t seed, uint64_t offset) {
-  const int64_t n_tokens = ids.numel(), d = weight.size(1), w_stride = weight.stride(0);
-  const int64_t* id_ptr = ids.data_ptr<int64_t>();
-  const T* w_ptr = reinterpret_cast<const T*>(weight.data_ptr());
-  T* o_ptr = reinterpret_cast<T*>(out.data_ptr());
-  const float s_val = static_cast<float>(scale_value);
+template <typename T, bool kGaussian>
+void forward_tokens(const int64_t* ids, const T* weight, T* out, const float* scales, float scale_value, uint64_t seed,
+                    uint64_t offset, int64_t n, int64_t d, int64_t w_stride, int64_t num_rows) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
-  at::parallel_for(0, n_tokens, grain, [&](int64_t first, int64_t last) {
-    forward_rows<T>(id_ptr, w_ptr, o_ptr, s_ptr, s_val, seed, offset, first, last, d, w_stride, weight.size(0));
+  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+    forward_rows<T, kGaussian>(ids, weight, out, scales, scale_value, seed, offset, first, last, d, w_stride,
+                               num_rows);
   });
 }
 
-}  // namespace
-
-namespace {
-
-// An integer or bool tensor read element by element whatever its dtype (masks and position ids
-// arrive as bool, uint8, int32 or int64; a per-element switch costs far less than a conversion).
-struct IntView {
-  const void* data = nullptr;
-  torch::ScalarType dtype = torch::kLong;
-  int64_t stride0 = 0, stride1 = 0;
-
-  explicit IntView(const c10::optional<torch::Tensor>& t) {
-    if (!t) return;
-    TORCH_CHECK(t->dim() <= 2, "side inputs reach the kernel as (rows, width)");
-    data = t->data_ptr();
-    dtype = t->scalar_type();
-    stride0 = t->dim() == 2 ? t->stride(0) : 0;
-    stride1 = t->dim() ? t->stride(-1) : 0;
-  }
-  bool present() const { return data != nullptr; }
-  int64_t operator()(int64_t row, int64_t col) const {
-    const int64_t i = row * stride0 + col * stride1;
-    switch (dtype) {
-      case torch::kBool: return static_cast<const bool*>(data)[i];
-      case torch::kByte: return static_cast<const uint8_t*>(data)[i];
-      case torch::kChar: return static_cast<const int8_t*>(data)[i];
-      case torch::kShort: return static_cast<const int16_t*>(data)[i];
-      case torch::kInt: return static_cast<const int32_t*>(data)[i];
-      case torch::kLong: return static_cast<const int64_t*>(data)[i];
-      case torch::kUInt16: return static_cast<const uint16_t*>(data)[i];
-      case torch::kUInt32: return static_cast<const uint32_t*>(data)[i];
-      case torch::kUInt64: return static_cast<int64_t>(static_cast<const uint64_t*>(data)[i]);  // only == 0 matters
-      default: TORCH_CHECK(false, "side inputs must be integer or bool tensors, got ", dtype);
-    }
-  }
-};
-
-// Spec v1's per-token scale: float32(alpha / sqrt(L * d)) in double, rounded once; 0 unless real.
 // A sub-sequence starts at every row start, where position_ids is 0 and at every cu_seqlens entry;
-// L counts its real (attention_mask != 0) tokens. Rows are independent, so they run in parallel.
-void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alpha, int64_t d, const IntView& mask,
-                         const IntView& positions, const IntView& cu_seqlens, int64_t n_cu) {
+// L counts its real (attention_mask != 0) tokens; scale = float32(alpha / sqrt(L * d)) in double,
+// rounded once, and 0 where attention_mask or noise_mask is 0. Rows are independent: parallel.
+void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alpha, int64_t d,
+                         const neft::cpu::SideInputs& side) {
+  const neft::cpu::IntView &mask = side.attention_mask, &positions = side.position_ids, &cu = side.cu_seqlens;
+  const neft::cpu::IntView& noise_mask = side.noise_mask;
+  const int64_t n_cu = side.n_cu;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(width, 1)), [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const int64_t base = r * width;
       // The first cu_seqlens entry past this row's first token (entries are cumulative, ascending).
       int64_t k = 0;
-      if (cu_seqlens.present()) {
+      if (cu.present()) {
         int64_t lo = 0, hi = n_cu;
         while (lo < hi) {
           const int64_t mid = (lo + hi) / 2;
-          if (cu_seqlens(0, mid) <= base) lo = mid + 1; else hi = mid;
+          if (cu(0, mid) <= base)
+            lo = mid + 1;
+          else
+            hi = mid;
         }
         k = lo;
       }
@@ -253,86 +250,29 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
         int64_t b = a + 1, count = mask.present() ? (mask(r, a) != 0) : 1;
         for (; b < width; ++b) {
           bool start = positions.present() && positions(r, b) == 0;
-          if (cu_seqlens.present()) {
-            while (k < n_cu && cu_seqlens(0, k) < base + b) ++k;
-            start = start || (k < n_cu && cu_seqlens(0, k) == base + b);
+          if (cu.present()) {
+            while (k < n_cu && cu(0, k) < base + b) ++k;
+            start = start || (k < n_cu && cu(0, k) == base + b);
           }
           if (start) break;
           count += mask.present() ? (mask(r, b) != 0) : 1;
         }
-        const float s = static_cast<float>(alpha / std::sqrt(static_cast<double>(std::max<int64_t>(count, 1)) *
-                                                             static_cast<double>(d)));
-        for (int64_t j = a; j < b; ++j) scales[base + j] = (!mask.present() || mask(r, j) != 0) ? s : 0.0f;
+        const float s = d == 0 ? 0.0f
+                               : static_cast<float>(alpha / std::sqrt(static_cast<double>(std::max<int64_t>(count, 1)) *
+                                                                      static_cast<double>(d)));
+        for (int64_t j = a; j < b; ++j) {
+          const bool noised = (!mask.present() || mask(r, j) != 0) && (!noise_mask.present() || noise_mask(r, j) != 0);
+          scales[base + j] = noised ? s : 0.0f;
+        }
         a = b;
       }
     }
   });
 }
 
-// The per-token scales of n tokens in rows of ``width`` from the optional side inputs.
-void side_input_scales(float* scales, int64_t n, int64_t width, double alpha, int64_t d,
-                       const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& positions,
-                       const c10::optional<torch::Tensor>& cu_seqlens) {
-  TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
-  if (cu_seqlens) TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
-  per_sequence_scales(scales, n / width, width, alpha, d, IntView(mask), IntView(positions), IntView(cu_seqlens),
-                      cu_seqlens ? cu_seqlens->numel() : 0);
-}
-
-}  // namespace
-
-// ids of any shape into a (V, d) weight -> (ids.shape + (d,) noisy rows, min id, max id), spec v1.
-// Scales: with ``per_sequence`` the kernel derives each token's scale from ``alpha`` and the side
-// inputs (``mask`` / ``positions`` as (rows, width) views, ``cu_seqlens`` 1-D; rows * width = N);
-// otherwise every token takes ``scale_value`` (already a float32 value). The id range is returned,
-// not raised: the caller raises in Python (a C++ exception inside a compiled graph is not safe).
-std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward(
-    const torch::Tensor& ids_in, const torch::Tensor& weight_in, int64_t seed, int64_t offset, double scale_value,
-    bool per_sequence, double alpha, int64_t width, const c10::optional<torch::Tensor>& mask,
-    const c10::optional<torch::Tensor>& positions, const c10::optional<torch::Tensor>& cu_seqlens) {
-  const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
-  const int64_t n = ids.numel(), d = weight.size(1);
-  torch::Tensor out = torch::empty(neft::output_sizes(ids_in, d), weight.options());
-  const int64_t* id_ptr = ids.data_ptr<int64_t>();
-  int64_t id_min = 0, id_max = -1;
-  if (n) {
-    const auto [lo, hi] = std::minmax_element(id_ptr, id_ptr + n);
-    id_min = *lo;
-    id_max = *hi;
-  }
-  if (n == 0 || d == 0) return {out, id_min, id_max};
-  std::vector<float> scales;
-  if (per_sequence) {
-    scales.resize(n);
-    side_input_scales(scales.data(), n, width, alpha, d, mask, positions, cu_seqlens);
-  }
-  const float* s_ptr = per_sequence ? scales.data() : nullptr;
-  const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-  switch (weight.scalar_type()) {
-    case torch::kFloat: dispatch_forward<float>(ids, weight, out, s_ptr, scale_value, s, o); break;
-    case torch::kBFloat16: dispatch_forward<uint16_t>(ids, weight, out, s_ptr, scale_value, s, o); break;
-    case torch::kHalf: dispatch_forward<c10::Half>(ids, weight, out, s_ptr, scale_value, s, o); break;
-    default: TORCH_CHECK(false, "weight dtype must be float32, bfloat16 or float16, got ", weight.scalar_type());
-  }
-  return {out, id_min, id_max};
-}
-
-// The per-token scales alone (a test seam: the reference computes them with torch ops).
-torch::Tensor token_scales(int64_t n, double alpha, int64_t d, int64_t width, const c10::optional<torch::Tensor>& mask,
-                           const c10::optional<torch::Tensor>& positions,
-                           const c10::optional<torch::Tensor>& cu_seqlens) {
-  torch::Tensor out = torch::empty({n}, torch::kFloat);
-  if (n == 0) return out;
-  side_input_scales(out.data_ptr<float>(), n, width, alpha, d, mask, positions, cu_seqlens);
-  return out;
-}
-
-namespace {
-
 template <typename T>
-void backward_segments(const T* grad, const int64_t* order, const int64_t* sorted,
-                       const std::vector<int64_t>& starts, T* gw, int64_t d, int64_t num_weights,
-                       int64_t padding_idx, bool scale_by_freq) {
+void backward_segments(const T* grad, const int64_t* order, const int64_t* sorted, const std::vector<int64_t>& starts,
+                       T* gw, int64_t d, int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
   const int64_t n_segments = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, n_segments, 1, [&](int64_t first, int64_t last) {
     std::vector<float> acc(d);
@@ -351,69 +291,67 @@ void backward_segments(const T* grad, const int64_t* order, const int64_t* sorte
   });
 }
 
-}  // namespace
-
-// (N, d) grad rows -> (V, d) weight gradient in grad's dtype: summed per id in float32 in token
-// order, rounded once; the padding row gets none; optional division by each id's count.
-torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tensor& ids_in, int64_t num_weights,
-                                 int64_t padding_idx, bool scale_grad_by_freq) {
-  const torch::Tensor grad = grad_in.contiguous();
-  const torch::Tensor ids = ids_in.to(torch::kLong).contiguous();
-  const int64_t n = ids.numel(), d = grad.size(1);
-  torch::Tensor gw = torch::zeros({num_weights, d}, grad.options());
-  if (n == 0 || d == 0) return gw;
-  const int64_t* id_ptr = ids.data_ptr<int64_t>();
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id_ptr[a] < id_ptr[b]; });
-  std::vector<int64_t> sorted(n), starts;
-  for (int64_t i = 0; i < n; ++i) {
-    sorted[i] = id_ptr[order[i]];
-    if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
-  }
-  starts.push_back(n);
-  switch (grad.scalar_type()) {
-    case torch::kFloat:
-      backward_segments<float>(grad.data_ptr<float>(), order.data(), sorted.data(), starts,
-                               gw.data_ptr<float>(), d, num_weights, padding_idx, scale_grad_by_freq);
-      break;
-    case torch::kBFloat16:
-      backward_segments<uint16_t>(reinterpret_cast<const uint16_t*>(grad.data_ptr()), order.data(),
-                                  sorted.data(), starts, reinterpret_cast<uint16_t*>(gw.data_ptr()), d,
-                                  num_weights, padding_idx, scale_grad_by_freq);
-      break;
-    case torch::kHalf:
-      backward_segments<c10::Half>(grad.data_ptr<c10::Half>(), order.data(), sorted.data(), starts,
-                                   gw.data_ptr<c10::Half>(), d, num_weights, padding_idx, scale_grad_by_freq);
-      break;
-    default: TORCH_CHECK(false, "grad dtype must be float32, bfloat16 or float16, got ", grad.scalar_type());
-  }
-  return gw;
+// The storage type of each dtype on the CPU: bfloat16 as raw words, rounded by integer ops.
+template <typename Fn>
+decltype(auto) dispatch_cpu(neft::DType dtype, Fn&& fn) {
+  return neft::dispatch_dtype<float, uint16_t, c10::Half>(dtype, std::forward<Fn>(fn));
 }
 
-// The bare Philox stream: fills ``out`` (n_calls, 4) int32 with the words of counters offset ..
-// offset + n_calls under seed, from the same vectorised batches as the forward. A test seam, and
-// the benchmark's floor (into a buffer allocated once, so that only generation is timed).
-void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
-  TORCH_CHECK(out.dim() == 2 && out.size(1) == 4 && out.scalar_type() == torch::kInt && out.is_contiguous(),
-              "out must be a contiguous (n, 4) int32 tensor");
-  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  const int64_t n_calls = out.size(0), n_blocks = (n_calls + kLaneBlock - 1) / kLaneBlock;
-  at::parallel_for(0, n_blocks, 16, [&](int64_t first, int64_t last) {
-    alignas(64) WordBlock words;
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t k0 = b * kLaneBlock, count = std::min(kLaneBlock, n_calls - k0);
-      philox_block(static_cast<uint64_t>(offset) + static_cast<uint64_t>(k0), static_cast<uint64_t>(seed), count, words);
-      for (int64_t i = 0; i < count; ++i)
-        for (int w = 0; w < 4; ++w) dst[(k0 + i) * 4 + w] = words[w][i];
+}  // namespace
+
+namespace neft::cpu {
+
+void token_scales(float* scales, int64_t n, int64_t width, double alpha, int64_t d, const SideInputs& side) {
+  if (n == 0) return;
+  per_sequence_scales(scales, n / width, width, alpha, d, side);
+}
+
+void noisy_embedding_forward(DType dtype, const int64_t* ids, const void* weight, void* out, const float* scales,
+                             float scale_value, uint64_t seed, uint64_t offset, int64_t n, int64_t d, int64_t w_stride,
+                             int64_t num_rows, bool gaussian) {
+  if (n == 0 || d == 0) return;
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* w = static_cast<const T*>(weight);
+    T* o = static_cast<T*>(out);
+    if (gaussian) {
+      forward_tokens<T, true>(ids, w, o, scales, scale_value, seed, offset, n, d, w_stride, num_rows);
+    } else {
+      forward_tokens<T, false>(ids, w, o, scales, scale_value, seed, offset, n, d, w_stride, num_rows);
     }
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 2;  // neft_kernels/backends/_extension.py refuses a build from other sources
-  m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
-  m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v1, scales from side inputs");
-  m.def("token_scales", &token_scales, "spec v1 per-token scales from attention_mask / position_ids / cu_seqlens");
-  m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");
+void embedding_backward(DType dtype, const void* grad, const int64_t* ids, int64_t n, int64_t d, void* grad_weight,
+                        int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
+  if (n == 0 || d == 0) return;
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::vector<int64_t> sorted(n), starts;
+  for (int64_t i = 0; i < n; ++i) {
+    sorted[i] = ids[order[i]];
+    if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
+  }
+  starts.push_back(n);
+  dispatch_cpu(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    backward_segments<T>(static_cast<const T*>(grad), order.data(), sorted.data(), starts,
+                         static_cast<T*>(grad_weight), d, num_weights, padding_idx, scale_by_freq);
+  });
 }
+
+void philox_words(uint32_t* out, int64_t n_calls, uint64_t seed, uint64_t offset) {
+  const int64_t n_blocks = (n_calls + kLaneBlock - 1) / kLaneBlock;
+  at::parallel_for(0, n_blocks, 16, [&](int64_t first, int64_t last) {
+    alignas(64) WordBlock words;
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t k0 = b * kLaneBlock, count = std::min(kLaneBlock, n_calls - k0);
+      philox_block(offset + static_cast<uint64_t>(k0), seed, count, words);
+      for (int64_t i = 0; i < count; ++i)
+        for (int w = 0; w < 4; ++w) out[(k0 + i) * 4 + w] = words[w][i];
+    }
+  });
+}
+
+}  // namespace neft::cpu

@@ -1,11 +1,14 @@
-// CUDA kernels: fused NEFTune forward (spec v1, bit-exact) and the deterministic embedding
-// backward with float32 accumulation. Raw pointers and a cudaStream_t only: no torch headers,
-// so nvcc compiles this file alone (tests compile it for sm_80/sm_90 with -Xptxas -v).
+// CUDA kernels: fused NEFTune forward (spec v2, uniform or Gaussian, bit-exact) and the
+// deterministic embedding backward with float32 accumulation. Raw pointers and a cudaStream_t
+// only: no torch headers, so nvcc compiles this file alone (tests compile it for sm_80/sm_90 with
+// -Xptxas -v, and check its PTX for FMA). Every float operation goes through an explicit
+// round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without --fmad=false.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "../gaussian.h"
 #include "../philox.h"
 #include "noisy_embedding.h"
 
@@ -25,8 +28,9 @@ template <> struct Io<__half> {
   __device__ static void store(void* p, int64_t i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
 };
 
-// One thread per (token, lane): one Philox call feeds the lane's dim in each of the 4 quarters.
-template <typename T>
+// One thread per (token, lane): one Philox call feeds the lane's dim in each of the 4 quarters
+// (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3).
+template <typename T, bool kGaussian>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* __restrict__ scales, float scale_value, const int64_t* __restrict__ seed_ptr,
                                uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
@@ -49,18 +53,28 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
+  float e[4];
+  if constexpr (kGaussian) {
+    neft::gaussian_pair(r.r[0], r.r[1], e[0], e[1]);
+    neft::gaussian_pair(r.r[2], r.r[3], e[2], e[3]);
+  } else {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) e[w] = neft::uniform_pm1(r.r[w]);
+  }
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k;
     if (j < d) {
-      const float value = in_range ? neft::noisy_value(Io<T>::load(weight, row + j), r.r[w], scale) : __int_as_float(0x7FC00000);
+      const float value =
+          in_range ? neft::add_noise(Io<T>::load(weight, row + j), e[w], scale) : __int_as_float(0x7FC00000);
       Io<T>::store(out, dst + j, value);
     }
   }
 }
 
-// One block per sorted position and 128 dims. The blocks at each id's first sorted position sum
-// that id's rows in order (deterministic) into float32 and round once; the others exit.
+// Grid: x over sorted positions, y over chunks of 128 dims; a thread per dim. Only the blocks at
+// the first sorted position of each id do work: they sum that id's rows in sorted (= token) order,
+// deterministically, in float32 and round once; the blocks at later positions of a run exit.
 template <typename T>
 __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
                                 const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end, void* grad_weight,
@@ -78,7 +92,7 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
   Io<T>::store(grad_weight, id * d + j, acc);
 }
 
-template <typename T>
+template <typename T, bool kGaussian>
 cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
                            const int64_t* seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d,
                            int64_t w_stride, int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
@@ -86,7 +100,7 @@ cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, co
   const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
   const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
                   static_cast<unsigned>((q + block.x - 1) / block.x));
-  forward_kernel<T><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
+  forward_kernel<T, kGaussian><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
                                                 w_stride, num_rows, bad_ids);
   return cudaGetLastError();
 }
@@ -102,6 +116,12 @@ cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const i
   return cudaGetLastError();
 }
 
+// The storage type of each dtype on the GPU: bfloat16 as raw words, rounded by integer ops.
+template <typename Fn>
+cudaError_t dispatch_cuda(neft::DType dtype, Fn&& fn) {
+  return neft::dispatch_dtype<float, uint16_t, __half>(dtype, fn);
+}
+
 }  // namespace
 
 namespace neft {
@@ -109,30 +129,23 @@ namespace neft {
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                                         int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_forward<float>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride,
-                                   num_rows, bad_ids, stream);
-    case DType::kBFloat16:
-      return launch_forward<uint16_t>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
-                                      w_stride, num_rows, bad_ids, stream);
-    case DType::kFloat16:
-      return launch_forward<__half>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride,
-                                    num_rows, bad_ids, stream);
-  }
-  return cudaErrorInvalidValue;
+                                         int64_t num_rows, long long* bad_ids, bool gaussian, cudaStream_t stream) {
+  return dispatch_cuda(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto launch = gaussian ? launch_forward<T, true> : launch_forward<T, false>;
+    return launch(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows,
+                  bad_ids, stream);
+  });
 }
 
 cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
                                     const int64_t* seg_end, void* grad_weight, int64_t n_tokens, int64_t d,
                                     int64_t num_weights, int64_t padding_idx, bool scale_by_freq, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch_backward<float>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
-    case DType::kBFloat16: return launch_backward<uint16_t>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
-    case DType::kFloat16: return launch_backward<__half>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx, scale_by_freq, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_cuda(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_backward<T>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d, num_weights, padding_idx,
+                              scale_by_freq, stream);
+  });
 }
 
 }  // namespace neft

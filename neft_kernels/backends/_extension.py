@@ -10,7 +10,7 @@ import torch
 from ..id_check import raise_out_of_range
 from ..lengths import token_scales
 
-ABI_VERSION = 2  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+ABI_VERSION = 3  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
 
 
 def check_abi(ext: ModuleType) -> None:
@@ -35,10 +35,11 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable]:
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, scale: float | None, alpha: float,
                 width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None, gaussian: bool,
+                bad_ids: torch.Tensor | None = None) -> torch.Tensor:
         del bad_ids  # CPU ids are refused here, synchronously
         out, lo, hi = ext.forward(ids, weight, seed, offset, 0.0 if scale is None else scale, scale is None, alpha,
-                                  width, attention_mask, position_ids, cu_seqlens)
+                                  width, attention_mask, position_ids, cu_seqlens, noise_mask, gaussian)
         if lo < 0 or hi >= weight.shape[0]:
             raise_out_of_range(lo, hi, weight.shape[0])
         return out
@@ -48,23 +49,28 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable]:
 
 def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable]:
     """``forward`` and ``backward`` over ``_C_cuda``; per-token scales from the Triton kernel where
-    Triton is installed, else from the reference's tensor ops (no sync either way)."""
+    Triton is installed, else from the reference's tensor ops (no sync either way). ``alpha``: a
+    float, or a 0-d float64 CUDA tensor (alpha as data, for CUDA graphs)."""
     from . import _load
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
-                alpha: float, width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                cu_seqlens: torch.Tensor | None, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
-        scales = None
+                alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
+                gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+        scales, scale_value = None, 0.0 if scale is None else scale
         if scale is None and width:
             triton_backend = _load("triton")
             if isinstance(triton_backend, ImportError):
                 scales = token_scales((ids.numel() // width, width), alpha, weight.shape[1],
-                                      attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
+                                      attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                      noise_mask=noise_mask, device=ids.device)
             else:
                 scales = triton_backend.token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask,
-                                                     position_ids, cu_seqlens)
+                                                     position_ids, cu_seqlens, noise_mask, ids.device)
+            if not isinstance(scales, torch.Tensor):  # the reference's one shared scale (float alpha, no side input)
+                scales, scale_value = None, scales
         seed_tensor = seed if isinstance(seed, torch.Tensor) else None
-        return ext.forward(ids, weight, scales, 0.0 if scale is None else scale, 0 if seed_tensor is not None else seed,
-                           offset, seed_tensor, bad_ids)
+        return ext.forward(ids, weight, scales, scale_value, 0 if seed_tensor is not None else seed, offset,
+                           seed_tensor, bad_ids, gaussian)
 
     return forward, _backward(ext)
