@@ -13,7 +13,7 @@
 namespace neft {
 
 // spec.py's float32 constants, as hex literals equal to np.float32(value).
-constexpr float kLn2 = 0x1.62e43p-1f;       // LN2 = 0.693147182
+constexpr float kLn2 = 0x1.62e43p-1f;        // LN2 = 0.693147182
 constexpr float kLogPoly0 = 0x1.c71c72p-3f;  // LOG_POLY: 2/9, 2/7, 2/5, 2/3
 constexpr float kLogPoly1 = 0x1.24924ap-2f;
 constexpr float kLogPoly2 = 0x1.99999ap-2f;
@@ -27,8 +27,8 @@ constexpr float kCosPoly0 = 0x1.a01a02p-16f;  // COS_POLY: 1/8!, -1/6!, 1/4!, -1
 constexpr float kCosPoly1 = -0x1.6c16c2p-10f;
 constexpr float kCosPoly2 = 0x1.555556p-5f;
 constexpr float kCosPoly3 = -0x1p-1f;
-constexpr float kSqrtHalf = 0x1.6a09e6p-1f;  // SQRT_HALF = 0.707106769
-constexpr uint32_t kSqrt2Bits = 0x3FB504F3u;             // float32(sqrt 2): larger mantissas are halved
+constexpr float kSqrtHalf = 0x1.6a09e6p-1f;   // SQRT_HALF = 0.707106769
+constexpr uint32_t kSqrt2Bits = 0x3FB504F3u;  // float32(sqrt 2): larger mantissas are halved
 
 NEFT_HD float sub_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)

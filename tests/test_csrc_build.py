@@ -4,12 +4,16 @@ FMA, flush-to-zero or approximate instruction, and the binding type-checks (wher
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
+# The venv's clang-format (pip install clang-format) or one on PATH; the files were formatted with major 23.
+CLANG_FORMAT = shutil.which("clang-format", path=str(Path(sys.executable).parent)) or shutil.which("clang-format")
+CLANG_FORMAT_MAJOR = 23
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
@@ -78,4 +82,22 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
         ["g++", "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
          f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", "-DTORCH_EXTENSION_NAME=_C_cuda",
          str(ROOT / "csrc" / "cuda" / "binding.cpp")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _clang_format_major() -> int | None:
+    if CLANG_FORMAT is None:
+        return None
+    out = subprocess.run([CLANG_FORMAT, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"version (\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.skipif(_clang_format_major() != CLANG_FORMAT_MAJOR,
+                    reason=f"needs clang-format {CLANG_FORMAT_MAJOR} (other versions format details differently)")
+def test_csrc_is_clang_formatted():
+    """csrc/ follows the repository's .clang-format (Google style, 120 columns)."""
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
+    res = subprocess.run([CLANG_FORMAT, "--dry-run", "--Werror", *map(str, sources)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -86,8 +86,8 @@ std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward(
   }
   neft::cpu::noisy_embedding_forward(dtype, id_ptr, weight.data_ptr(), out.data_ptr(),
                                      per_sequence ? scales.data() : nullptr, static_cast<float>(scale_value),
-                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n, d,
-                                     weight.stride(0), weight.size(0), gaussian);
+                                     static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n, d, weight.stride(0),
+                                     weight.size(0), gaussian);
   return {out, id_min, id_max};
 }
 

@@ -55,7 +55,7 @@ __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i b, _
 
 // The same words, 16 lanes per instruction; writes whole groups of 16 (the block has room).
 __attribute__((target("avx512f"))) void philox_block_avx512(uint64_t first_counter, uint64_t seed, int64_t count,
-                                                              WordBlock& words) {
+                                                            WordBlock& words) {
   const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(neft::kPhiloxMulA));
   const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(neft::kPhiloxMulB));
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -102,27 +102,32 @@ NEFT_CLONES void noise_run(const float* row, float* dst, const uint32_t* words, 
 }
 NEFT_CLONES void noise_run_bf16_generic(const uint16_t* row, uint16_t* dst, const uint32_t* words, int64_t n,
                                         float scale) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = neft::to_bf16_bits(neft::noisy_value(neft::from_bf16_bits(row[i]), words[i], scale));
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = neft::to_bf16_bits(neft::noisy_value(neft::from_bf16_bits(row[i]), words[i], scale));
 }
 
 #if NEFT_HAVE_AVX512
 // The bf16 run in 16-lane vectors (compilers keep the 16/32-bit mix narrow): the same operations
 // as philox.h in the same order, each rounded once, no FMA.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void noise_run_bf16_avx512(
-    const uint16_t* row, uint16_t* dst, const uint32_t* words, int64_t n, float scale) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void noise_run_bf16_avx512(const uint16_t* row, uint16_t* dst,
+                                                                                const uint32_t* words, int64_t n,
+                                                                                float scale) {
   const __m512 v_scale = _mm512_set1_ps(scale), u_scale = _mm512_set1_ps(neft::kUniformScale);
   const __m512 two = _mm512_set1_ps(2.0f), minus_one = _mm512_set1_ps(-1.0f);
-  const __m512i one = _mm512_set1_epi32(1), round_bias = _mm512_set1_epi32(0x7FFF), quiet_nan = _mm512_set1_epi32(0x7FC0);
+  const __m512i one = _mm512_set1_epi32(1), round_bias = _mm512_set1_epi32(0x7FFF),
+                quiet_nan = _mm512_set1_epi32(0x7FC0);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
     __m512i x = _mm512_maskz_loadu_epi32(m, words + i);
     x = _mm512_xor_si512(x, _mm512_srai_epi32(x, 31));  // ~x where negative
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(x), u_scale);
     const __m512 e = _mm512_add_ps(_mm512_mul_ps(u, two), minus_one);
-    const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, row + i)), 16));
+    const __m512 w =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, row + i)), 16));
     const __m512 v = _mm512_add_ps(w, _mm512_mul_ps(e, v_scale));
     const __m512i bits = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, round_bias), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one));
+    __m512i r =
+        _mm512_add_epi32(_mm512_add_epi32(bits, round_bias), _mm512_and_si512(_mm512_srli_epi32(bits, 16), one));
     r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
     _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(r));
   }
@@ -160,8 +165,7 @@ NEFT_CLONES void add_noise_run(const uint16_t* row, uint16_t* dst, const float* 
     dst[i] = neft::to_bf16_bits(neft::add_noise(neft::from_bf16_bits(row[i]), e[i], scale));
 }
 NEFT_CLONES void add_noise_run(const c10::Half* row, c10::Half* dst, const float* e, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i)
-    dst[i] = c10::Half(neft::add_noise(static_cast<float>(row[i]), e[i], scale));
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(neft::add_noise(static_cast<float>(row[i]), e[i], scale));
 }
 
 template <typename T>
@@ -217,8 +221,7 @@ void forward_tokens(const int64_t* ids, const T* weight, T* out, const float* sc
                     uint64_t offset, int64_t n, int64_t d, int64_t w_stride, int64_t num_rows) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
-    forward_rows<T, kGaussian>(ids, weight, out, scales, scale_value, seed, offset, first, last, d, w_stride,
-                               num_rows);
+    forward_rows<T, kGaussian>(ids, weight, out, scales, scale_value, seed, offset, first, last, d, w_stride, num_rows);
   });
 }
 
@@ -336,8 +339,8 @@ void embedding_backward(DType dtype, const void* grad, const int64_t* ids, int64
   starts.push_back(n);
   dispatch_cpu(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    backward_segments<T>(static_cast<const T*>(grad), order.data(), sorted.data(), starts,
-                         static_cast<T*>(grad_weight), d, num_weights, padding_idx, scale_by_freq);
+    backward_segments<T>(static_cast<const T*>(grad), order.data(), sorted.data(), starts, static_cast<T*>(grad_weight),
+                         d, num_weights, padding_idx, scale_by_freq);
   });
 }
 

@@ -2,15 +2,17 @@
 // stream and dtype.
 #include <torch/extension.h>
 
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../binding_utils.h"
 #include "noisy_embedding.h"
 
 namespace {
 
-void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA launch failed: ", cudaGetErrorString(err)); }
+void check(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA launch failed: ", cudaGetErrorString(err));
+}
 
 }  // namespace
 
@@ -32,13 +34,13 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
   torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
-  if (bad_ids) TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 3, "bad_ids");
+  if (bad_ids)
+    TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 3, "bad_ids");
   check(neft::noisy_embedding_forward_cuda(
-      dtype, ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(),
-      scales ? scales->data_ptr<float>() : nullptr, static_cast<float>(scale_value),
-      seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed),
-      static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0), weight.size(0),
-      bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr, gaussian,
+      dtype, ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(), scales ? scales->data_ptr<float>() : nullptr,
+      static_cast<float>(scale_value), seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr,
+      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
+      weight.size(0), bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr, gaussian,
       c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
@@ -54,10 +56,10 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   if (ids.numel() == 0 || grad.size(1) == 0) return grad_weight;
   auto [sorted_ids, order] = at::sort(ids, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   const torch::Tensor seg_end = torch::searchsorted(sorted_ids, sorted_ids, /*out_int32=*/false, /*right=*/true);
-  check(neft::embedding_backward_cuda(
-      dtype, grad.data_ptr(), sorted_ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-      seg_end.data_ptr<int64_t>(), grad_weight.data_ptr(), ids.numel(), grad.size(1), num_weights, padding_idx,
-      scale_grad_by_freq, c10::cuda::getCurrentCUDAStream().stream()));
+  check(neft::embedding_backward_cuda(dtype, grad.data_ptr(), sorted_ids.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                                      seg_end.data_ptr<int64_t>(), grad_weight.data_ptr(), ids.numel(), grad.size(1),
+                                      num_weights, padding_idx, scale_grad_by_freq,
+                                      c10::cuda::getCurrentCUDAStream().stream()));
   return grad_weight;
 }
 

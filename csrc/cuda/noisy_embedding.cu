@@ -14,16 +14,22 @@
 
 namespace {
 
-template <typename T> struct Io;
-template <> struct Io<float> {
+template <typename T>
+struct Io;
+template <>
+struct Io<float> {
   __device__ static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
   __device__ static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
 };
-template <> struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
-  __device__ static float load(const void* p, int64_t i) { return neft::from_bf16_bits(static_cast<const uint16_t*>(p)[i]); }
+template <>
+struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
+  __device__ static float load(const void* p, int64_t i) {
+    return neft::from_bf16_bits(static_cast<const uint16_t*>(p)[i]);
+  }
   __device__ static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = neft::to_bf16_bits(v); }
 };
-template <> struct Io<__half> {
+template <>
+struct Io<__half> {
   __device__ static float load(const void* p, int64_t i) { return __half2float(static_cast<const __half*>(p)[i]); }
   __device__ static void store(void* p, int64_t i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
 };
@@ -32,9 +38,9 @@ template <> struct Io<__half> {
 // (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3).
 template <typename T, bool kGaussian>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
-                               const float* __restrict__ scales, float scale_value, const int64_t* __restrict__ seed_ptr,
-                               uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                               int64_t num_rows, long long* bad_ids) {
+                               const float* __restrict__ scales, float scale_value,
+                               const int64_t* __restrict__ seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens,
+                               int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids) {
   const int64_t q = (d + 3) / 4;
   // tokens on grid x (up to 2^31 - 1 blocks), lanes on grid y; threads along lanes coalesce.
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
@@ -77,8 +83,9 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
 // deterministically, in float32 and round once; the blocks at later positions of a run exit.
 template <typename T>
 __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
-                                const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end, void* grad_weight,
-                                int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
+                                const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end,
+                                void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights,
+                                int64_t padding_idx, bool scale_by_freq) {
   const int64_t i = blockIdx.x;  // sorted position (grid x allows 2^31 - 1)
   const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n_tokens || j >= d) return;
@@ -100,8 +107,8 @@ cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, co
   const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
   const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
                   static_cast<unsigned>((q + block.x - 1) / block.x));
-  forward_kernel<T, kGaussian><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d,
-                                                w_stride, num_rows, bad_ids);
+  forward_kernel<T, kGaussian><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed,
+                                                           offset, n_tokens, d, w_stride, num_rows, bad_ids);
   return cudaGetLastError();
 }
 
