@@ -196,3 +196,28 @@ def test_an_extension_built_from_other_sources_is_refused_at_import():
 
     with pytest.raises(ImportError, match="rebuild"):
         check_abi(types.SimpleNamespace(__name__="neft_kernels._C_cpu"))  # no ABI_VERSION: an older build
+
+
+def test_cuda_wrapper_passes_the_reference_scales_and_the_abi_3_arguments(monkeypatch):
+    """The CUDA backend's Python side, on the CPU with a stand-in extension: without Triton the scales
+    come from lengths.token_scales (noise_mask included, a shared float as scale_value), and the call
+    follows _C_cuda.forward's ABI 3 order (..., seed_tensor, bad_ids, gaussian)."""
+    import types
+
+    from neft_kernels import backends
+    from neft_kernels.backends._extension import cuda_functions
+
+    load = backends._load
+    monkeypatch.setattr(backends, "_load", lambda name: ImportError("no triton") if name == "triton" else load(name))
+    calls = []
+    forward, _ = cuda_functions(types.SimpleNamespace(forward=lambda *args: calls.append(args), backward=None))
+    ids, weight, noise_mask = torch.zeros(3, 11, dtype=torch.int64), torch.zeros(4, 8), noise_mask_for((3, 11))
+    forward(ids, weight, 3, 5, None, 5.0, 11, None, None, None, noise_mask, True)
+    scales, scale_value, seed, offset, seed_tensor, bad_ids, gaussian = calls[-1][2:]
+    assert_bits_equal(scales, token_scales((3, 11), 5.0, 8, noise_mask=noise_mask))
+    assert (scale_value, seed, offset, seed_tensor, bad_ids, gaussian) == (0.0, 3, 5, None, None, True)
+    forward(ids, weight, 3, 5, None, 5.0, 11, None, None, None, None, False)  # one scale for all
+    assert calls[-1][2] is None and calls[-1][3] == token_scales((3, 11), 5.0, 8)
+    seed_tensor = torch.tensor(3)
+    forward(ids, weight, seed_tensor, 5, 0.25, 5.0, 11, None, None, None, None, False, "bad ids")
+    assert calls[-1][2:] == (None, 0.25, 0, 5, seed_tensor, "bad ids", False)
