@@ -22,15 +22,18 @@ def _fresh_dynamo():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("side", ["none", "mask", "positions", "cu_seqlens"])
-def test_opcheck_forward(backend, side):
+@pytest.mark.parametrize("side", ["none", "mask", "positions", "cu_seqlens", "noise_mask"])
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_opcheck_forward(backend, side, gaussian):
     weight = torch.randn(20, 12, dtype=torch.float32, requires_grad=True)
     ids = torch.randint(0, 20, (18,))
     mask = torch.randint(0, 2, (3, 6)) if side == "mask" else None
     pos = torch.tensor([0, 1, 2, 0, 1, 2]).expand(3, 6) if side == "positions" else None
     cu = torch.tensor([0, 4, 11, 18], dtype=torch.int32) if side == "cu_seqlens" else None
-    torch.library.opcheck(FWD, (ids, weight, torch.tensor(-3), 5, 0.25, 4.0, 6, mask, pos, cu, side != "none", 2, False,
-                                backend))
+    noise = torch.randint(0, 2, (3, 6)).bool() if side == "noise_mask" else None
+    alpha = torch.tensor(4.0, dtype=torch.float64)
+    torch.library.opcheck(FWD, (ids, weight, torch.tensor(-3), alpha, 5, 0.25, 6, mask, pos, cu, noise, side != "none",
+                                gaussian, 2, False, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

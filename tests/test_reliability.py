@@ -38,9 +38,9 @@ def kernel_alone(backend: str, ids: torch.Tensor, weight: torch.Tensor) -> torch
         return module("triton").fused_forward(ids, weight, 0.25, 3, 0)
     if backend == "cpu":
         from neft_kernels import _C_cpu
-        return _C_cpu.forward(ids, weight, 3, 0, 0.25, False, 0.0, ids.numel(), None, None, None)[0]
+        return _C_cpu.forward(ids, weight, 3, 0, 0.25, False, 0.0, ids.numel(), None, None, None, None, False)[0]
     from neft_kernels import _C_cuda
-    return _C_cuda.forward(ids, weight, None, 0.25, 3, 0, None, None)
+    return _C_cuda.forward(ids, weight, None, 0.25, 3, 0, None, None, False)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=[b for b, _ in KERNEL_BACKENDS])
