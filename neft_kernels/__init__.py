@@ -1,7 +1,8 @@
 """Fused NEFTune noisy embeddings: one pass, per-sequence lengths, bit-exact Philox noise."""
 
 from .integrations import is_patched, patch_model, patched, unpatch_model
-from .module import NoisyEmbedding, make_noisy, make_plain, no_noise, noise_without_grad
+from .module import NoisyEmbedding, no_noise, noise_without_grad
+from .patching import make_noisy, make_plain
 from .ops import add_noise, noisy_embedding
 from .options import NoiseOptions
 from .schedules import AlphaScheduler, alpha_schedule

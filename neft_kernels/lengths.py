@@ -30,11 +30,23 @@ def round_to_float32(x: float) -> float:
     return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
 
 
-def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float:
-    """``float32(alpha / sqrt(L * d))`` as a Python float, computed in float64 (0 for d = 0: no noise)."""
+def scale_for_length(alpha: float | torch.Tensor, length: int | torch.Tensor,
+                     embedding_dim: int) -> float | torch.Tensor:
+    """The spec's ``float32(alpha / sqrt(L * d))``, computed in float64 and rounded once; 0 for d = 0
+    (no noise). The one place the formula is written: a Python float for an int ``length`` and a
+    float ``alpha``; a float32 tensor for a float64 tensor of lengths (each at least 1) and a float
+    or 0-d tensor ``alpha``."""
+    if not isinstance(length, torch.Tensor):
+        return 0.0 if embedding_dim == 0 else round_to_float32(alpha / math.sqrt(length * embedding_dim))
     if embedding_dim == 0:
-        return 0.0
-    return round_to_float32(alpha / math.sqrt(length * embedding_dim))
+        return torch.zeros(length.shape, dtype=torch.float32, device=length.device)
+    root = torch.sqrt(length * embedding_dim)
+    # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.
+    if isinstance(alpha, torch.Tensor):
+        numerator = alpha.to(torch.float64).expand_as(root)
+    else:
+        numerator = torch.full_like(root, alpha)
+    return torch.div(numerator, root).to(torch.float32)
 
 
 def _subsequence_lengths(starts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
@@ -127,12 +139,7 @@ def token_scales(shape: torch.Size, alpha: float | torch.Tensor, embedding_dim: 
         return torch.zeros(0, dtype=torch.float32, device=device)
     length, noised = token_lengths(shape, attention_mask=attention_mask, position_ids=position_ids,
                                    cu_seqlens=cu_seqlens, noise_mask=noise_mask, device=device)
-    root = torch.sqrt(length.clamp(min=1) * embedding_dim)
-    # A true float64 division: ``alpha / tensor`` would be reciprocal-then-multiply, two roundings.
-    numerator = alpha.to(torch.float64).expand_as(root) if tensor_alpha else torch.full_like(root, alpha)
-    scale = torch.div(numerator, root).to(torch.float32)
-    if embedding_dim == 0:
-        scale = torch.zeros_like(scale)
+    scale = scale_for_length(alpha, length.clamp(min=1), embedding_dim)
     if noised is not None:
         scale = torch.where(noised, scale, 0.0)
     return scale

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from functools import cache
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from . import validation
+from .compat import clear_hooks
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
 from .ops import _noisy_embedding, add_noise
@@ -18,6 +18,8 @@ from .options import NoiseOptions
 from .telemetry import NoiseStats
 
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
+# What configure_noise sets on a module: make_plain removes it.
+NOISE_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")
 _STATS_SIDE = ("attention_mask", "position_ids", "cu_seqlens", "noise_mask", "length_mode")
 # A side-input frame's noise_mask when the noised tokens come from labels and the call had none.
 MISSING_LABELS = object()
@@ -180,6 +182,8 @@ class NoisyEmbedding(nn.Embedding):
         ``forward``: the result is a copy of it, sharing the weight, made noisy as
         :func:`make_noisy` does, so it computes what the source computes (plus noise in train mode).
         """
+        from .patching import make_noisy
+
         NoiseOptions.make(noise_alpha=noise_alpha, **kwargs)  # refused before anything is built
         base = vars(embedding).get("_neft_original_class", type(embedding))  # a patched one: its own class
         if base.forward is not nn.Embedding.forward and not issubclass(base, NoisyEmbedding):
@@ -187,9 +191,7 @@ class NoisyEmbedding(nn.Embedding):
                 raise TypeError(f"{cls.__name__}.from_embedding cannot keep {base.__name__}'s own forward: use "
                                 f"NoisyEmbedding.from_embedding, which returns a noisy {base.__name__}")
             copy_ = copy.deepcopy(embedding, memo={id(embedding.weight): embedding.weight})
-            for hooks in (copy_._forward_hooks, copy_._forward_pre_hooks, copy_._forward_hooks_with_kwargs,
-                          copy_._forward_pre_hooks_with_kwargs, copy_._forward_hooks_always_called):
-                hooks.clear()  # a new module: none of the source's hooks (another NEFTune's, say)
+            clear_hooks(copy_)  # a new module: none of the source's hooks (another NEFTune's, say)
             vars(copy_).pop("neftune_noise_alpha", None)
             return make_noisy(copy_, noise_alpha, **kwargs)
         module = cls(
@@ -296,83 +298,14 @@ class NoisyEmbedding(nn.Embedding):
     def __reduce_ex__(self, protocol):
         # A class noisy_class generated cannot be found by name when unpickling: rebuild it from its
         # base (a class that wrapped it later, FSDP's say, pickles as usual).
+        from .patching import rebuild_noisy
+
         base = type(self).__dict__.get("_neft_base")
         if base is None:
             return super().__reduce_ex__(protocol)
-        return _rebuild_noisy, (base,), self.__dict__
+        return rebuild_noisy, (base,), self.__dict__
 
     def extra_repr(self) -> str:
         options = self.noise_options
         return (f"{super().extra_repr()}, noise_alpha={options.noise_alpha}, length_mode={options.length_mode}, "
                 f"distribution={options.distribution}, backend={options.backend}")
-
-
-@cache
-def noisy_class(cls: type[nn.Embedding]) -> type[NoisyEmbedding]:
-    """The :class:`NoisyEmbedding` class an instance of ``cls`` becomes when made noisy.
-
-    ``nn.Embedding`` maps to ``NoisyEmbedding``. A subclass maps to a class deriving from both,
-    ``NoisyEmbedding`` first: its own ``forward`` (Gemma's scaling, say) still runs, in eval mode
-    as it is, in train mode with the noise added to its output, where transformers' NEFTune hook
-    adds it too.
-    """
-    if issubclass(cls, NoisyEmbedding):
-        return cls
-    if cls is nn.Embedding:
-        return NoisyEmbedding
-    own_forward = cls.forward is not nn.Embedding.forward
-    return type(f"Noisy{cls.__name__}", (NoisyEmbedding, cls),
-                {"_noise_after_own_forward": own_forward, "_neft_base": cls, "__module__": __name__})
-
-
-def _rebuild_noisy(base: type[nn.Embedding]) -> NoisyEmbedding:
-    """Unpickling a module of a generated class: the class is made again from its base."""
-    cls = noisy_class(base)
-    return cls.__new__(cls)
-
-
-def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> NoisyEmbedding:
-    """Turn ``embedding`` itself into a :class:`NoisyEmbedding`, in place.
-
-    The module object, its weight Parameter (so tied heads stay tied), its buffers and its
-    ``state_dict`` stay the same; only the class changes. Calling it again sets the options
-    (:class:`~neft_kernels.NoiseOptions`, as keywords). :func:`make_plain` undoes it. Every option
-    is checked first: when it raises, the module is as it was.
-    """
-    noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)
-    if not isinstance(embedding, nn.Embedding):
-        raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
-    vars(embedding).pop(MADE_PLAIN, None)
-    if embedding.sparse:
-        raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward produces a dense gradient")
-    if not isinstance(embedding, NoisyEmbedding):
-        vars(embedding)["_neft_original_class"] = type(embedding)
-        embedding.__class__ = noisy_class(type(embedding))
-    embedding.configure_noise(noise_options)
-    return embedding
-
-
-@cache
-def _without_noise(cls: type, noisy: type, original: type) -> type:
-    """``cls`` with ``noisy`` replaced by ``original`` among its bases: a class that wrapped ours
-    later (FSDP2's ``fully_shard`` makes ``FSDP<cls>``) keeps its wrapping."""
-    if cls is noisy:
-        return original
-    bases = tuple(_without_noise(b, noisy, original) if issubclass(b, noisy) else b for b in cls.__bases__)
-    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}  # FSDP's __deepcopy__
-    return type(cls.__name__.replace(noisy.__name__, original.__name__), bases, namespace)
-
-
-_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")  # what configure_noise sets
-MADE_PLAIN = "_neft_made_plain"  # set by make_plain: patch_model's hooks leave such an embedding plain
-
-
-def make_plain(embedding: nn.Embedding) -> nn.Embedding:
-    """Undo :func:`make_noisy`: the original class again, the same module and weight."""
-    original = vars(embedding).pop("_neft_original_class", None)
-    if original is not None:
-        vars(embedding)[MADE_PLAIN] = True
-        embedding.__class__ = _without_noise(type(embedding), noisy_class(original), original)
-        for name in _STATE:
-            vars(embedding).pop(name, None)
-    return embedding

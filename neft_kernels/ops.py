@@ -16,6 +16,7 @@ import torch
 
 from . import validation
 from .backends import module, resolve
+from .compat import function_c_apply, functorch_transforms_active
 from .id_check import check_id_range, device_id_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
 from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES
@@ -128,10 +129,8 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
         return None, grad_weight, None, None, None, None, None, None, None
 
 
-# Function.apply's Python wrapper (signature binding, functorch wrapper checks over every argument)
-# costs a third of a small call's host time; outside functorch transforms and tracing, the C
-# entry point it ends in is called directly.
-_apply_eager = super(torch.autograd.Function, _NoisyEmbeddingFunction).apply
+# Outside functorch transforms and tracing, Function.apply's C entry point is called directly.
+_apply_eager = function_c_apply(_NoisyEmbeddingFunction)
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -247,7 +246,7 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, *, seed, of
         scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
     args = (offset, scale, width, per_token, distribution == "gaussian", padding_idx, bool(scale_grad_by_freq),
             resolve(backend, weight.device), check_ids)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or functorch_transforms_active():
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)
 

@@ -1,7 +1,7 @@
-"""The NEFTune noise stream, spec v2, and its pure-PyTorch reference.
+"""The NEFTune noise stream, spec v2, in plain PyTorch: the definition every backend reproduces.
 
-Every backend must reproduce :func:`reference_forward` bit for bit. The spec, in words
-(also in ``docs/spec.md``). Spec v1 is the uniform stream; v2 keeps it unchanged and adds the
+:func:`noise` is the unscaled stream; ``backends/reference.py`` adds the lookup, the scales and the
+gradient. The spec, in words (also in ``docs/spec.md``). Spec v1 is the uniform stream; v2 keeps it unchanged and adds the
 Gaussian stream (:func:`gaussian_pair`), the paper's ablation:
 
 For the token at flattened index ``n`` of ``input_ids``, embedding dim ``d``, 64-bit seed ``s``
@@ -37,8 +37,6 @@ UNIFORM_SCALE = 4.6566127342e-10
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _MASK32 = 0xFFFFFFFF
-# Tokens per reference chunk: bounds the int64 temporaries to a few hundred MB.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 def num_lanes(embedding_dim: int) -> int:
@@ -182,45 +180,3 @@ def noise(n_tokens: int, embedding_dim: int, seed: int, offset: int = 0,
     # Quarter w of the row comes from word r_w: stacking on dim 1 lays dim j = w * Q + k out row-major.
     e = torch.stack(quarters, dim=1).reshape(n_tokens, 4 * q)
     return e[:, :embedding_dim]
-
-
-def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
-                      seed: int, offset: int = 0, distribution: str = "uniform") -> torch.Tensor:
-    """Spec v2 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
-
-    ``scale`` is the per-token float32 ``scale_n`` as an ``(N,)`` tensor, or one float for all.
-    """
-    n_tokens, d = ids.numel(), weight.shape[1]
-    out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(torch.float32)
-    else:
-        scale = torch.tensor(scale, dtype=torch.float32, device=weight.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    for start in range(0, n_tokens, chunk):
-        stop = min(start + chunk, n_tokens)
-        e = noise(stop - start, d, seed, offset, weight.device, first_token=start, distribution=distribution)
-        s = scale[start:stop, None] if scale.dim() else scale
-        rows = weight[ids[start:stop]].to(torch.float32)
-        out[start:stop] = (rows + e * s).to(weight.dtype)
-    return out
-
-
-def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
-                       padding_idx: int | None, scale_grad_by_freq: bool) -> torch.Tensor:
-    """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, in float32.
-
-    The noise is a constant, so this is ``F.embedding``'s gradient, accumulated in float32
-    whatever the dtype and rounded once into it; ``scale_grad_by_freq`` divides each id's float32
-    sum by its count (every backend sums first, then divides).
-    """
-    g = grad.to(torch.float32)
-    if padding_idx is not None:
-        g = torch.where((ids == padding_idx)[:, None], 0.0, g)
-    grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=torch.float32, device=grad.device)
-    grad_weight.index_add_(0, ids, g)
-    if scale_grad_by_freq:
-        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
-        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-        grad_weight /= counts.clamp(min=1)[:, None]
-    return grad_weight.to(grad.dtype)

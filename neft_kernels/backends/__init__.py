@@ -1,31 +1,51 @@
-"""Kernels, one module per backend, each with the same two functions:
+"""Kernels, one module per backend, each implementing :class:`Backend`.
 
-* ``forward(ids, weight, seed, offset, scale, alpha, width, attention_mask, position_ids,
-  cu_seqlens, noise_mask, gaussian, bad_ids=None)``: ids of any shape -> ``ids.shape + (d,)``
-  noisy rows, spec v2 (``gaussian``: the Gaussian stream, else the uniform one). ``scale`` is
-  every token's scale, or None: then the backend derives per-token scales on the tensors' device
-  from ``alpha`` and the side inputs (``(rows, width)`` views, ``cu_seqlens`` 1-D; none: ``L`` =
-  ``width``), zero where ``noise_mask`` is 0. ``alpha``: a float, or (accelerators only) a 0-d
-  float64 tensor on the weight's device that the kernel reads. ``seed``: an int, or a 0-d int64
-  tensor on the weight's device that the kernel reads. Out-of-range ids are never read (NaN
-  rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids`` (min, max, V).
-* ``backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq, deterministic)``: (N, d)
-  grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype.
-
-``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels. The
-compiled backends (``cpu``, ``cuda``) are optional extensions; ``auto`` falls back from a missing one
-with a single warning.
+``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels,
+``available_backends`` lists what this process can run. The compiled backends (``cpu``, ``cuda``)
+are optional extensions; ``auto`` falls back from a missing one with a single warning.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from functools import cache
 from types import ModuleType
+from typing import Protocol
 
 import torch
-import torch._dynamo
+
+from ..compat import assume_constant_result
+
+class Backend(Protocol):
+    """What every backend module provides (``reference``, ``triton``, ``cpu``, ``cuda``)."""
+
+    def forward(self, ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int,
+                scale: float | None, alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
+                gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids of any shape -> ``ids.shape + (d,)`` noisy rows, spec v2 (``gaussian``: the Gaussian
+        stream). ``scale``: every token's scale, or None: then the scales come from
+        :meth:`token_scales`, on the tensors' device. ``alpha``: a float, or (accelerators only) a
+        0-d float64 tensor on the weight's device that the kernel reads. ``seed``: an int, or a
+        0-d int64 tensor on the weight's device that the kernel reads. Out-of-range ids are never
+        read (NaN rows); CPU ids raise ``IndexError``, accelerator ids are folded into ``bad_ids``
+        (min, max, V)."""
+
+    def backward(self, grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
+                 scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
+        """(N, d) grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype."""
+
+    def token_scales(self, width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
+                     attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
+                     device: torch.device | None = None) -> torch.Tensor | float:
+        """Per-token ``float32(alpha / sqrt(L d))`` of ``n_tokens`` tokens in rows of ``width``
+        (``(rows, width)`` side-input views, ``cu_seqlens`` 1-D; none of them: ``L = width``), 0
+        where a token gets no noise (masked, or ``noise_mask`` 0); the bits of
+        :func:`neft_kernels.lengths.token_scales`."""
+
 
 _AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"torch": "reference", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
@@ -45,8 +65,21 @@ def _warn_fallback(wanted: str, used: str, reason: str) -> None:
     warnings.warn(f"neft_kernels: backend {wanted!r} is unavailable ({reason}); using {used!r}", stacklevel=4)
 
 
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backend names that can run here (on ``device``'s type, when given), ``auto`` excluded."""
+    device_type = None if device is None else torch.device(device).type
+    return [name for name in _MODULES if not isinstance(_load(name), ImportError)
+            and (device_type is None or device_type in _runs_on(name))]
+
+
+def _runs_on(name: str) -> tuple[str, ...]:
+    if name == "triton":  # CPU tensors only through the interpreter
+        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    return (_DEVICES[name],) if name in _DEVICES else ("cpu", "cuda")
+
+
 # Availability never changes within a process: compiled graphs take the answer as a constant.
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def resolve(name: str, device: torch.device) -> str:
     """The available backend that serves ``name`` for tensors on ``device``."""
     if name not in _MODULES and name != "auto":
@@ -67,6 +100,6 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def module(name: str) -> ModuleType:
+def module(name: str) -> Backend | ModuleType:
     """The kernels of a backend that :func:`resolve` returned."""
     return _load(name)

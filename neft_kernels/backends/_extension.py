@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 
 from ..id_check import raise_out_of_range
-from ..lengths import token_scales
 
 ABI_VERSION = 3  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
 
@@ -30,8 +29,9 @@ def _backward(ext: ModuleType) -> Callable:
     return backward
 
 
-def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable]:
-    """``forward`` and ``backward`` over ``_C_cpu``: one C++ call derives the scales and checks the ids."""
+def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
+    """``forward``, ``backward`` and ``token_scales`` over ``_C_cpu``: one C++ call derives the scales
+    and checks the ids."""
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, scale: float | None, alpha: float,
                 width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -44,14 +44,26 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable]:
             raise_out_of_range(lo, hi, weight.shape[0])
         return out
 
-    return forward, _backward(ext)
+    def token_scales(width: int, n_tokens: int, alpha: float, embedding_dim: int,
+                     attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+        del device  # the CPU's
+        return ext.token_scales(n_tokens, alpha, embedding_dim, width, attention_mask, position_ids, cu_seqlens,
+                                noise_mask)
+
+    return forward, _backward(ext), token_scales
 
 
-def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable]:
-    """``forward`` and ``backward`` over ``_C_cuda``; per-token scales from the Triton kernel where
-    Triton is installed, else from the reference's tensor ops (no sync either way). ``alpha``: a
-    float, or a 0-d float64 CUDA tensor (alpha as data, for CUDA graphs)."""
+def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
+    """``forward``, ``backward`` and ``token_scales`` over ``_C_cuda``; the per-token scales are the
+    Triton backend's where Triton is installed, else the reference's tensor ops (no sync either
+    way). ``alpha``: a float, or a 0-d float64 CUDA tensor (alpha as data, for CUDA graphs)."""
     from . import _load
+
+    def token_scales(*args) -> torch.Tensor | float:
+        triton_backend = _load("triton")
+        return (_load("torch") if isinstance(triton_backend, ImportError) else triton_backend).token_scales(*args)
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
                 alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
@@ -59,18 +71,12 @@ def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable]:
                 gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
         scales, scale_value = None, 0.0 if scale is None else scale
         if scale is None and width:
-            triton_backend = _load("triton")
-            if isinstance(triton_backend, ImportError):
-                scales = token_scales((ids.numel() // width, width), alpha, weight.shape[1],
-                                      attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                                      noise_mask=noise_mask, device=ids.device)
-            else:
-                scales = triton_backend.token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask,
-                                                     position_ids, cu_seqlens, noise_mask, ids.device)
+            scales = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
+                                  noise_mask, ids.device)
             if not isinstance(scales, torch.Tensor):  # the reference's one shared scale (float alpha, no side input)
                 scales, scale_value = None, scales
         seed_tensor = seed if isinstance(seed, torch.Tensor) else None
         return ext.forward(ids, weight, scales, scale_value, 0 if seed_tensor is not None else seed, offset,
                            seed_tensor, bad_ids, gaussian)
 
-    return forward, _backward(ext)
+    return forward, _backward(ext), token_scales

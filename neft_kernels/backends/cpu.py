@@ -5,4 +5,4 @@ from .. import _C_cpu
 from ._extension import check_abi, cpu_functions
 
 check_abi(_C_cpu)
-forward, backward = cpu_functions(_C_cpu)
+forward, backward, token_scales = cpu_functions(_C_cpu)

@@ -4,4 +4,4 @@ from .. import _C_cuda
 from ._extension import check_abi, cuda_functions
 
 check_abi(_C_cuda)
-forward, backward = cuda_functions(_C_cuda)
+forward, backward, token_scales = cuda_functions(_C_cuda)

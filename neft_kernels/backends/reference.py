@@ -1,12 +1,16 @@
-"""The pure-PyTorch backend: spec v2's reference, runs on any device (not graph-safe, not lean)."""
+"""The pure-PyTorch backend, ``backend="torch"``: the reference every other backend must equal bit for
+bit. Runs on any device; neither lean nor graph-safe (it reads a device seed on the host)."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import lengths
 from ..id_check import check_id_range
-from ..lengths import token_scales
-from ..spec import reference_backward, reference_forward
+from ..spec import noise
+
+# Tokens per reference chunk: bounds the int64 temporaries to a few hundred MB.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
@@ -21,13 +25,22 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
         bad_ids[1] = torch.maximum(bad_ids[1], torch.where(bad, ids, bad_ids[1]).max())
         bad_ids[2] = torch.where(bad.any(), torch.clamp(bad_ids[2], min=weight.shape[0]), bad_ids[2])
     if scale is None:
-        scale = token_scales((ids.numel() // width, width) if width else (0, 0), alpha, weight.shape[1],
-                             attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                             noise_mask=noise_mask, device=ids.device)
+        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
+                             noise_mask, ids.device)
     if isinstance(seed, torch.Tensor):
         seed = int(seed)  # the reference reads a device seed on the host
     return reference_forward(ids.reshape(-1), weight, scale, seed, offset,
                              "gaussian" if gaussian else "uniform").view(*ids.shape, weight.shape[1])
+
+
+def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> torch.Tensor | float:
+    """The backend contract's per-token scales, by :func:`neft_kernels.lengths.token_scales`."""
+    return lengths.token_scales((n_tokens // width, width) if width else (0, 0), alpha, embedding_dim,
+                                attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                noise_mask=noise_mask, device=device)
 
 
 def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
@@ -35,3 +48,45 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
     # index_add_ honours torch's deterministic mode by itself.
     del deterministic
     return reference_backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq)
+
+
+def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
+                      seed: int, offset: int = 0, distribution: str = "uniform") -> torch.Tensor:
+    """Spec v2 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
+
+    ``scale`` is the per-token float32 ``scale_n`` as an ``(N,)`` tensor, or one float for all.
+    """
+    n_tokens, d = ids.numel(), weight.shape[1]
+    out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(torch.float32)
+    else:
+        scale = torch.tensor(scale, dtype=torch.float32, device=weight.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        e = noise(stop - start, d, seed, offset, weight.device, first_token=start, distribution=distribution)
+        s = scale[start:stop, None] if scale.dim() else scale
+        rows = weight[ids[start:stop]].to(torch.float32)
+        out[start:stop] = (rows + e * s).to(weight.dtype)
+    return out
+
+
+def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
+                       padding_idx: int | None, scale_grad_by_freq: bool) -> torch.Tensor:
+    """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, in float32.
+
+    The noise is a constant, so this is ``F.embedding``'s gradient, accumulated in float32
+    whatever the dtype and rounded once into it; ``scale_grad_by_freq`` divides each id's float32
+    sum by its count (every backend sums first, then divides).
+    """
+    g = grad.to(torch.float32)
+    if padding_idx is not None:
+        g = torch.where((ids == padding_idx)[:, None], 0.0, g)
+    grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=torch.float32, device=grad.device)
+    grad_weight.index_add_(0, ids, g)
+    if scale_grad_by_freq:
+        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        grad_weight /= counts.clamp(min=1)[:, None]
+    return grad_weight.to(grad.dtype)

@@ -21,7 +21,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..module import MADE_PLAIN, MISSING_LABELS, NoisyEmbedding, make_noisy, make_plain
+from ..compat import hooks, remove_hooks
+from ..module import MISSING_LABELS, NoisyEmbedding
+from ..patching import MADE_PLAIN, make_noisy, make_plain
 from ..options import NoiseOptions
 
 logger = logging.getLogger("neft_kernels")
@@ -170,18 +172,13 @@ def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
 
 
 def _has_our_hook(module: nn.Module) -> bool:
-    return any(getattr(fn, _MARK, False) for fn in module._forward_pre_hooks.values())
+    return any(getattr(fn, _MARK, False) for fn in hooks(module, "forward_pre").values())
 
 
 def _remove_our_hooks(module: nn.Module) -> None:
-    # What RemovableHandle.remove does, for hooks whose handles a deepcopy did not carry over.
-    for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-                          (module._forward_hooks, (module._forward_hooks_with_kwargs,
-                                                   module._forward_hooks_always_called))):
-        for key in [k for k, fn in hooks.items() if getattr(fn, _MARK, False)]:
-            del hooks[key]
-            for extra in extras:
-                extra.pop(key, None)
+    # Also for hooks whose handles a deepcopy or pickle did not carry over.
+    for kind in ("forward_pre", "forward"):
+        remove_hooks(module, kind, [k for k, fn in hooks(module, kind).items() if getattr(fn, _MARK, False)])
 
 
 _OPTIONS = "_neft_patch_options"  # on the patched root: what patch_model was last called with
@@ -218,7 +215,7 @@ def other_neftune(model: nn.Module) -> list[str]:
     ``neftune_noise_alpha`` attribute on an embedding, or on the model or its config."""
     found = []
     for site in _neftune_sites(model):
-        for fn in site._forward_hooks.values():
+        for fn in hooks(site, "forward").values():
             if _is_neftune_hook(fn):
                 found.append(f"a forward hook {getattr(fn, '__name__', type(fn).__name__)} on {type(site).__name__}")
         if getattr(site, "neftune_noise_alpha", None) is not None:
@@ -233,11 +230,7 @@ def remove_other_neftune(model: nn.Module) -> int:
     """Remove what :func:`other_neftune` finds (the hooks and the attributes); returns how many."""
     removed = 0
     for site in _neftune_sites(model):
-        for key in [k for k, fn in site._forward_hooks.items() if _is_neftune_hook(fn)]:
-            del site._forward_hooks[key]
-            site._forward_hooks_with_kwargs.pop(key, None)
-            site._forward_hooks_always_called.pop(key, None)
-            removed += 1
+        removed += remove_hooks(site, "forward", [k for k, fn in hooks(site, "forward").items() if _is_neftune_hook(fn)])
         removed += vars(site).pop("neftune_noise_alpha", None) is not None
     for owner in (model, getattr(model, "config", None)):
         if owner is not None and getattr(owner, "neftune_noise_alpha", None) is not None:

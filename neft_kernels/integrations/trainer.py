@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 
 from transformers import Trainer, TrainerCallback
 
+from ..compat import caller_self
 from ..module import NoisyEmbedding
 from ..options import NoiseOptions
 from ..schedules import Schedule, alpha_schedule
@@ -16,13 +16,7 @@ from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftu
 
 def _running_trainer() -> Trainer | None:
     """The Trainer whose method is calling us: callbacks are called synchronously by it."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
-            return owner
-        frame = frame.f_back
-    return None
+    return caller_self(Trainer)
 
 
 class NEFTuneCallback(TrainerCallback):

@@ -1,0 +1,76 @@
+"""Every use of a private or version-sensitive torch / Python internal, in one place, with why.
+
+Each helper names the internal it relies on; when a torch release changes one, this file is the
+only one to fix (the tests that exercise each are named).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator
+
+import torch
+import torch._dynamo
+from torch import nn
+
+# torch._dynamo.assume_constant_result: backend availability never changes within a process, so a
+# compiled graph may take the resolved backend name as a constant instead of tracing importlib.
+assume_constant_result = torch._dynamo.assume_constant_result
+
+
+def functorch_transforms_active() -> bool:
+    """``torch._C._are_functorch_transforms_active``: under vmap/grad transforms the op must go
+    through ``Function.apply``'s Python wrapper (tests/test_compile.py)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def function_c_apply(function: type[torch.autograd.Function]) -> Callable:
+    """The C entry point that ``Function.apply``'s Python wrapper ends in (``_C._FunctionBase.apply``):
+    calling it directly skips the wrapper's signature binding and functorch checks, a third of a
+    small eager call's host time. Used only outside tracing and functorch transforms."""
+    return super(torch.autograd.Function, function).apply
+
+
+# nn.Module keeps its hooks in these private OrderedDicts; a hook registered with with_kwargs or
+# always_call also has its id in the companion dicts. torch has no public way to list or remove
+# hooks whose handles are gone (a deepcopy or an unpickled model carries the hooks, not the handles).
+_HOOK_DICTS = {
+    "forward": ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+    "forward_pre": ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+}
+
+
+def hooks(module: nn.Module, kind: str) -> dict:
+    """``module``'s forward (``kind="forward"``) or forward pre-hooks (``"forward_pre"``), by id."""
+    return getattr(module, _HOOK_DICTS[kind][0])
+
+
+def remove_hooks(module: nn.Module, kind: str, keys: Iterator[int]) -> int:
+    """Remove the hooks with these ids, as ``RemovableHandle.remove`` would; returns how many."""
+    main, extras = _HOOK_DICTS[kind]
+    removed = 0
+    for key in list(keys):
+        if getattr(module, main).pop(key, None) is not None:
+            removed += 1
+        for extra in extras:
+            getattr(module, extra).pop(key, None)
+    return removed
+
+
+def clear_hooks(module: nn.Module) -> None:
+    """Drop every forward and forward pre-hook of ``module`` (a fresh copy must not run its source's)."""
+    for main, extras in _HOOK_DICTS.values():
+        for name in (main, *extras):
+            getattr(module, name).clear()
+
+
+def caller_self(cls: type) -> object | None:
+    """The nearest ``self`` of type ``cls`` up the call stack (``sys._getframe``): transformers calls
+    callbacks synchronously from the Trainer's own methods and does not pass the Trainer itself."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, cls):
+            return owner
+        frame = frame.f_back
+    return None
