@@ -266,3 +266,65 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
         loss.backward()
         losses.append(float(loss))
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "mask", "packed", "cu_seqlens+mask"])
+def test_gaussian_and_noise_mask_match_the_spec_model_on_the_gpu(backend, dtype, kind):
+    for length_mode in LENGTH_MODES:
+        check_matches_spec_model(backend, dtype, 4096 + 3, kind, length_mode, "cuda", distribution="gaussian",
+                                 with_noise_mask=kind != "none")
+        check_matches_spec_model(backend, dtype, 64, kind, length_mode, "cuda", with_noise_mask=True)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_a_device_alpha_gives_the_float_alphas_bits_without_a_sync(backend):
+    weight = make_weight(300, 256, torch.bfloat16, "cuda")
+    ids = torch.randint(0, 300, (4, 64), device="cuda")
+    mask, _ = side_inputs("mask", (4, 64), "cuda")
+    alpha = torch.tensor(3.5, dtype=torch.float64, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [noisy_embedding(ids, weight, alpha, seed=9, attention_mask=m, backend=backend) for m in (None, mask)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for out, m in zip(got, (None, mask)):
+        assert_bits_equal(out, noisy_embedding(ids, weight, 3.5, seed=9, attention_mask=m, backend="torch"))
+
+
+def test_a_captured_graph_replays_with_the_alpha_set_before_each_replay():
+    """alpha as data: the module's alpha tensor is read by the kernels at each replay."""
+    emb = NoisyEmbedding(300, 512, noise_alpha=5.0, device="cuda").train()
+    ids = torch.randint(0, 300, (4, 64), device="cuda")
+    clean = emb.weight[ids].detach()
+    graph, out = _capture(lambda: emb(ids))
+    for alpha in (5.0, 0.5, 20.0):
+        emb.noise_alpha = alpha
+        graph.replay()
+        ratio = ((out - clean).abs().max() / (alpha / (64 * 512) ** 0.5)).item()
+        assert 0.95 < ratio <= 1.0, (alpha, ratio)
+
+
+def test_reduce_overhead_compile_uses_the_new_alpha_without_recompiling():
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    emb = NoisyEmbedding(300, 512, noise_alpha=5.0, device="cuda").train()
+    ids = torch.randint(0, 300, (4, 64), device="cuda")
+    clean = emb.weight[ids].detach()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    step = torch.compile(emb, backend=counter, fullgraph=True)
+    frames = []
+    for alpha in (5.0, 0.5, 20.0, 2.0):
+        emb.noise_alpha = alpha
+        out = step(ids).detach()
+        assert 0.95 < ((out - clean).abs().max() / (alpha / (64 * 512) ** 0.5)).item() <= 1.0
+        frames.append(counter.frame_count)
+    assert frames == frames[:1] * 4
+    reduce_overhead = torch.compile(emb, mode="reduce-overhead", fullgraph=True)
+    for alpha in (5.0, 0.5, 20.0):
+        emb.noise_alpha = alpha
+        for _ in range(3):  # warm-up runs, then CUDA-graph replays
+            out = reduce_overhead(ids).detach().clone()
+        assert 0.95 < ((out - clean).abs().max() / (alpha / (64 * 512) ** 0.5)).item() <= 1.0
