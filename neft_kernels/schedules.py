@@ -29,7 +29,8 @@ def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
-        raise ValueError(f"a {schedule} schedule needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r}")
+        raise ValueError(f"a {schedule} schedule needs total_steps > warmup_steps ({warmup_steps}), "
+                         f"got {total_steps!r}")
 
     def at(step: int) -> float:
         if step < warmup_steps:

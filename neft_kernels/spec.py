@@ -1,8 +1,8 @@
 """The NEFTune noise stream, spec v2, in plain PyTorch: the definition every backend reproduces.
 
 :func:`noise` is the unscaled stream; ``backends/reference.py`` adds the lookup, the scales and the
-gradient. The spec, in words (also in ``docs/spec.md``). Spec v1 is the uniform stream; v2 keeps it unchanged and adds the
-Gaussian stream (:func:`gaussian_pair`), the paper's ablation:
+gradient. The spec, in words (also in ``docs/spec.md``). Spec v1 is the uniform stream; v2 keeps it
+unchanged and adds the Gaussian stream (:func:`gaussian_pair`), the paper's ablation:
 
 For the token at flattened index ``n`` of ``input_ids``, embedding dim ``d``, 64-bit seed ``s``
 and integer ``offset``:

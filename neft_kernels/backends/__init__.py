@@ -18,6 +18,7 @@ import torch
 
 from ..compat import assume_constant_result
 
+
 class Backend(Protocol):
     """What every backend module provides (``reference``, ``triton``, ``cpu``, ``cuda``)."""
 

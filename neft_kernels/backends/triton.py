@@ -244,7 +244,8 @@ def _token_scales_kernel(mask_ptr, m_s0, m_s1, pos_ptr, p_s0, p_s1, cu_ptr, n_cu
     piece_lo = tl.associative_scan(tl.where(start, idx, -1), 0, _max_op)
     piece_hi = tl.associative_scan(tl.where(after, idx + 1, BLOCK), 0, _min_op, reverse=True)
     count = tl.cumsum(real.to(tl.int32), 0)
-    length = tl.gather(count, piece_hi - 1, 0) - tl.where(piece_lo > 0, tl.gather(count, tl.maximum(piece_lo - 1, 0), 0), 0)
+    before = tl.where(piece_lo > 0, tl.gather(count, tl.maximum(piece_lo - 1, 0), 0), 0)
+    length = tl.gather(count, piece_hi - 1, 0) - before
 
     # Real tokens of the first piece before the block, and of the last piece after it.
     carry_in = tl.sum(tl.zeros_like(count), 0)

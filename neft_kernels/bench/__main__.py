@@ -19,43 +19,8 @@ import torch
 from tqdm import tqdm
 
 from . import host, measure, report, train_step
+from .harness import HOST_SHAPE, PASSES, compile_settings, pass_callables, shapes, train_configs
 from .impls import implementations, inputs
-
-PASSES = ("forward", "backward", "forward_backward")
-MODELS = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "small": (1024, 32000)}
-
-
-# Tiny shapes, where only the per-call host cost counts (the CPU host-time goal's shape).
-HOST_SHAPE = (2, 16, 64, 1000)
-
-
-def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
-    """(B, L, d, V) to run: GPU 2k-16k tokens per batch; CPU fewer (the reference is slow)."""
-    if device.type == "cuda":
-        if quick:
-            return [(8, 1024, 4096, 32000)]
-        return [(b, 1024, d, v) for d, v in MODELS.values() for b in (2, 4, 8, 16)]
-    if quick:
-        return [HOST_SHAPE, (2, 512, 1024, 32000)]
-    return [HOST_SHAPE, (1, 512, 4096, 32000), (4, 512, 4096, 32000), (4, 512, 4096, 128256),
-            (1, 512, 1024, 32000), (8, 512, 1024, 32000)]
-
-
-def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dtype, int, int, int, int]]:
-    """(model, dtype, B, L, steps per round, rounds) of the training-step benchmark."""
-    if device.type == "cuda":
-        runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 5, 5)]
-        return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 5)]
-    return [("tiny-llama", torch.float32, 4, 128, 2, 5 if quick else 9)]
-
-
-def _pass_fn(pass_: str, fn, ids, weight, mask, grad_out):
-    if pass_ == "forward":
-        return lambda: fn(ids, weight, mask)
-    if pass_ == "backward":
-        out = fn(ids, weight, mask)
-        return lambda: torch.autograd.grad(out, weight, grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(ids, weight, mask), weight, grad_out)
 
 
 def _philox_floors(device: torch.device, shape_list, reps: int) -> dict[tuple, float]:
@@ -81,7 +46,8 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     copy_gbps = measure.copy_bandwidth(device, copy_bytes, reps=reps)
     impls = implementations(device, backends)
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine()),
+            "device_name": (torch.cuda.get_device_name(device) if on_gpu
+                            else platform.processor() or platform.machine()),
             "threads": torch.get_num_threads()}
     shape_list = only_shapes or shapes(device, quick)
     floors = _philox_floors(device, shape_list, reps)
@@ -91,10 +57,9 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
         if batch_key != ((b, length, d, vocab), dtype):  # configs come grouped by shape and dtype
             batch_key, batch = ((b, length, d, vocab), dtype), inputs(b, length, d, vocab, dtype, device)
-        ids, weight, mask, grad_out = batch
-        fns = {i: _pass_fn(pass_, i.fn, ids, weight, mask, grad_out) for i in impls}
+        fns = pass_callables(impls, pass_, batch)
         times = measure.interleaved_times(fns, device, reps=reps, inner=inner)
-        elem = weight.element_size()
+        elem = batch[1].element_size()
         moved = measure.bytes_moved(pass_, b * length, d, vocab, elem)
         rows = []
         for impl, fn in fns.items():
@@ -124,23 +89,25 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m neft_kernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=report.COLUMNS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="default: cuda if present")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                         help="repeatable; default both")
     parser.add_argument("--backend", action="append", choices=["triton", "cuda", "cpu", "torch"],
-                        help="neft backends to time, repeatable (default: the device's available ones)")
+                        help="neft backends to time, repeatable (default: the device's fused ones; torch is the "
+                             "pure-PyTorch reference)")
     parser.add_argument("--full", action="store_true",
                         help="every shape and both training-step models (default: a short run, about a minute "
                              "on 2 CPU cores)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--shape", action="append", metavar="B,L,d,V",
-                        type=lambda text: tuple(int(x) for x in text.split(",")), help="repeatable; replaces the default shapes")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--csv", type=Path)
+                        type=lambda text: tuple(int(x) for x in text.split(",")),
+                        help="repeatable; replaces the default shapes")
+    parser.add_argument("--json", type=Path, help="write the records (and -host / -train-step files beside it)")
+    parser.add_argument("--csv", type=Path, help="write the op records as CSV")
     parser.add_argument("--plot", type=Path, help="a PNG of speed-up and memory (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.plot:  # fail before the run, not after it
         try:
@@ -150,11 +117,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
     quick = not args.full
-    records = run(device, dtypes, quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
+    with compile_settings():
+        records = run(device, dtypes, quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
     first = records[0]
     print(f"\n{first['device_name']} ({first['device']}, {first['threads']} threads), torch {first['torch']}, "
           f"{first['date']}; copy bandwidth {first['copy_gbps']:.1f} GB/s")
     print(report.table(records))
+    print("(columns: python -m neft_kernels.bench --help)")
     for r in records:
         if r["pass"] == "forward" and r["impl"] == "neft" and "philox_floor_ms" in r:
             print(f"neft[{r['backend']}] forward {r['B']},{r['L']},{r['d']},{r['V']} {r['dtype']}: "

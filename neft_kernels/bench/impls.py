@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backends import _load
-from ..ops import noisy_embedding
+from ..backends import available_backends
 from ..id_check import set_id_check
+from ..ops import noisy_embedding
 
 ALPHA = 5.0
 
@@ -52,18 +52,15 @@ def _neft(backend: str, id_check: bool = True):
 
 
 def neft_backends(device: torch.device) -> list[str]:
-    """Our available backends on a device (the Triton interpreter is a test tool, not a backend)."""
-    wanted = ("triton", "cuda") if device.type == "cuda" else ("cpu", "torch")
-    return [b for b in wanted if not isinstance(_load(b), ImportError)]
+    """The backends timed by default: the fused ones of a device (the Triton interpreter is a test
+    tool; the pure-PyTorch reference is timed on request, ``--backend torch``)."""
+    wanted = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    return [b for b in wanted if b in available_backends()] or ["torch"]
 
 
 def implementations(device: torch.device, backends: list[str] | None = None) -> list[Impl]:
-    """Every implementation, in table order; compiled ones are compiled lazily on first call."""
-    import torch._dynamo
-
-    # One compiled graph per (shape, dtype, pass): never fall back to eager silently.
-    torch._dynamo.config.recompile_limit = 1024
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    """Every implementation, in table order; compiled ones are compiled lazily on first call (run them
+    under :func:`neft_kernels.bench.harness.compile_settings`)."""
     impls = [
         Impl("embedding", "eager", embedding),
         Impl("hf_hook", "eager", hf_hook),

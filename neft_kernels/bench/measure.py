@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Kineto announces every profiler start/stop on fd 2; keep the progress bar readable."""

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..compat import hooks, remove_hooks
 from ..module import MISSING_LABELS, NoisyEmbedding
-from ..patching import MADE_PLAIN, make_noisy, make_plain
 from ..options import NoiseOptions
+from ..patching import MADE_PLAIN, make_noisy, make_plain
 
 logger = logging.getLogger("neft_kernels")
 _SIDE_INPUTS = ("attention_mask", "position_ids")
@@ -131,7 +131,7 @@ class _SideInputHook:
             if self.outermost:
                 stack.clear()
             outer = stack[-1] if stack else (None, None, None, MISSING_LABELS)
-            mine = tuple(m if own else theirs for m, theirs, own in zip(frame, outer, self.takes))
+            mine = tuple(m if own else theirs for m, theirs, own in zip(frame, outer, self.takes, strict=False))
             stack.append((*mine, self._noise_mask(emb.noise_options.noise_tokens, labels, outer[3])))
         return None
 
@@ -230,14 +230,15 @@ def remove_other_neftune(model: nn.Module) -> int:
     """Remove what :func:`other_neftune` finds (the hooks and the attributes); returns how many."""
     removed = 0
     for site in _neftune_sites(model):
-        removed += remove_hooks(site, "forward", [k for k, fn in hooks(site, "forward").items() if _is_neftune_hook(fn)])
+        keys = [k for k, fn in hooks(site, "forward").items() if _is_neftune_hook(fn)]
+        removed += remove_hooks(site, "forward", keys)
         removed += vars(site).pop("neftune_noise_alpha", None) is not None
     for owner in (model, getattr(model, "config", None)):
         if owner is not None and getattr(owner, "neftune_noise_alpha", None) is not None:
             try:
                 delattr(owner, "neftune_noise_alpha")
             except AttributeError:
-                setattr(owner, "neftune_noise_alpha", None)
+                owner.neftune_noise_alpha = None
             removed += 1
     return removed
 
