@@ -133,6 +133,13 @@ class NoisyEmbedding(nn.Embedding):
                                             device=self.weight.device)
         return result
 
+    def _alpha_tensor(self, device: torch.device) -> torch.Tensor:
+        """alpha's tensor on ``device``; remade there if the weight was replaced by assignment (no
+        ``_apply``), so that a kernel never reads another device's memory."""
+        if self._alpha_data.device != device:
+            self._alpha_data = torch.tensor(self.noise_options.noise_alpha, dtype=torch.float64, device=device)
+        return self._alpha_data
+
     @contextmanager
     def side_inputs(self, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                     cu_seqlens: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None) -> Iterator[None]:
@@ -234,7 +241,7 @@ class NoisyEmbedding(nn.Embedding):
         # Compiled or captured: alpha as the tensor the graph reads (a new value needs no recompile).
         graph = torch.compiler.is_compiling() or (weight.device.type == "cuda"
                                                  and torch.cuda.is_current_stream_capturing())
-        alpha = self._alpha_data if graph else options.noise_alpha
+        alpha = self._alpha_tensor(weight.device) if graph else options.noise_alpha
         call = dict(seed=self._draw_seed(weight.device, graph), offset=rank_offset(options.tp_group, weight),
                     attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
                     noise_mask=noise_mask, length_mode=options.length_mode, distribution=options.distribution,
