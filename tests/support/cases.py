@@ -1,19 +1,26 @@
-"""Inputs shared by the bit-exactness tests of every backend."""
+"""Inputs shared by the bit-exactness tests of every backend, and the spec-model check they share."""
 
 from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-import spec_model
-from conftest import assert_bits_equal, to_numpy_raw
 from neft_kernels import noisy_embedding
+
+from . import spec_model
+from .asserts import DTYPES, assert_bits_equal, to_numpy_raw
+from .backends import interpreted
 
 SEEDS = [0, 1, -1, 2**40 + 7, -(2**63), 2**64 - 1]
 KINDS = ["none", "mask", "packed", "both", "cu_seqlens", "cu_seqlens+mask"]
 LENGTH_MODES = ["per_sequence", "padded"]
 OFFSETS = [0, 12345, 2**33 + 3]
 DIMS = [1, 5, 13, 64]
+DISTRIBUTIONS = ["uniform", "gaussian"]
+WIDE = 4096 + 3  # more lanes than the widest launch block: several programs per row, a partial last one
 
 
 def side_inputs(kind: str, shape: tuple[int, int], device: str = "cpu"):
@@ -78,12 +85,56 @@ def check_matches_spec_model(backend: str, dtype: torch.dtype, d: int, kind: str
     mask, pos = side_inputs(kind, (3, 11), device)
     cu = cu_seqlens_for(kind, (3, 11), device)
     noise_mask = noise_mask_for((3, 11), device) if with_noise_mask else None
-    for seed, offset in zip(SEEDS, OFFSETS * 2):
+    for seed, offset in zip(SEEDS, OFFSETS * 2, strict=True):
         out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask, position_ids=pos,
                               cu_seqlens=cu, length_mode=length_mode, backend=backend, distribution=distribution,
                               noise_mask=noise_mask)
         assert_bits_equal(out, expected(ids, weight, 5.0, seed, offset, mask, pos, length_mode, cu, distribution,
                                         noise_mask))
+
+
+class SpecCase(NamedTuple):
+    """One ``check_matches_spec_model`` call's inputs (the backend and device aside)."""
+
+    dtype: torch.dtype
+    d: int
+    kind: str
+    length_mode: str
+    distribution: str = "uniform"
+    noise_mask: bool = False
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{dtype}-d{self.d}-{self.kind}-{self.length_mode}-{self.distribution}" + (
+            "-noise_mask" if self.noise_mask else "")
+
+
+def spec_cases(backend: str, device: str) -> list[SpecCase]:
+    """What ``backend`` on ``device`` is checked on against the spec model.
+
+    Every backend: each dtype, d, kind of side input, length mode and distribution without a
+    noise_mask; with one, each dtype, kind, length mode and distribution at d = 13. The compiled
+    kernels also at d = 4099 (uniform; Gaussian without and with a noise_mask). The Triton
+    interpreter, about 50 times slower, takes the uniform stream over the first grid and the
+    Gaussian stream with a noise_mask at d = 13 and cu_seqlens with a mask."""
+    cases = []
+    if interpreted(backend, device):
+        for dtype, d, kind, length_mode in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES):
+            cases.append(SpecCase(dtype, d, kind, length_mode))
+        for dtype, length_mode in itertools.product(DTYPES, LENGTH_MODES):
+            cases.append(SpecCase(dtype, 13, "cu_seqlens+mask", length_mode, "gaussian", True))
+        return cases
+    for dtype, d, kind, length_mode, distribution in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES,
+                                                                       DISTRIBUTIONS):
+        cases.append(SpecCase(dtype, d, kind, length_mode, distribution))
+    for dtype, kind, length_mode, distribution in itertools.product(DTYPES, KINDS, LENGTH_MODES, DISTRIBUTIONS):
+        cases.append(SpecCase(dtype, 13, kind, length_mode, distribution, True))
+    if backend != "torch":
+        for dtype, kind, length_mode, (distribution, noise_mask) in itertools.product(
+                DTYPES, KINDS, LENGTH_MODES, [("uniform", False), ("gaussian", False), ("gaussian", True)]):
+            cases.append(SpecCase(dtype, WIDE, kind, length_mode, distribution, noise_mask))
+    return cases
 
 
 def scale_cases(width: int):

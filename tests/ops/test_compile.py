@@ -5,13 +5,17 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from cases import make_weight
-from conftest import DEVICE, assert_bits_equal, requires_cpu_ext
 from neft_kernels import NoisyEmbedding, noisy_embedding
+
+from support.asserts import assert_bits_equal
+from support.backends import on_backends, requires
+from support.cases import make_weight
+from support.devices import DEVICE
 
 FWD = torch.ops.neft_kernels.noisy_embedding_fwd.default
 BWD = torch.ops.neft_kernels.embedding_bwd.default
-BACKENDS = ["torch", pytest.param("cpu", marks=requires_cpu_ext)]
+# opcheck on CPU tensors: the reference and the C++ CPU backend (the Triton interpreter would take minutes)
+on_cpu_backends = on_backends("torch", "cpu", device="cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +25,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@on_cpu_backends
 @pytest.mark.parametrize("side", ["none", "mask", "positions", "cu_seqlens", "noise_mask"])
 @pytest.mark.parametrize("gaussian", [False, True])
-def test_opcheck_forward(backend, side, gaussian):
+def test_opcheck_forward(backend, device, side, gaussian):
     weight = torch.randn(20, 12, dtype=torch.float32, requires_grad=True)
     ids = torch.randint(0, 20, (18,))
     mask = torch.randint(0, 2, (3, 6)) if side == "mask" else None
@@ -36,8 +40,8 @@ def test_opcheck_forward(backend, side, gaussian):
                                 gaussian, 2, False, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward(backend):
+@on_cpu_backends
+def test_opcheck_backward(backend, device):
     grad = torch.randn(17, 12, dtype=torch.bfloat16)
     ids = torch.randint(0, 20, (17,))
     torch.library.opcheck(BWD, (grad, ids, 20, 3, True, backend))
@@ -97,7 +101,7 @@ def test_hugging_face_model_compiles_fullgraph_in_train_and_eval(tied):
         torch.testing.assert_close(eval_logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@requires_cpu_ext
+@requires("cpu")
 def test_compiled_cpu_backend_still_refuses_out_of_range_ids():
     """Python's range check is skipped inside graphs; the kernel's own check must hold."""
     weight = torch.randn(10, 4)

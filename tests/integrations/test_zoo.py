@@ -7,8 +7,9 @@ rows; no mask for models whose ``forward`` takes none), and, for causal LMs that
 ``position_ids``, per packed sub-sequence (and from flash-attention's ``cu_seq_lens_q`` where the
 model passes ``**kwargs`` down); noise after the module's own ``forward`` for scaled embeddings;
 ``unpatch_model`` restores the classes. A family that cannot work (a quantised table, no token
-table) must refuse at ``patch_model`` with a clear error and leave the model untouched. Architectures that cannot be built tiny (composite configs,
-defaults too large, configs our generic sizes do not fit) are skipped with the reason.
+table) must refuse at ``patch_model`` with a clear error and leave the model untouched. Architectures
+that cannot be built tiny (composite configs, defaults too large, configs our generic sizes do not
+fit) are skipped with the reason.
 ``NEFT_ZOO=all`` (the default) runs every one; ``NEFT_ZOO=llama,bert`` only those model types.
 """
 
@@ -23,12 +24,14 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # every architecture transformers has: a few minutes
 from transformers import CONFIG_MAPPING  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
-from conftest import assert_bits_equal  # noqa: E402
 from neft_kernels import NoisyEmbedding, noisy_embedding, patch_model, unpatch_model  # noqa: E402
 from neft_kernels.integrations.hf import is_patched  # noqa: E402
+
+from support.asserts import assert_bits_equal  # noqa: E402
 
 ALPHA = 5.0
 VOCAB = 96
@@ -150,7 +153,8 @@ def test_patched_architecture_gives_spec_noise_per_sequence(kind, model_type, cl
         module, seen_ids, out = _first_embedding_call(model, dict(input_ids=ids, position_ids=pos))
         assert_bits_equal(out, _expected(module, seen_ids, position_ids=pos))
         if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()):
-            cu = torch.tensor([0, 5, 14, 18], dtype=torch.int32)  # flash-attention's kwargs, as the collator passes them
+            # flash-attention's kwargs, as the collator passes them
+            cu = torch.tensor([0, 5, 14, 18], dtype=torch.int32)
             module, seen_ids, out = _first_embedding_call(model, dict(
                 input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9))
             assert_bits_equal(out, _expected(module, seen_ids, cu_seqlens=cu))

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import DEVICE, requires_cpu_ext
 from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding
+
+from support.backends import on_backends
 
 
 def _call(**kw):
@@ -46,16 +47,16 @@ def test_refused(kwargs, error, match):
         _call(**kwargs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_edge_shapes_are_accepted(backend):
-    w = torch.randn(5, 4, device=DEVICE)
-    empty = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
+@on_backends()
+def test_edge_shapes_are_accepted(backend, device):
+    w = torch.randn(5, 4, device=device)
+    empty = torch.zeros(0, 3, dtype=torch.long, device=device)
     assert _call(input_ids=empty, weight=w, attention_mask=empty, backend=backend).shape == (0, 3, 4)
-    no_tokens = torch.zeros(3, 0, dtype=torch.long, device=DEVICE)  # rows of width 0
+    no_tokens = torch.zeros(3, 0, dtype=torch.long, device=device)  # rows of width 0
     assert _call(input_ids=no_tokens, weight=w, attention_mask=no_tokens, backend=backend).shape == (3, 0, 4)
-    scalar = _call(input_ids=torch.tensor(2, device=DEVICE), weight=w, backend=backend)
+    scalar = _call(input_ids=torch.tensor(2, device=device), weight=w, backend=backend)
     assert scalar.shape == (4,) and not torch.equal(scalar, w[2])
-    ids = torch.tensor([[1, 2, 3]], device=DEVICE)
+    ids = torch.tensor([[1, 2, 3]], device=device)
     out = _call(input_ids=ids, weight=w, seed=2**64 - 1, offset=2**40, backend=backend)
     assert out.shape == (1, 3, 4)
 
@@ -76,9 +77,8 @@ def test_add_noise_errors_name_its_own_arguments(kwargs, error, match):
     assert "input_ids" not in str(info.value) and "weight" not in str(info.value)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=requires_cpu_ext)])
-def test_zero_width_embeddings_work_like_nn_embedding(backend):
-    device = "cpu" if backend == "cpu" else DEVICE
+@on_backends()
+def test_zero_width_embeddings_work_like_nn_embedding(backend, device):
     ids = torch.tensor([[1, 2, 3]], device=device)
     weight = torch.zeros(10, 0, device=device, requires_grad=True)
     mask = torch.ones_like(ids)

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.distributed import RANK_SHIFT
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+from support import ROOT, TESTS
+from support.asserts import assert_bits_equal
+
+HERE = Path(__file__).resolve().parent  # dist_worker.py
+pytestmark = [pytest.mark.slow,  # torchrun: each scenario starts 2 or 4 processes
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
 
 
 # A worker that finished its work and destroyed its process group sometimes aborts while the
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 _TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def _torchrun(nproc: int, *args: str, cwd: Path = TESTS, timeout: int = 300,
+def _torchrun(nproc: int, *args: str, cwd: Path = HERE, timeout: int = 300,
               finished=lambda res: False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
     env.pop("TRITON_INTERPRET", None)  # CPU backends only here; keep the workers lean

@@ -4,10 +4,12 @@ more) through padded and packed batches: no NaN, no memory or object growth, no 
 import gc
 import os
 
+import pytest
 import torch
 
-from hf_models import build, packed_batch, padded_batch
 from neft_kernels import patch_model
+
+from support.hf_models import build, packed_batch, padded_batch
 
 STEPS = int(os.environ.get("NEFT_SOAK_STEPS", "2000"))
 
@@ -17,6 +19,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 def test_two_thousand_steps_stay_finite_and_flat():
     torch.manual_seed(0)
     model = patch_model(build("llama"), noise_alpha=5.0).train()

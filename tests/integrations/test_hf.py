@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import neft_kernels
-from conftest import assert_bits_equal
-import hf_models
-from hf_models import ARCHS, build, packed_batch, padded_batch
 from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, patched, unpatch_model
 from neft_kernels.integrations.hf import is_patched
+
+from support import hf_models
+from support.asserts import assert_bits_equal
+from support.hf_models import ARCHS, build, packed_batch, padded_batch
 
 ALPHA = 5.0
 SEED_LOW, SEED_HIGH = -(1 << 63), (1 << 63) - 1
@@ -256,15 +257,25 @@ def test_deepcopy_of_a_patched_model_feeds_and_unpatches_itself():
     assert type(copy.get_input_embeddings()) is nn.Embedding and not is_patched(copy) and is_patched(model)
 
 
-def test_patched_restores_earlier_options_and_non_tensor_masks_are_ignored():
+def test_patched_restores_earlier_options():
     model = patch_model(build("llama"), ALPHA)
     with patched(model, 1.0, "padded"):
         assert model.get_input_embeddings().noise_alpha == 1.0
     emb = model.get_input_embeddings()
     assert (emb.noise_alpha, emb.noise_options.length_mode) == (ALPHA, "per_sequence") and is_patched(model)
-    ids, _ = padded_batch()
+
+
+def test_non_tensor_masks_are_ignored():
+    """A dict of masks (Gemma 3, flex attention) is not a per-token mask: the noise is that of no mask
+    (L = the row width), where a per-token mask of the same rows would give another."""
+    model = patch_model(build("llama"), ALPHA, generator=torch.Generator().manual_seed(3))
+    emb = model.get_input_embeddings().train()
+    ids, mask = padded_batch()
     with emb.side_inputs(attention_mask={"full_attention": torch.ones(3, 1, 12, 12)}):
-        emb.train()(ids)  # a dict of masks (Gemma 3, flex attention) is not a per-token mask
+        out = emb(ids).detach()
+    assert_bits_equal(out, noisy_embedding(ids, emb.weight, ALPHA, seed=_seed_of(3), backend="torch"))
+    assert not torch.equal(out, noisy_embedding(ids, emb.weight, ALPHA, seed=_seed_of(3), attention_mask=mask,
+                                                backend="torch"))
 
 
 def test_frames_left_by_an_interrupted_call_are_dropped_by_the_next_call():
@@ -325,7 +336,9 @@ def test_a_refused_option_leaves_the_model_exactly_as_it_was(bad):
     assert type(emb) is nn.Embedding and not is_patched(model)
     assert hooks_before == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
     ids, mask = padded_batch()
-    model.train()(input_ids=ids, attention_mask=mask)  # still works
+    with torch.no_grad():  # still works, exactly as an untouched model of the same weights
+        logits = model.train()(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(logits, build("llama").train()(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_misspelled_callback_option_is_refused_at_construction():

@@ -5,17 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import expected, make_weight, side_inputs
-from conftest import BACKEND_DEVICES, assert_bits_equal
 from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding, set_id_check
-from neft_kernels.distributed import rank_offset
 from neft_kernels.backends import module
+from neft_kernels.distributed import rank_offset
 
-KERNEL_BACKENDS = [(b, d) for b, d in BACKEND_DEVICES if b != "torch"]  # the reference relies on torch's checks
-ids_of = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+from support.asserts import assert_bits_equal
+from support.backends import KERNELS, kernel_alone, on_backends, runnable
+from support.cases import expected, make_weight, side_inputs
 
 
-@ids_of
+@on_backends()
 @pytest.mark.parametrize("bad", [[[1, 5]], [[-1, 2]], [[0, 1 << 40]]])
 def test_out_of_range_ids_are_refused(backend, device, bad):
     weight = torch.zeros(5, 4, device=device)
@@ -32,18 +31,7 @@ def test_cpu_ids_are_checked_even_with_the_device_check_off():
         set_id_check(previous)
 
 
-def kernel_alone(backend: str, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The forward kernel with no id check in front of it (scale 0.25, seed 3)."""
-    if backend == "triton":
-        return module("triton").fused_forward(ids, weight, 0.25, 3, 0)
-    if backend == "cpu":
-        from neft_kernels import _C_cpu
-        return _C_cpu.forward(ids, weight, 3, 0, 0.25, False, 0.0, ids.numel(), None, None, None, None, False)[0]
-    from neft_kernels import _C_cuda
-    return _C_cuda.forward(ids, weight, None, 0.25, 3, 0, None, None, False)
-
-
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS, ids=[b for b, _ in KERNEL_BACKENDS])
+@on_backends(*KERNELS)  # the reference relies on torch's own checks
 def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
     """Called with no check at all, a bad id yields a NaN row and no gradient, never a stray access."""
     weight = make_weight(6, 9, torch.float32, device)
@@ -58,7 +46,7 @@ def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
         assert torch.equal(grad.cpu(), want)
 
 
-@ids_of
+@on_backends()
 def test_edge_shapes_and_dtypes(backend, device):
     weight = make_weight(11, 6, torch.float32, device)  # d not a multiple of 4
     empty = torch.zeros(0, 4, dtype=torch.long, device=device)
@@ -74,7 +62,7 @@ def test_edge_shapes_and_dtypes(backend, device):
                       expected(one_d, d1, 5.0, 2, 0, None, None, "per_sequence"))
 
 
-@ids_of
+@on_backends()
 def test_non_contiguous_weights_give_the_contiguous_bits(backend, device):
     base = make_weight(13, 20, torch.bfloat16, device)
     ids = torch.randint(0, 13, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
@@ -84,7 +72,7 @@ def test_non_contiguous_weights_give_the_contiguous_bits(backend, device):
         assert_bits_equal(out, noisy_embedding(ids_w, weight.contiguous(), 5.0, seed=4, backend=backend))
 
 
-@ids_of
+@on_backends()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_with_no_real_tokens_are_untouched_and_finite(backend, device, dtype):
     weight = make_weight(17, 8, dtype, device)
@@ -96,7 +84,7 @@ def test_rows_with_no_real_tokens_are_untouched_and_finite(backend, device, dtyp
     assert_bits_equal(out[mask == 0], F.embedding(ids, weight)[mask == 0])
 
 
-@ids_of
+@on_backends()
 def test_negative_padding_idx_counts_from_the_end(backend, device):
     weight = make_weight(9, 5, torch.float32, device).requires_grad_()
     ids = torch.tensor([[8, 1, 8, 2]], device=device)
@@ -104,7 +92,7 @@ def test_negative_padding_idx_counts_from_the_end(backend, device):
     assert weight.grad[8].eq(0).all() and weight.grad[1].eq(1).all() and weight.grad[2].eq(1).all()
 
 
-@ids_of
+@on_backends()
 def test_same_seed_same_bits_other_seed_other_noise(backend, device):
     weight = make_weight(30, 24, torch.bfloat16, device)
     ids = torch.randint(0, 30, (4, 9), generator=torch.Generator().manual_seed(2)).to(device)
@@ -122,7 +110,7 @@ def test_deterministic_backward_is_bitwise_reproducible_and_equal_across_backend
     grads = {}
     torch.use_deterministic_algorithms(True)
     try:
-        for backend, device in BACKEND_DEVICES:
+        for backend, device in runnable():
             weight = make_weight(20, 16, dtype, device).requires_grad_()
             runs = []
             for _ in range(2):
@@ -130,11 +118,12 @@ def test_deterministic_backward_is_bitwise_reproducible_and_equal_across_backend
                                       scale_grad_by_freq=scale_grad_by_freq, backend=backend)
                 runs.append(torch.autograd.grad(out, weight, grad.to(device))[0].cpu())
             assert_bits_equal(runs[0], runs[1])
-            grads[backend] = runs[0]
+            grads[backend, device] = runs[0]
     finally:
         torch.use_deterministic_algorithms(False)
+    assert len(grads) >= 2, grads.keys()  # the reference and at least one kernel
     first = next(iter(grads.values()))
-    for backend, g in grads.items():  # every backend sums each id's rows in token order in float32
+    for g in grads.values():  # every backend sums each id's rows in token order in float32
         assert_bits_equal(g, first)
 
 
@@ -156,10 +145,9 @@ def test_tensors_on_different_devices_are_refused():
 
 
 # CPU tensors: "triton" runs under the interpreter, which a machine with a GPU does not use; there
-# tests/test_gpu.py::test_64_bit_row_offsets runs the compiled kernels on the same case.
-@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    torch.cuda.is_available(), reason="compiled Triton: tests/test_gpu.py::test_64_bit_row_offsets"))])
-def test_64_bit_indexing_beyond_2_to_the_31_elements(backend):
+# tests/kernels/test_gpu.py::test_64_bit_row_offsets runs the compiled kernels on the same case.
+@on_backends("torch", "cpu", "triton", device="cpu")
+def test_64_bit_indexing_beyond_2_to_the_31_elements(backend, device):
     """V * d > 2**31 (a 4.3 GB bf16 table): rows past the int32 element range come from the right place."""
     vocab, d = (1 << 20) + 64, 2048
     weight = torch.empty(vocab, d, dtype=torch.bfloat16)  # untouched pages cost nothing
@@ -177,7 +165,7 @@ def test_64_bit_indexing_beyond_2_to_the_31_elements(backend):
         assert grad[vocab - 1].eq(1).all() and grad[(1 << 20) + 7].eq(1).all() and grad[1].eq(0).all()
 
 
-@ids_of
+@on_backends()
 def test_add_noise_on_looked_up_rows_equals_the_fused_op(backend, device):
     weight = make_weight(40, 13, torch.bfloat16, device)
     ids = torch.randint(0, 40, (3, 11), generator=torch.Generator().manual_seed(5)).to(device)

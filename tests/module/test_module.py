@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DEVICE, assert_bits_equal
 from neft_kernels import NoisyEmbedding, noisy_embedding
+
+from support.asserts import assert_bits_equal
+from support.devices import DEVICE
 
 BACKEND = "triton" if DEVICE == "cuda" else "torch"
 

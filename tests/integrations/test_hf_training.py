@@ -9,11 +9,12 @@ datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from conftest import assert_bits_equal
-from hf_models import VOCAB, build, padded_batch
-from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, unpatch_model
-from neft_kernels.integrations import NEFTuneCallback
-from neft_kernels.integrations.hf import is_patched
+from neft_kernels import NoisyEmbedding, no_noise, noisy_embedding, patch_model, unpatch_model  # noqa: E402
+from neft_kernels.integrations import NEFTuneCallback  # noqa: E402
+from neft_kernels.integrations.hf import is_patched  # noqa: E402
+
+from support.asserts import assert_bits_equal  # noqa: E402
+from support.hf_models import VOCAB, build, padded_batch  # noqa: E402
 
 ALPHA = 5.0
 
@@ -195,8 +196,9 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     trl = pytest.importorskip("trl")  # not on every GPU machine: only the TRL tests skip
     data = datasets.Dataset.from_dict({"input_ids": rows})
     config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                           use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32 if mode == "packing" else None,
-                           packing=mode == "packing", padding_free=mode == "padding_free")
+                           use_cpu=True, save_strategy="no", disable_tqdm=True,
+                           max_length=32 if mode == "packing" else None, packing=mode == "packing",
+                           padding_free=mode == "padding_free")
     model = build("llama")
     seen, batches = [], []  # what the embedding returned; the position_ids the collator produced
 
@@ -220,7 +222,7 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     assert type(model.get_input_embeddings()) is nn.Embedding
     emb_seeds = model.get_input_embeddings().__dict__["_seeds"]
     assert len(seen) == len(batches) == 2
-    for (ids, out, weight), pos, seed in zip(seen, batches, emb_seeds):
+    for (ids, out, weight), pos, seed in zip(seen, batches, emb_seeds, strict=True):  # one seed per call
         assert pos is not None and ids.shape[0] == 1 and int((pos == 0).sum()) > 1  # several sequences per row
         with no_noise():
             want = noisy_embedding(ids, weight, ALPHA, seed=seed, position_ids=pos, backend="torch")

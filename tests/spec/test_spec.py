@@ -1,4 +1,5 @@
-"""Spec v1: the PyTorch reference against the independent NumPy model, lengths, statistics."""
+"""The spec: Philox (known answers, the reference against the NumPy model), the reference op's
+shapes, the lengths of the paper's footnote and the one-division scale (on every backend)."""
 
 import math
 
@@ -6,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import spec_model
-from cases import DIMS, KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight
-from conftest import DEVICE, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
 from neft_kernels.lengths import token_scales
 from neft_kernels.spec import philox4x32_10
+
+from support import spec_model
+from support.asserts import assert_bits_equal
+from support.backends import on_backends
+from support.cases import SEEDS, expected, make_weight
 
 # Random123's known-answer vectors for Philox4x32-10.
 KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -37,14 +40,6 @@ def test_reference_philox_known_answer_and_model():
         model = spec_model.philox4x32_10(ctr, (s & 0xFFFFFFFF, s >> 32))
         ours = torch.stack(philox4x32_10(counters, seed), dim=1).numpy()
         np.testing.assert_array_equal(ours, model.astype(np.int64))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("length_mode", LENGTH_MODES)
-def test_reference_matches_spec_model(dtype, d, kind, length_mode):
-    check_matches_spec_model("torch", dtype, d, kind, length_mode)
 
 
 def test_reference_one_dim_ids_are_one_sequence():
@@ -75,42 +70,27 @@ def test_lengths_follow_the_paper_footnote():
     assert token_scales(mask.shape, alpha, d, attention_mask=mask, length_mode="padded") == s(5)
 
 
-@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
-def test_noise_statistics(length_mode):
-    """Noise in [-scale, scale), mean ~ 0, and per-sequence norm ~ alpha / sqrt(3) (the paper)."""
-    rows, width, d, alpha = 16, 128, 256, 5.0
-    weight = torch.zeros(10, d)
-    ids = torch.zeros(rows, width, dtype=torch.long)
-    mask = torch.ones(rows, width, dtype=torch.long)
-    real = torch.randint(32, width + 1, (rows,), generator=torch.Generator().manual_seed(0))
-    for r in range(rows):
-        mask[r, real[r]:] = 0
-    noise = noisy_embedding(ids, weight, alpha, seed=123, attention_mask=mask, length_mode=length_mode,
-                            backend="torch")
-    lengths = real if length_mode == "per_sequence" else torch.full((rows,), width)
-    scale = (alpha / torch.sqrt(lengths.double() * d)).float()
-    for r in range(rows):
-        n = noise[r] if length_mode == "padded" else noise[r, :real[r]]
-        assert (n >= -scale[r]).all() and (n < scale[r]).all()
-        assert abs(n.mean().item()) < 0.02 * scale[r].item()
-        assert n.norm().item() == pytest.approx(alpha / math.sqrt(3), rel=0.02)
-        if length_mode == "per_sequence":
-            assert (noise[r, real[r]:] == 0).all()
+# alpha / sqrt(L * d) with a tensor divisor must not become reciprocal-then-multiply;
+# reciprocal * alpha rounds differently for this alpha and d.
+ALPHA_RECIPROCAL_ROUNDS_OFF, D_RECIPROCAL_ROUNDS_OFF = 3.4641022345673926, 16
 
 
 def test_scale_is_one_float64_division_rounded_once():
-    """alpha / sqrt(L * d) with a tensor divisor must not become reciprocal-then-multiply."""
-    alpha, d = 3.4641022345673926, 16  # reciprocal * alpha rounds differently here
-    weight = make_weight(8, d, torch.float32)
-    ids = torch.tensor([[1, 2, 3]])
+    alpha, d = ALPHA_RECIPROCAL_ROUNDS_OFF, D_RECIPROCAL_ROUNDS_OFF
     want = float(np.float32(alpha / math.sqrt(3 * d)))
-    assert token_scales(ids.shape, alpha, d) == want
-    assert token_scales(ids.shape, alpha, d, attention_mask=torch.ones(1, 3, dtype=torch.long)).tolist() == [want] * 3
-    weight, ids, mask = weight.to(DEVICE), ids.to(DEVICE), torch.ones(1, 3, dtype=torch.long, device=DEVICE)
-    for backend in ("torch", "triton"):  # the per-token path on the device, against the scalar path
-        masked = noisy_embedding(ids, weight, alpha, seed=1, attention_mask=mask, backend=backend)
-        assert_bits_equal(masked, noisy_embedding(ids, weight, alpha, seed=1, backend=backend))
-        assert_bits_equal(masked, expected(ids, weight, alpha, 1, 0, mask, None, "per_sequence"))
+    assert token_scales((1, 3), alpha, d) == want
+    assert token_scales((1, 3), alpha, d, attention_mask=torch.ones(1, 3, dtype=torch.long)).tolist() == [want] * 3
+
+
+@on_backends()
+def test_per_token_scales_on_the_device_are_the_one_division(backend, device):
+    """The per-token path (a mask) on the tensors' device gives the scalar path's bits and the spec's."""
+    alpha, d = ALPHA_RECIPROCAL_ROUNDS_OFF, D_RECIPROCAL_ROUNDS_OFF
+    weight = make_weight(8, d, torch.float32, device)
+    ids, mask = torch.tensor([[1, 2, 3]], device=device), torch.ones(1, 3, dtype=torch.long, device=device)
+    masked = noisy_embedding(ids, weight, alpha, seed=1, attention_mask=mask, backend=backend)
+    assert_bits_equal(masked, noisy_embedding(ids, weight, alpha, seed=1, backend=backend))
+    assert_bits_equal(masked, expected(ids, weight, alpha, 1, 0, mask, None, "per_sequence"))
 
 
 def test_side_inputs_broadcast_like_hugging_face_position_ids():

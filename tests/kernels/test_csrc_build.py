@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 NVCC = shutil.which("nvcc")
 # The venv's clang-format (pip install clang-format) or one on PATH; the files were formatted with major 23.
 CLANG_FORMAT = shutil.which("clang-format", path=str(Path(sys.executable).parent)) or shutil.which("clang-format")
 CLANG_FORMAT_MAJOR = 23
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", [80, 90])
 def test_cuda_kernels_compile_without_spills(arch, tmp_path):
@@ -35,9 +37,11 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
 def _ptx_entries(ptx: str) -> dict[str, str]:
     """Each kernel's PTX body by its (mangled) name."""
     starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry (\w+)\(", ptx)]
-    return {name: ptx[start:end] for (start, name), (end, _) in zip(starts, [*starts[1:], (len(ptx), "")])}
+    return {name: ptx[start:end] for (start, name), (end, _) in zip(starts, [*starts[1:], (len(ptx), "")],
+                                                                    strict=True)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("fmad", [False, True])
 def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
@@ -63,6 +67,7 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
         assert "div." not in body and "sqrt." not in body
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     """binding.cpp (torch side) type-checks with g++: the CPU wheel ships the c10/cuda headers but

@@ -7,20 +7,20 @@ CI runs a fixed (derandomized) set of examples; ``NEFT_FUZZ_EXAMPLES=2000`` runs
 
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cases import expected
-from conftest import BACKEND_DEVICES, DTYPES, assert_bits_equal
 from neft_kernels import noisy_embedding
+
+from support.asserts import DTYPES, assert_bits_equal
+from support.backends import on_backends
+from support.cases import expected
 
 _EXAMPLES = int(os.environ.get("NEFT_FUZZ_EXAMPLES", "40"))
 _SETTINGS = settings(max_examples=_EXAMPLES, deadline=None, derandomize="NEFT_FUZZ_EXAMPLES" not in os.environ,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-backends = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
 
 
 @st.composite
@@ -57,7 +57,7 @@ def _to(b: dict, device: str) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
-@backends
+@on_backends()
 @_SETTINGS
 @given(b=batches())
 def test_forward_is_bit_exact_with_the_spec_model(backend, device, b):
@@ -69,7 +69,7 @@ def test_forward_is_bit_exact_with_the_spec_model(backend, device, b):
                                     b["length_mode"], b["cu"]))
 
 
-@backends
+@on_backends()
 @_SETTINGS
 @given(b=batches(), padding=st.booleans(), data=st.data())
 def test_weight_gradient_equals_f_embedding(backend, device, b, padding, data):

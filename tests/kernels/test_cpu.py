@@ -1,43 +1,22 @@
-"""The compiled CPU backend (csrc/cpu) against the spec model, and its backend selection."""
+"""The compiled CPU backend (csrc/cpu) beyond the spec-model grid (tests/kernels/test_spec_equivalence.py):
+noise_mask forms, long streams, strides, special values, its scales and Philox seams, backend selection,
+and the CUDA backend's Python side."""
 
+import itertools
 import warnings
 
 import pytest
 import torch
 
-from cases import (DIMS, KINDS, LENGTH_MODES, check_matches_spec_model, expected, make_weight, noise_mask_for,
-                   scale_cases, side_inputs)
-from conftest import DTYPES, assert_bits_equal, requires_cpu_ext
 from neft_kernels import noisy_embedding, spec
 from neft_kernels.backends import resolve
 from neft_kernels.lengths import token_scales
 
-pytestmark = requires_cpu_ext
+from support.asserts import DTYPES, assert_bits_equal
+from support.backends import requires
+from support.cases import expected, make_weight, noise_mask_for, scale_cases, side_inputs
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", DIMS + [4099])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("length_mode", LENGTH_MODES)
-def test_cpu_forward_matches_spec_model(dtype, d, kind, length_mode):
-    check_matches_spec_model("cpu", dtype, d, kind, length_mode)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("length_mode", LENGTH_MODES)
-def test_cpu_gaussian_forward_matches_spec_model(dtype, d, kind, length_mode):
-    check_matches_spec_model("cpu", dtype, d, kind, length_mode, distribution="gaussian")
-
-
-@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("length_mode", LENGTH_MODES)
-def test_cpu_noise_mask_matches_spec_model(distribution, kind, length_mode):
-    """Tokens where noise_mask is 0 get no noise but still count towards L (also when "padded")."""
-    check_matches_spec_model("cpu", torch.bfloat16, 13, kind, length_mode, distribution=distribution,
-                             with_noise_mask=True)
+pytestmark = requires("cpu")
 
 
 @pytest.mark.parametrize("form", ["bool", "uint8", "int32", "broadcast row", "broadcast column", "all zero"])
@@ -48,7 +27,8 @@ def test_cpu_noise_mask_forms(form):
     mask, _ = side_inputs("mask", (3, 11))
     noise_mask = {"bool": noise_mask_for((3, 11)), "uint8": noise_mask_for((3, 11)).to(torch.uint8),
                   "int32": noise_mask_for((3, 11)).int(), "broadcast row": (torch.arange(11) % 3 != 0)[None],
-                  "broadcast column": torch.tensor([[1], [0], [1]]), "all zero": torch.zeros(3, 11, dtype=torch.bool)}[form]
+                  "broadcast column": torch.tensor([[1], [0], [1]]),
+                  "all zero": torch.zeros(3, 11, dtype=torch.bool)}[form]
     for distribution in ("uniform", "gaussian"):
         out = noisy_embedding(ids, weight, 5.0, seed=9, attention_mask=mask, noise_mask=noise_mask, backend="cpu",
                               distribution=distribution)
@@ -156,7 +136,7 @@ def test_cpu_scales_match_the_reference(width):
     noise_masks = (None, torch.randint(0, 2, (3, width), generator=g).bool(),
                    torch.randint(0, 2, (3, width), generator=g).to(torch.uint8),
                    (torch.arange(width) % 2 == 0)[None].expand(3, width))
-    for (mask, pos, cu), noise_mask in zip([*scale_cases(width)] * 2, noise_masks * 5):
+    for (mask, pos, cu), noise_mask in zip([*scale_cases(width)] * 2, itertools.cycle(noise_masks)):
         for alpha, d in ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7)):
             got = _C_cpu.token_scales(3 * width, alpha, d, width, mask, pos, cu, noise_mask)
             if mask is not None:  # unsigned masks read as well
@@ -210,7 +190,7 @@ def test_cuda_wrapper_passes_the_reference_scales_and_the_abi_3_arguments(monkey
     load = backends._load
     monkeypatch.setattr(backends, "_load", lambda name: ImportError("no triton") if name == "triton" else load(name))
     calls = []
-    forward, _ = cuda_functions(types.SimpleNamespace(forward=lambda *args: calls.append(args), backward=None))
+    forward, _, _ = cuda_functions(types.SimpleNamespace(forward=lambda *args: calls.append(args), backward=None))
     ids, weight, noise_mask = torch.zeros(3, 11, dtype=torch.int64), torch.zeros(4, 8), noise_mask_for((3, 11))
     forward(ids, weight, 3, 5, None, 5.0, 11, None, None, None, noise_mask, True)
     scales, scale_value, seed, offset, seed_tensor, bad_ids, gaussian = calls[-1][2:]

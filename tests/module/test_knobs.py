@@ -1,5 +1,6 @@
-"""NEFTune's knobs: the options object, alpha as data under torch.compile, the Gaussian stream,
-noise_mask and noise_tokens, alpha schedules and the noise statistics."""
+"""NEFTune's knobs: the options object, alpha as data under torch.compile, noise_mask and noise_tokens,
+alpha schedules and the noise statistics. The Gaussian stream and noise_mask against the spec model:
+tests/kernels/test_spec_equivalence.py; the Gaussian moments: tests/spec/test_statistics.py."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import torch
 import torch._dynamo.testing
 
 import neft_kernels as nk
-from cases import check_matches_spec_model, make_weight
-from conftest import assert_bits_equal
-from neft_kernels import NoiseOptions, NoisyEmbedding, noisy_embedding, spec
-from neft_kernels.backends import triton as _maybe_triton  # noqa: F401  (importable: the interpreter runs it)
+from neft_kernels import NoiseOptions, NoisyEmbedding, noisy_embedding
+from neft_kernels.backends import module
 from neft_kernels.lengths import token_scales
 
+from support.asserts import assert_bits_equal
+from support.backends import on_backends
+from support.cases import make_weight
 
 # --- the options object ---------------------------------------------------------------------------
 
@@ -72,7 +74,7 @@ def test_alpha_changes_every_step_under_fullgraph_compile_with_no_recompile(back
 
 
 def test_alpha_on_a_compiled_patched_model_over_several_lengths():
-    from hf_models import VOCAB, build
+    from support.hf_models import VOCAB, build
 
     torch._dynamo.reset()
     model = nk.patch_model(build("llama"), noise_alpha=5.0, backend="torch").train()
@@ -87,25 +89,19 @@ def test_alpha_on_a_compiled_patched_model_over_several_lengths():
     assert frames[0] > 0 and frames == frames[:1] * 4  # one compile for every length and every alpha
 
 
-def test_a_tensor_alpha_is_read_on_the_device_by_the_triton_scales_kernel():
-    triton_backend = pytest.importorskip("neft_kernels.backends.triton")
-    if not _triton_runs():
-        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
-    noise = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+@on_backends("triton")
+def test_a_tensor_alpha_is_read_on_the_device_by_the_triton_scales_kernel(backend, device):
+    triton_backend = module(backend)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], device=device)
+    noise = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=device)
     for alpha in (5.0, 0.3):
-        got = triton_backend.token_scales(4, 8, torch.tensor(alpha, dtype=torch.float64), 64, mask, None, None, noise)
+        got = triton_backend.token_scales(4, 8, torch.tensor(alpha, dtype=torch.float64, device=device), 64, mask,
+                                          None, None, noise)
         want = token_scales((2, 4), alpha, 64, attention_mask=mask, noise_mask=noise)
         assert_bits_equal(got, want)
-    plain = triton_backend.token_scales(4, 8, torch.tensor(5.0, dtype=torch.float64), 64, None, None, None, None,
-                                        torch.device("cpu"))
+    plain = triton_backend.token_scales(4, 8, torch.tensor(5.0, dtype=torch.float64, device=device), 64, None, None,
+                                        None, None, torch.device(device))
     assert_bits_equal(plain, torch.full((8,), token_scales((2, 4), 5.0, 64)))  # L = the row width
-
-
-def _triton_runs() -> bool:
-    import os
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def test_a_functional_tensor_alpha_equals_the_float():
@@ -132,53 +128,7 @@ def test_alpha_follows_the_module_to_its_device_and_stays_float64():
     assert emb._alpha_data.item() == 3.0
 
 
-# --- the Gaussian stream --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("kind", ["none", "mask", "packed"])
-def test_gaussian_matches_the_numpy_spec_model(backend, kind):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_matches_spec_model(backend, dtype, 13, kind, "per_sequence", distribution="gaussian")
-
-
-def test_gaussian_moments_and_tails_are_those_of_a_standard_normal():
-    z = spec.noise(40_000, 64, seed=11, distribution="gaussian").double().reshape(-1)  # 2.56M draws
-    n = z.numel()
-    assert abs(z.mean()) < 5 / math.sqrt(n)
-    assert abs(z.var() - 1) < 0.005
-    assert abs((z ** 3).mean()) < 0.01
-    assert abs((z ** 4).mean() - 3) < 0.03
-    for k in (1, 2, 3, 4):
-        want = math.erfc(k / math.sqrt(2))
-        got = (z.abs() > k).double().mean().item()
-        assert abs(got - want) < 5 * math.sqrt(want / n) + 1e-6, (k, got, want)
-    assert z.abs().max() < 6.0  # the 23-bit radius word: |z| <= sqrt(48 ln 2) = 5.77
-    # Kolmogorov-Smirnov distance to the normal CDF
-    s, _ = torch.sort(z[:200_000])
-    cdf = 0.5 * torch.erfc(-s / math.sqrt(2))
-    ks = torch.maximum(torch.arange(1, s.numel() + 1) / s.numel() - cdf, cdf - torch.arange(s.numel()) / s.numel())
-    assert ks.max() < 1.63 / math.sqrt(s.numel())  # the 1% critical value
-
-
-def test_gaussian_keeps_the_uniform_stream_and_the_scale():
-    w = make_weight(20, 64, torch.float32)
-    ids = torch.arange(20).view(2, 10)
-    uniform = noisy_embedding(ids, w, 5.0, seed=3, backend="torch") - w[ids]
-    gaussian = noisy_embedding(ids, w, 5.0, seed=3, distribution="gaussian", backend="torch") - w[ids]
-    assert_bits_equal(uniform + w[ids], noisy_embedding(ids, w, 5.0, seed=3, backend="torch"))
-    scale = 5.0 / math.sqrt(10 * 64)
-    assert uniform.abs().max() <= scale
-    assert 0.7 < gaussian.std().item() / scale < 1.3 and gaussian.abs().max() > scale  # N(0, 1), not U(-1, 1)
-
-
 # --- noise_mask and noise_tokens ------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
-def test_noise_mask_matches_the_spec_model(backend, length_mode):
-    for kind in ("none", "mask", "cu_seqlens+mask"):
-        check_matches_spec_model(backend, torch.float32, 5, kind, length_mode, with_noise_mask=True)
-
 
 def test_noise_mask_tokens_stay_clean_and_still_count_towards_L():
     w = make_weight(20, 16, torch.float32)

@@ -7,6 +7,7 @@ loops over rows, bf16 rounding by integer ops. Tests compare every backend with 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -110,7 +111,7 @@ def token_lengths(ids_shape, attention_mask=None, position_ids=None, length_mode
     for r in range(rows):
         bounds = [0] + [t for t in range(1, width)
                         if (pos is not None and pos[r, t] == 0) or r * width + t in cu] + [width]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             lengths[r, a:b] = mask[r, a:b].sum()
     return lengths.reshape(-1), mask.reshape(-1)
 
@@ -145,7 +146,7 @@ def noisy_embedding(ids: np.ndarray, weight: np.ndarray, dtype: str, alpha: floa
     if noise_mask is not None:
         noised = noised & (np.broadcast_to(np.asarray(noise_mask), np.shape(ids)).reshape(-1) != 0)
     scale = np.array([np.float32(alpha / math.sqrt(L * d)) if (ok and L > 0) else np.float32(0)
-                      for L, ok in zip(lengths, noised)], dtype=np.float32)
+                      for L, ok in zip(lengths, noised, strict=True)], dtype=np.float32)
     e = unit_noise(flat.size, d, seed, offset, distribution)
     w = widen(weight[flat], dtype)
     return round_to(w + (e * scale[:, None]).astype(np.float32), dtype)

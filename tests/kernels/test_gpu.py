@@ -1,15 +1,19 @@
-"""Compiled kernels on a CUDA GPU against the spec (skipped without one)."""
+"""Compiled kernels on a CUDA GPU (skipped without one), beyond the spec-model grid
+(tests/kernels/test_spec_equivalence.py): large shapes, 64-bit offsets, backward, no host-device
+sync, bad ids, CUDA graphs and reduce-overhead compile."""
 
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import KINDS, LENGTH_MODES, SEEDS, check_matches_spec_model, expected, make_weight, side_inputs
-from conftest import DTYPES, assert_bits_equal, requires_cuda
-from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding, set_id_check
+from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding
 from neft_kernels.backends import module
+
+from support.asserts import DTYPES, assert_bits_equal
+from support.backends import kernel_alone, on_backends, requires
+from support.cases import SEEDS, expected, make_weight, side_inputs
+from support.devices import requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -64,19 +68,9 @@ def test_compiled_backward_matches_f_embedding(dtype, deterministic):
         assert_bits_equal(weight.grad, first)
 
 
-def _gpu_backends():
-    out = ["triton"]
-    try:
-        from neft_kernels import _C_cuda  # noqa: F401
-        out.append("cuda")
-    except ImportError:
-        pass
-    return out
-
-
-@pytest.mark.parametrize("backend", _gpu_backends())
+@on_backends("triton", "cuda", device="cuda")
 @pytest.mark.parametrize("side", ["mask", "positions", "cu_seqlens", "mask+positions"])
-def test_default_training_path_never_syncs(backend, side):
+def test_default_training_path_never_syncs(backend, device, side):
     """Forward and backward with the id check on: no host-device sync, and the spec v1 bits."""
     emb = NoisyEmbedding(1000, 512, device="cuda", dtype=torch.bfloat16, backend=backend)
     ids = torch.randint(0, 1000, (4, 128), device="cuda")
@@ -101,41 +95,22 @@ def test_default_training_path_never_syncs(backend, side):
     assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, backend="torch", **kwargs))
 
 
-def _cuda_ext_or_skip():
-    """The CUDA C++ backend is built wherever nvcc was present at install: missing then is a failure."""
-    try:
-        from neft_kernels import _C_cuda  # noqa: F401
-    except ImportError:
-        if shutil.which("nvcc"):
-            raise
-        pytest.skip("neft_kernels._C_cuda not built: no nvcc at install time")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [64, 4096 + 3])  # both launch shapes (fewer / more than 128 lanes)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("length_mode", LENGTH_MODES)
-def test_cuda_cpp_backend_matches_spec_model(dtype, d, kind, length_mode):
-    _cuda_ext_or_skip()
-    check_matches_spec_model("cuda", dtype, d, kind, length_mode, "cuda")
-
-
+@requires("cuda")
 def test_cuda_cpp_backend_int32_ids_many_tokens():
-    _cuda_ext_or_skip()
     weight = make_weight(1000, 1024, torch.bfloat16, "cuda")
     ids = torch.randint(0, 1000, (16, 4096), dtype=torch.int32, device="cuda")  # 65536 tokens: grid x
     assert_bits_equal(noisy_embedding(ids, weight, 5.0, seed=5, backend="cuda"),
                       noisy_embedding(ids, weight, 5.0, seed=5, backend="triton"))
 
 
+@requires("cuda")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
-    _cuda_ext_or_skip()
     weight = make_weight(512, 1024, dtype, "cuda").requires_grad_()
     ids = torch.randint(0, 64, (8, 512), device="cuda")
     grad_out = torch.randn(8, 512, 1024, device="cuda", dtype=dtype)
-    (first,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="cuda"), weight, grad_out)
-    (second,) = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="cuda"), weight, grad_out)
+    first, second = (torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=3, backend="cuda"),
+                                         weight, grad_out)[0] for _ in range(2))
     assert_bits_equal(first, second)
     ref_weight = weight.detach().float().requires_grad_()
     F.embedding(ids, ref_weight, padding_idx=3).backward(grad_out.float())
@@ -143,13 +118,9 @@ def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
     torch.testing.assert_close(first.float(), ref_weight.grad.to(dtype).float(), rtol=tol, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend):
+@on_backends("triton", "cuda", device="cuda")
+def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device):
     """The kernel records bad ids; a later call (or the backward) raises once the record has landed."""
-    if backend == "cuda":
-        _cuda_ext_or_skip()
-    from test_reliability import kernel_alone
-
     weight = make_weight(50, 70, torch.bfloat16, "cuda").requires_grad_()
     good = torch.tensor([[3, 7]], device="cuda")
     bad = torch.tensor([[3, 50, -1, 7, 1 << 40]], device="cuda")
@@ -195,8 +166,8 @@ def _capture(fn):
     return graph, result
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
-def test_cuda_graph_replays_draw_fresh_spec_v1_noise(backend):
+@on_backends("triton", "cuda", device="cuda")
+def test_cuda_graph_replays_draw_fresh_spec_v1_noise(backend, device):
     """A device seed drawn inside the graph: every replay has its own seed and that seed's spec v1 bits."""
     weight = make_weight(100, 256, torch.bfloat16, "cuda")
     ids = torch.randint(0, 100, (4, 32), device="cuda")
@@ -268,18 +239,8 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "mask", "packed", "cu_seqlens+mask"])
-def test_gaussian_and_noise_mask_match_the_spec_model_on_the_gpu(backend, dtype, kind):
-    for length_mode in LENGTH_MODES:
-        check_matches_spec_model(backend, dtype, 4096 + 3, kind, length_mode, "cuda", distribution="gaussian",
-                                 with_noise_mask=kind != "none")
-        check_matches_spec_model(backend, dtype, 64, kind, length_mode, "cuda", with_noise_mask=True)
-
-
-@pytest.mark.parametrize("backend", _gpu_backends())
-def test_a_device_alpha_gives_the_float_alphas_bits_without_a_sync(backend):
+@on_backends("triton", "cuda", device="cuda")
+def test_a_device_alpha_gives_the_float_alphas_bits_without_a_sync(backend, device):
     weight = make_weight(300, 256, torch.bfloat16, "cuda")
     ids = torch.randint(0, 300, (4, 64), device="cuda")
     mask, _ = side_inputs("mask", (4, 64), "cuda")
@@ -289,7 +250,7 @@ def test_a_device_alpha_gives_the_float_alphas_bits_without_a_sync(backend):
         got = [noisy_embedding(ids, weight, alpha, seed=9, attention_mask=m, backend=backend) for m in (None, mask)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for out, m in zip(got, (None, mask)):
+    for out, m in zip(got, (None, mask), strict=True):
         assert_bits_equal(out, noisy_embedding(ids, weight, 3.5, seed=9, attention_mask=m, backend="torch"))
 
 

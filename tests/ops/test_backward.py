@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import make_weight
-from conftest import DEVICE, assert_bits_equal, requires_cpu_ext
 from neft_kernels import noisy_embedding
-from neft_kernels.backends import triton as triton_backend
+from neft_kernels.backends import module
 
-BACKENDS = ["torch", "triton", pytest.param("cpu", marks=requires_cpu_ext)]
+from support.asserts import assert_bits_equal
+from support.backends import on_backends
+from support.cases import make_weight
+
 # bf16/fp16 gradients are summed in float32 and rounded once, so they may differ from the
 # float32 sum rounded to the dtype by one unit in the last place where summation order differs.
 TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -17,12 +18,7 @@ TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
               torch.float16: dict(rtol=2**-10, atol=1e-5)}
 
 
-def _device(backend):
-    return "cpu" if backend == "cpu" else DEVICE
-
-
-def _grads(backend, dtype, padding_idx, scale_grad_by_freq, d=19, vocab=23):
-    dev = _device(backend)
+def _grads(backend, dev, dtype, padding_idx, scale_grad_by_freq, d=19, vocab=23):
     weight = make_weight(vocab, d, dtype, dev).requires_grad_()
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 6, (4, 33), generator=gen).to(dev)  # heavy repetition of 6 ids
@@ -37,12 +33,12 @@ def _grads(backend, dtype, padding_idx, scale_grad_by_freq, d=19, vocab=23):
     return weight.grad, ref_weight.grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@on_backends()
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("padding_idx", [None, 2, -1])
 @pytest.mark.parametrize("scale_grad_by_freq", [False, True])
-def test_weight_grad_matches_f_embedding(backend, dtype, padding_idx, scale_grad_by_freq):
-    grad, ref = _grads(backend, dtype, padding_idx, scale_grad_by_freq)
+def test_weight_grad_matches_f_embedding(backend, device, dtype, padding_idx, scale_grad_by_freq):
+    grad, ref = _grads(backend, device, dtype, padding_idx, scale_grad_by_freq)
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.float(), ref.to(dtype).float(), **TOLERANCES[dtype])
     if padding_idx is not None:
@@ -53,12 +49,8 @@ def test_weight_grad_matches_f_embedding(backend, dtype, padding_idx, scale_grad
     assert (grad[untouched] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_low_precision_grads_accumulate_in_float32(backend, dtype, deterministic):
+def _check_low_precision_grads_accumulate_in_float32(backend, dev, dtype, deterministic):
     """4096 unit gradients into one row: a bf16 (fp16) running sum stalls at 256 (2048)."""
-    dev = _device(backend)
     weight = torch.zeros(4, 8, dtype=dtype, device=dev, requires_grad=True)
     ones = torch.ones(4096, 8, dtype=dtype, device=dev)
     split = torch.full((4096,), 1, device=dev)
@@ -74,20 +66,33 @@ def test_low_precision_grads_accumulate_in_float32(backend, dtype, deterministic
     assert (one_row[1] == 4096).all() and (one_row[[0, 2, 3]] == 0).all()
 
 
+@on_backends()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_grads_accumulate_in_float32(backend, device, dtype):
+    _check_low_precision_grads_accumulate_in_float32(backend, device, dtype, deterministic=False)
+
+
+@on_backends(slow_interpreter=True)  # the sort-based kernel: about 9 s a dtype under the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_grads_accumulate_in_float32_in_deterministic_mode(backend, device, dtype):
+    _check_low_precision_grads_accumulate_in_float32(backend, device, dtype, deterministic=True)
+
+
+@on_backends("triton")
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("scale_grad_by_freq", [False, True])
-def test_deterministic_backward(dtype, scale_grad_by_freq, monkeypatch):
+def test_deterministic_backward(backend, device, dtype, scale_grad_by_freq, monkeypatch):
     """torch.use_deterministic_algorithms picks the sort-based kernel: same bits every run."""
 
     class NoAtomics:
         def __getitem__(self, grid):
             raise AssertionError("the atomic kernel ran in deterministic mode")
 
-    monkeypatch.setattr(triton_backend, "_embedding_bwd_atomic_kernel", NoAtomics())
+    monkeypatch.setattr(module(backend), "_embedding_bwd_atomic_kernel", NoAtomics())
     torch.use_deterministic_algorithms(True)
     try:
-        first, ref = _grads("triton", dtype, 2, scale_grad_by_freq)
-        second, _ = _grads("triton", dtype, 2, scale_grad_by_freq)
+        first, ref = _grads(backend, device, dtype, 2, scale_grad_by_freq)
+        second, _ = _grads(backend, device, dtype, 2, scale_grad_by_freq)
     finally:
         torch.use_deterministic_algorithms(False)
     assert_bits_equal(first, second)
@@ -95,11 +100,12 @@ def test_deterministic_backward(dtype, scale_grad_by_freq, monkeypatch):
     assert (first[2] == 0).all()
 
 
-def test_grad_flows_only_to_weight_and_noise_is_constant():
+@on_backends()
+def test_grad_flows_only_to_weight_and_noise_is_constant(backend, device):
     """d(out)/d(weight) is the lookup's: the noise contributes nothing to the gradient."""
-    weight = make_weight(10, 8, torch.float32, DEVICE).requires_grad_()
-    ids = torch.tensor([[1, 2, 1]], device=DEVICE)
-    out = noisy_embedding(ids, weight, 50.0, seed=5, backend="triton")
+    weight = make_weight(10, 8, torch.float32, device).requires_grad_()
+    ids = torch.tensor([[1, 2, 1]], device=device)
+    out = noisy_embedding(ids, weight, 50.0, seed=5, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), weight)
     expected = torch.zeros_like(grad)
     expected[1], expected[2] = 2.0, 1.0

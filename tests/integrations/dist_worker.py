@@ -1,6 +1,7 @@
-"""Worker for tests/test_distributed.py, run under torchrun on CPU (gloo).
+"""Worker for tests/integrations/test_distributed.py, run under torchrun on CPU (gloo), with tests/ on
+PYTHONPATH (for ``support``).
 
-``python -m torch.distributed.run --nproc_per_node=N tests/dist_worker.py SCENARIO OUTDIR``: every
+``python -m torch.distributed.run --nproc_per_node=N tests/integrations/dist_worker.py SCENARIO OUTDIR``: every
 rank saves what it saw to ``OUTDIR/rank<r>.pt``; the test compares ranks and checks each against
 spec v1 computed in one process.
 """
@@ -13,8 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
-from hf_models import build, padded_batch
 from neft_kernels import NoisyEmbedding, patch_model, unpatch_model
+
+from support.hf_models import build, padded_batch
 
 
 def _capture(emb):
@@ -80,7 +82,9 @@ def fsdp2(rank: int) -> dict:
     return dict(calls=seen, mask=padded_batch(0)[1], losses=losses, final_weight=emb.weight.full_tensor().detach())
 
 
-def _tp_embedding(mesh, tp_group=None, output_layouts=Replicate()) -> NoisyEmbedding:
+def _tp_embedding(mesh, tp_group=None, output_layouts=None) -> NoisyEmbedding:
+    """Replicated output (the default), or ``output_layouts`` (sequence parallel: Shard(1))."""
+    output_layouts = Replicate() if output_layouts is None else output_layouts
     torch.manual_seed(0)
     emb = NoisyEmbedding(96, 32, noise_alpha=5.0, tp_group=tp_group)  # same init on every rank
     return parallelize_module(emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=output_layouts))
