@@ -16,6 +16,7 @@ def test_the_readme_has_python_blocks():
     assert len(BLOCKS) >= 2
 
 
+@pytest.mark.slow  # each block in a fresh interpreter; one trains with the Trainer
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs_as_written(index, tmp_path):
     if "transformers" in BLOCKS[index]:

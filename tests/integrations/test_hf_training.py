@@ -1,4 +1,5 @@
-"""NEFTuneCallback with transformers' Trainer and TRL's SFTTrainer; PEFT models; end to end."""
+"""NEFTuneCallback with transformers' Trainer and TRL's SFTTrainer; PEFT models; end to end. The tests
+that train (a Trainer's or TRL's train()) are marked slow."""
 
 import pytest
 import torch
@@ -64,6 +65,7 @@ class _Probe(transformers.TrainerCallback):
             raise RuntimeError("training failed")
 
 
+@pytest.mark.slow
 def test_trainer_with_callback_trains_noisy_and_leaves_a_plain_model(tmp_path):
     model = build("llama_tied")
     weight = model.get_input_embeddings().weight
@@ -85,6 +87,7 @@ def test_trainer_with_callback_trains_noisy_and_leaves_a_plain_model(tmp_path):
     assert torch.equal(loaded.get_input_embeddings().weight, weight.detach())
 
 
+@pytest.mark.slow
 def test_callback_unpatches_when_training_raises(tmp_path):
     model = build("llama")
     probe = _Probe(fail_at_step=1)
@@ -103,6 +106,7 @@ def test_callback_refuses_transformers_own_neftune(tmp_path):
     assert "NEFTuneCallback" in str(info.value) and "neftune_noise_alpha" in str(info.value)
 
 
+@pytest.mark.slow
 def test_callback_added_late_next_to_the_flag_refuses_and_leaves_no_hook(tmp_path):
     """add_callback after construction: the refusal comes at train(), after transformers attached its
     hook; the callback takes that hook off again, so a retry without the flag trains with ours only."""
@@ -140,6 +144,7 @@ def test_patch_model_refuses_next_to_another_neftune_hook():
     assert noise.abs().max() <= ALPHA / (3 * 32) ** 0.5 * (1 + 1e-6)  # one noise, within its bound
 
 
+@pytest.mark.slow
 def test_callback_keeps_a_patch_the_user_applied_before_training(tmp_path):
     model = patch_model(build("llama"), 3.0, length_mode="padded")
     transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
@@ -188,6 +193,7 @@ def _tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["packing", "padding_free"])
 def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     g = torch.Generator().manual_seed(0)
@@ -265,6 +271,7 @@ class _Counting(_Rows):
         self.rows = [2 + (r[0] + torch.arange(len(r))) % (VOCAB - 2) for r in self.rows]
 
 
+@pytest.mark.slow
 def test_loss_curves_agree_with_transformers_own_neftune_within_the_seed_spread(tmp_path):
     """Convergence evidence: the two implementations give loss curves that differ by no more than
     runs of one implementation differ among themselves (only the random stream differs)."""
@@ -279,6 +286,7 @@ def test_loss_curves_agree_with_transformers_own_neftune_within_the_seed_spread(
     assert abs(ours[:, -10:].mean() - theirs[:, -10:].mean()) <= 3 * ours[:, -10:].mean(1).std() + 0.02
 
 
+@pytest.mark.slow
 def test_trl_dpo_reference_pass_is_clean_and_policy_pass_noised(tmp_path):
     """TRL's DPO computes reference log-probs from the same PEFT model, adapter disabled, under
     no_grad and in train mode: that pass gets no noise; the policy pass does."""
@@ -309,6 +317,7 @@ def test_trl_dpo_reference_pass_is_clean_and_policy_pass_noised(tmp_path):
     assert policy and not any(policy)  # the policy pass: noised
 
 
+@pytest.mark.slow
 def test_callback_reused_across_trainers_restores_after_a_failed_run(tmp_path):
     """One callback, several Trainers: each is wrapped (by object, not id), and a run that raised is
     restored by then; the model ends plain."""
@@ -338,6 +347,7 @@ class _AlphaProbe(transformers.TrainerCallback):
         self.recording.append(emb._noise_stats is not None)
 
 
+@pytest.mark.slow
 def test_callback_schedule_sets_alpha_per_step_and_logs_the_noise(tmp_path):
     model = build("llama")
     probe = _AlphaProbe()
@@ -359,6 +369,7 @@ def test_callback_schedule_sets_alpha_per_step_and_logs_the_noise(tmp_path):
     assert repr(callback) == "NEFTuneCallback(noise_alpha=8.0, schedule='linear', final_alpha=0.0, warmup_steps=1)"
 
 
+@pytest.mark.slow
 def test_callback_response_only_noise_from_the_labels(tmp_path):
     model = build("llama")
     probe = _Probe()

@@ -18,6 +18,7 @@ from neft_kernels.lengths import token_scales
 
 from support import ROOT
 from support.asserts import DTYPES, assert_bits_equal
+from support.backends import interpreted
 from support.cases import expected, make_weight, scale_cases, side_inputs
 from support.devices import DEVICE, HAS_CUDA
 
@@ -32,8 +33,16 @@ def test_triton_forward_wide_rows_many_tokens(dtype):
     assert_bits_equal(out, expected(ids.long(), weight, 15.0, 99, 0, mask, None, "per_sequence"))
 
 
-@pytest.mark.parametrize("width,block,walk", [(1, None, None), (7, None, None), (1500, None, None),
-                                              (7, 2, 2), (37, 4, 2), (37, 8, 16)])
+# Under the interpreter the long rows and the small blocks (every program walking across its
+# neighbours) take 20 s to 2 min each: slow there, quick compiled.
+_SLOW_HERE = [pytest.mark.slow] if interpreted("triton", DEVICE) else []
+
+
+@pytest.mark.parametrize("width,block,walk", [(1, None, None), (7, None, None),
+                                              pytest.param(1500, None, None, marks=_SLOW_HERE),
+                                              pytest.param(7, 2, 2, marks=_SLOW_HERE),
+                                              pytest.param(37, 4, 2, marks=_SLOW_HERE),
+                                              pytest.param(37, 8, 16, marks=_SLOW_HERE)])
 def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatch):
     """The one-launch scales kernel against the reference's tensor ops; small blocks make every
     program walk across its neighbours, as long packed rows do at full size."""
@@ -92,6 +101,7 @@ def test_bf16_rounding_is_to_nearest_even():
     assert_bits_equal(out, x.to(torch.bfloat16))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and triton
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU present this path is exercised by the GPU tests")
 def test_triton_refuses_cpu_tensors_without_the_interpreter():
     code = ("import torch, neft_kernels; "

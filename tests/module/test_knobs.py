@@ -73,6 +73,7 @@ def test_alpha_changes_every_step_under_fullgraph_compile_with_no_recompile(back
     assert frames[0] > 0 and frames == frames[:1] * 4  # compiled by the first call, never again
 
 
+@pytest.mark.slow  # torch.compile of a whole model with dynamic shapes
 def test_alpha_on_a_compiled_patched_model_over_several_lengths():
     from support.hf_models import VOCAB, build
 

@@ -73,6 +73,7 @@ def test_functional_op_compiles_with_backward():
     assert_bits_equal(grad, ref)
 
 
+@pytest.mark.slow  # inductor over a whole model, train and eval
 @pytest.mark.parametrize("tied", [False, True])
 def test_hugging_face_model_compiles_fullgraph_in_train_and_eval(tied):
     transformers = pytest.importorskip("transformers")

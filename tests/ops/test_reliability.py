@@ -146,23 +146,36 @@ def test_tensors_on_different_devices_are_refused():
 
 # CPU tensors: "triton" runs under the interpreter, which a machine with a GPU does not use; there
 # tests/kernels/test_gpu.py::test_64_bit_row_offsets runs the compiled kernels on the same case.
+V_PAST_INT32, D_PAST_INT32 = (1 << 20) + 64, 2048  # V * d > 2**31: a 4.3 GB bf16 table
+ROWS_PAST_INT32 = torch.tensor([V_PAST_INT32 - 1, V_PAST_INT32 - 2, (1 << 20) + 7, 0])
+
+
+def _table_past_int32() -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, the values of ROWS_PAST_INT32): a table whose other rows are never touched (no memory)."""
+    weight = torch.empty(V_PAST_INT32, D_PAST_INT32, dtype=torch.bfloat16)  # untouched pages cost nothing
+    values = torch.randn(4, D_PAST_INT32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weight[ROWS_PAST_INT32] = values
+    return weight, values
+
+
 @on_backends("torch", "cpu", "triton", device="cpu")
 def test_64_bit_indexing_beyond_2_to_the_31_elements(backend, device):
-    """V * d > 2**31 (a 4.3 GB bf16 table): rows past the int32 element range come from the right place."""
-    vocab, d = (1 << 20) + 64, 2048
-    weight = torch.empty(vocab, d, dtype=torch.bfloat16)  # untouched pages cost nothing
-    rows = torch.tensor([vocab - 1, vocab - 2, (1 << 20) + 7, 0])
-    values = torch.randn(4, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    weight[rows] = values
-    ids = rows.view(1, 4)
-    out = noisy_embedding(ids, weight, 5.0, seed=3, backend=backend)
+    """Rows past the int32 element range come from the right place."""
+    weight, values = _table_past_int32()
+    out = noisy_embedding(ROWS_PAST_INT32.view(1, 4), weight, 5.0, seed=3, backend=backend)
     # The noise depends on token positions only: the same four rows as a small table give the same bits.
     assert_bits_equal(out, noisy_embedding(torch.arange(4).view(1, 4), values, 5.0, seed=3, backend="torch"))
-    if backend == "cpu":  # the backward writes rows past 2**31 elements too (another 4.3 GB)
-        weight.requires_grad_()
-        grad = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=3, backend=backend), weight,
-                                   torch.ones(1, 4, d, dtype=torch.bfloat16))[0]
-        assert grad[vocab - 1].eq(1).all() and grad[(1 << 20) + 7].eq(1).all() and grad[1].eq(0).all()
+
+
+@pytest.mark.slow  # writes a 4.3 GB gradient
+@on_backends("cpu")
+def test_64_bit_indexing_in_the_backward_beyond_2_to_the_31_elements(backend, device):
+    """The backward writes rows past 2**31 elements to the right place too."""
+    weight, _ = _table_past_int32()
+    weight.requires_grad_()
+    grad = torch.autograd.grad(noisy_embedding(ROWS_PAST_INT32.view(1, 4), weight, 5.0, seed=3, backend=backend),
+                               weight, torch.ones(1, 4, D_PAST_INT32, dtype=torch.bfloat16))[0]
+    assert grad[V_PAST_INT32 - 1].eq(1).all() and grad[(1 << 20) + 7].eq(1).all() and grad[1].eq(0).all()
 
 
 @on_backends()
