@@ -23,3 +23,12 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     both_nan = actual.isnan() & expected.isnan()
     mismatched = ((a != e) & ~both_nan).sum().item()
     assert mismatched == 0, f"{mismatched} of {a.numel()} elements differ in bits"
+
+
+def assert_uniform_noise_of_alpha(out: torch.Tensor, clean: torch.Tensor, alpha: float, length: int) -> None:
+    """``out - clean`` is uniform noise of ``alpha`` at length ``length``: its largest magnitude is just
+    below the bound ``alpha / sqrt(L d)`` (given a few thousand elements), and not above it but for
+    the rounding of ``clean + noise`` (under 1e-4 of the bound for N(0, 1) weights and alpha >= 0.25)."""
+    bound = alpha / (length * out.shape[-1]) ** 0.5
+    ratio = ((out.detach() - clean).abs().max() / bound).item()
+    assert 0.95 < ratio <= 1 + 1e-3, (alpha, ratio)
