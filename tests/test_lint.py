@@ -1,0 +1,21 @@
+"""``ruff check`` over the whole repository, with pyproject.toml's settings (tests/ruff.toml adds the
+tests' own import block). Lint only: the code is not ruff-formatted, so there is no format check."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import ROOT
+
+# The venv's ruff (the `lint` extra, part of `test`) or one on PATH.
+RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+
+
+@pytest.mark.skipif(RUFF is None, reason="ruff is not installed (pip install 'neft_kernels[lint]')")
+def test_ruff_check_passes_over_the_repository():
+    res = subprocess.run([RUFF, "check", "--no-cache", "--output-format", "concise", "."], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
