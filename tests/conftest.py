@@ -1,6 +1,6 @@
 """Fixtures and hooks only: the shared helpers are the ``support`` package (tests/support/)."""
 
-import support.devices  # noqa: F401, I001  (first: without a GPU it sets TRITON_INTERPRET=1 before any triton import)
+# support first: without a GPU it sets TRITON_INTERPRET=1 before triton is imported (support/__init__.py).
 from support.backends import backend_id, targets, why_not
 
 

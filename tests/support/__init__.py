@@ -3,10 +3,16 @@
 ``devices``: where tests run (and the Triton interpreter without a GPU); ``asserts``: bit-for-bit
 comparisons; ``backends``: the backends under test and the one parametrization over them;
 ``cases``: inputs and the spec-model check; ``spec_model``: the independent NumPy model of the
-spec; ``hf_models``: tiny Hugging Face models. Importing this package itself has no side effects.
+spec; ``hf_models``: tiny Hugging Face models.
+
+Importing the package imports ``devices`` first, which without a GPU sets TRITON_INTERPRET=1: that
+must happen before triton is imported (``import neft_kernels`` imports it), so that the Triton
+kernels run under the interpreter wherever a ``support`` module is imported first.
 """
 
 from pathlib import Path
+
+from . import devices  # noqa: F401
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent

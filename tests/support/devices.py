@@ -7,7 +7,7 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 # Without a GPU the Triton kernels run under the interpreter. This must precede any triton import:
-# tests/conftest.py imports this module before anything else.
+# the support package imports this module first, and tests/conftest.py imports support first.
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
