@@ -20,7 +20,6 @@ from .telemetry import NoiseStats
 _SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
 # What configure_noise sets on a module: make_plain removes it.
 NOISE_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")
-_STATS_SIDE = ("attention_mask", "position_ids", "cu_seqlens", "noise_mask", "length_mode")
 # A side-input frame's noise_mask when the noised tokens come from labels and the call had none.
 MISSING_LABELS = object()
 _no_noise_depth = 0
@@ -242,19 +241,22 @@ class NoisyEmbedding(nn.Embedding):
         graph = torch.compiler.is_compiling() or (weight.device.type == "cuda"
                                                  and torch.cuda.is_current_stream_capturing())
         alpha = self._alpha_tensor(weight.device) if graph else options.noise_alpha
-        call = dict(seed=self._draw_seed(weight.device, graph), offset=rank_offset(options.tp_group, weight),
-                    attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                    noise_mask=noise_mask, length_mode=options.length_mode, distribution=options.distribution,
-                    backend=options.backend)
+        seed, offset = self._draw_seed(weight.device, graph), rank_offset(options.tp_group, weight)
         if self._noise_after_own_forward or self.max_norm is not None or is_dtensor(weight):
-            out = self._forward_special(input_ids, alpha, call)
-        else:
-            out = _noisy_embedding(input_ids, weight, alpha, padding_idx=self.padding_idx,
-                                   scale_grad_by_freq=self.scale_grad_by_freq, check_ids=True, **call)
+            out = self._forward_special(input_ids, alpha, dict(
+                seed=seed, offset=offset, attention_mask=attention_mask, position_ids=position_ids,
+                cu_seqlens=cu_seqlens, noise_mask=noise_mask, length_mode=options.length_mode,
+                distribution=options.distribution, backend=options.backend))
+        else:  # the common path, positional: every keyword costs host time here
+            out = _noisy_embedding(input_ids, weight, alpha, seed, offset, attention_mask, position_ids, cu_seqlens,
+                                   noise_mask, options.length_mode, options.distribution, self.padding_idx,
+                                   self.scale_grad_by_freq, options.backend, True)
         if self._noise_stats is not None and not graph and not is_dtensor(weight):
             with torch.no_grad():
                 clean = super().forward(input_ids)
-            self._noise_stats.add(input_ids, clean, out, {k: call[k] for k in _STATS_SIDE})
+            self._noise_stats.add(input_ids, clean, out, dict(
+                attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                noise_mask=noise_mask, length_mode=options.length_mode))
         return out
 
     def record_noise_stats(self) -> None:
@@ -285,8 +287,9 @@ class NoisyEmbedding(nn.Embedding):
         with torch.no_grad():
             torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
                                     self.norm_type)
-        return _noisy_embedding(input_ids, self.weight, alpha, padding_idx=self.padding_idx,
-                                scale_grad_by_freq=self.scale_grad_by_freq, check_ids=True, **call)
+        return _noisy_embedding(input_ids, self.weight, alpha, call["seed"], call["offset"], call["attention_mask"],
+                                call["position_ids"], call["cu_seqlens"], call["noise_mask"], call["length_mode"],
+                                call["distribution"], self.padding_idx, self.scale_grad_by_freq, call["backend"], True)
 
     def _noise_after_reduction(self, input_ids, alpha, call: dict) -> torch.Tensor:
         """Tensor parallel (a DTensor weight, e.g. ``RowwiseParallel``): look up, reduce the partial

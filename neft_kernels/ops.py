@@ -208,20 +208,20 @@ def noisy_embedding(
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable
         with respect to ``weight``.
     """
-    return _noisy_embedding(input_ids, weight, validation.check_alpha_arg(noise_alpha, weight), seed=seed,
-                            offset=offset, attention_mask=attention_mask, position_ids=position_ids,
-                            cu_seqlens=cu_seqlens, noise_mask=noise_mask, length_mode=length_mode,
-                            distribution=distribution, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
-                            backend=backend, check_ids=True)
+    return _noisy_embedding(input_ids, weight, validation.check_alpha_arg(noise_alpha, weight), seed, offset,
+                            attention_mask, position_ids, cu_seqlens, noise_mask, length_mode, distribution,
+                            padding_idx, scale_grad_by_freq, backend, True)
 
 
-def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, *, seed, offset, attention_mask, position_ids,
+def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offset, attention_mask, position_ids,
                      cu_seqlens, noise_mask, length_mode, distribution, padding_idx, scale_grad_by_freq, backend,
                      check_ids: bool) -> torch.Tensor:
-    """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function."""
+    """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function.
+    (Positional: this is every call's path.)"""
     validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens, noise_mask)
-    validation.check_choice("length_mode", length_mode, LENGTH_MODES)
-    validation.check_choice("distribution", distribution, DISTRIBUTIONS)
+    if length_mode not in LENGTH_MODES or distribution not in DISTRIBUTIONS:
+        validation.check_choice("length_mode", length_mode, LENGTH_MODES)
+        validation.check_choice("distribution", distribution, DISTRIBUTIONS)
     seed = validation.normalize_seed(seed, weight.device)
     if padding_idx is not None:
         padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
@@ -276,7 +276,6 @@ def add_noise(x: torch.Tensor, noise_alpha: float | torch.Tensor, *, seed: int |
     rows = x.reshape(-1, x.shape[-1])
     positions = torch.arange(rows.shape[0], device=x.device).view(x.shape[:-1])
     # The positions are in range by construction: no id check.
-    return _noisy_embedding(positions, rows, validation.check_alpha_arg(noise_alpha, x), seed=seed, offset=offset,
-                            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                            noise_mask=noise_mask, length_mode=length_mode, distribution=distribution,
-                            padding_idx=None, scale_grad_by_freq=False, backend=backend, check_ids=False)
+    return _noisy_embedding(positions, rows, validation.check_alpha_arg(noise_alpha, x), seed, offset, attention_mask,
+                            position_ids, cu_seqlens, noise_mask, length_mode, distribution, None, False, backend,
+                            False)
