@@ -83,6 +83,30 @@ def test_alpha_on_a_compiled_patched_model_over_several_lengths():
     assert frames[0] > 0 and frames == frames[:1] * 4  # one compile for every length and every alpha
 
 
+@pytest.mark.slow  # torch.compile of a whole model
+def test_no_graph_break_and_no_recompile_without_fullgraph():
+    """Without fullgraph, dynamo would split the graph at anything untraceable: count the breaks."""
+    from torch._dynamo.utils import counters
+
+    from support.hf_models import VOCAB, build
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = nk.patch_model(build("llama"), noise_alpha=5.0, distribution="gaussian", backend="torch").train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(model, backend=counter)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    frames = []
+    for alpha in (5.0, 2.5, 7.0):
+        model.get_input_embeddings().noise_alpha = alpha
+        step(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        frames.append(counter.frame_count)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert frames[0] > 0 and frames == frames[:1] * 3  # compiled by the first call only
+
+
 @on_backends("triton")
 def test_a_tensor_alpha_is_read_on_the_device_by_the_triton_scales_kernel(backend, device):
     triton_backend = module(backend)
