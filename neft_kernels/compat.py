@@ -20,7 +20,7 @@ assume_constant_result = torch._dynamo.assume_constant_result
 
 def functorch_transforms_active() -> bool:
     """``torch._C._are_functorch_transforms_active``: under vmap/grad transforms the op must go
-    through ``Function.apply``'s Python wrapper (tests/test_compile.py)."""
+    through ``Function.apply``'s Python wrapper (tests/ops/test_compile.py)."""
     return torch._C._are_functorch_transforms_active()
 
 
