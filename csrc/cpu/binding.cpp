@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -137,4 +138,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");
+  m.def(
+      "cpu_isa", [] { return std::string(neft::cpu::cpu_isa()); },
+      "the instruction set the kernels use (avx512, avx2 or generic): the CPU's best, or NEFT_KERNELS_CPU_ISA's");
+  m.def("cpu_isas", &neft::cpu::cpu_isas, "the instruction sets this build and CPU can run, best first");
 }

@@ -5,6 +5,8 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "../dtype.h"
 
@@ -85,5 +87,13 @@ void embedding_backward(DType dtype, const void* grad, const int64_t* ids, int64
 
 // The bare Philox stream: (n_calls, 4) words of counters offset .. offset + n_calls under seed.
 void philox_words(uint32_t* out, int64_t n_calls, uint64_t seed, uint64_t offset);
+
+// The instruction set the kernels use: "avx512", "avx2" or "generic", chosen once at first use, the
+// best this CPU runs unless NEFT_KERNELS_CPU_ISA names one (an unknown name, or an ISA this CPU
+// lacks, raises c10::Error on every call that needs the kernels).
+const char* cpu_isa();
+
+// The ISAs this build and CPU can run, best first (NEFT_KERNELS_CPU_ISA plays no part).
+std::vector<std::string> cpu_isas();
 
 }  // namespace neft::cpu
