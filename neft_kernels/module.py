@@ -113,12 +113,8 @@ class NoisyEmbedding(nn.Embedding):
         options = NoiseOptions.make(options if options is not None else vars(self).get("noise_options"), **changes)
         self.noise_options = options
         self._noise_on = options.noise_alpha != 0
-        alpha = vars(self).get("_alpha_data")
-        if alpha is not None and alpha.device == self.weight.device:
-            with torch.no_grad():
-                alpha.fill_(options.noise_alpha)  # in place: compiled and captured graphs read this tensor
-        else:
-            self._alpha_data = torch.tensor(options.noise_alpha, dtype=torch.float64, device=self.weight.device)
+        with torch.no_grad():  # in place: compiled and captured graphs read this tensor
+            self._alpha_tensor(self.weight.device).fill_(options.noise_alpha)
         if "_side_input_stack" not in vars(self):
             self._side_input_stack: list[tuple[torch.Tensor | None, ...]] = []
             self._noise_stats: NoiseStats | None = None
@@ -127,17 +123,19 @@ class NoisyEmbedding(nn.Embedding):
         # ``.to(device)`` / ``.cuda()`` / ``to_empty``: alpha's tensor follows the weight's device
         # (and stays float64 whatever the weight's dtype becomes).
         result = super()._apply(fn, recurse)
-        if "noise_options" in vars(self) and self._alpha_data.device != self.weight.device:
-            self._alpha_data = torch.tensor(self.noise_options.noise_alpha, dtype=torch.float64,
-                                            device=self.weight.device)
+        if "noise_options" in vars(self):
+            self._alpha_tensor(self.weight.device)
         return result
 
     def _alpha_tensor(self, device: torch.device) -> torch.Tensor:
-        """alpha's tensor on ``device``; remade there if the weight was replaced by assignment (no
-        ``_apply``), so that a kernel never reads another device's memory."""
-        if self._alpha_data.device != device:
-            self._alpha_data = torch.tensor(self.noise_options.noise_alpha, dtype=torch.float64, device=device)
-        return self._alpha_data
+        """alpha's tensor on ``device``, made there when there is none yet or it is elsewhere (a
+        ``.to()``, or a weight replaced by assignment, which skips ``_apply``), so that a kernel never
+        reads another device's memory."""
+        alpha = vars(self).get("_alpha_data")
+        if alpha is None or alpha.device != device:
+            alpha = self._alpha_data = torch.tensor(self.noise_options.noise_alpha, dtype=torch.float64,
+                                                    device=device)
+        return alpha
 
     @contextmanager
     def side_inputs(self, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

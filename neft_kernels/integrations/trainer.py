@@ -107,9 +107,10 @@ class NEFTuneCallback(TrainerCallback):
         return [m for m in self._model.modules() if isinstance(m, NoisyEmbedding)]
 
     def _telemetry(self) -> dict[str, float]:
-        logs = {"neftune_alpha": self._embeddings()[0].noise_alpha} if self._embeddings() else {}
+        embeddings = self._embeddings()
+        logs = {"neftune_alpha": embeddings[0].noise_alpha} if embeddings else {}
         if self.log_stats:
-            for emb in self._embeddings():  # the first embedding that recorded (a tied copy records nothing)
+            for emb in embeddings:  # the first embedding that recorded (a tied copy records nothing)
                 stats = emb.read_noise_stats()
                 if stats:
                     logs.update({f"neftune_{k}": v for k, v in stats.items()})
