@@ -46,8 +46,7 @@ def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padd
                    scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
     if grad.device.type == "cuda":
         raise_pending(grad.device)  # bad ids of this step's forward, if its record has landed
-    return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq,
-                                    torch.are_deterministic_algorithms_enabled())
+    return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq)
 
 
 @torch.library.custom_op("neft_kernels::noisy_embedding_fwd", mutates_args=())

@@ -36,7 +36,7 @@ _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bf16 travels as int
 def _variants(embedding_dim: int):
     """(kernel name, variant name, JITFunction, signature, constexprs, options) as the launchers use them."""
     fwd_n, fwd_q = kernels.forward_blocks(embedding_dim)
-    bwd_n, bwd_d = kernels.backward_blocks(embedding_dim)
+    bwd_d = kernels.backward_block(embedding_dim)
     for has_mask, has_pos, has_cu, has_noise, alpha_ptr, variant in (
             (True, False, False, False, False, "mask"), (True, True, False, False, False, "mask + positions"),
             (False, False, True, False, False, "cu_seqlens"),
@@ -62,18 +62,11 @@ def _variants(embedding_dim: int):
                       "IS_BF16": dtype == "bf16", "GAUSSIAN": gaussian, "BLOCK_N": fwd_n, "BLOCK_Q": fwd_q}
             yield ("noisy_embedding_fwd", f"{dtype}, {variant}", kernels._noisy_embedding_fwd_kernel, sig, consts,
                    kernels.LAUNCH_OPTIONS)
-        sig = {"grad_ptr": _PTR[dtype], "ids_ptr": "*i64", "gw_ptr": "*fp32", "n_tokens": "i32", "d": "i32",
-               "n_rows": "i32", "padding_idx": "i32", "GRAD_IS_BF16": "constexpr", "BLOCK_N": "constexpr",
-               "BLOCK_D": "constexpr"}
-        consts = {"GRAD_IS_BF16": dtype == "bf16", "BLOCK_N": bwd_n, "BLOCK_D": bwd_d}
-        yield "embedding_bwd_atomic", dtype, kernels._embedding_bwd_atomic_kernel, sig, consts, kernels.LAUNCH_OPTIONS
         sig = {"grad_ptr": _PTR[dtype], "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64",
                "gw_ptr": _PTR[dtype], "d": "i32", "n_rows": "i32", "padding_idx": "i32", "SCALE_BY_FREQ": "constexpr",
-               "GRAD_IS_BF16": "constexpr", "OUT_IS_BF16": "constexpr", "BLOCK_D": "constexpr"}
-        consts = {"SCALE_BY_FREQ": False, "GRAD_IS_BF16": dtype == "bf16", "OUT_IS_BF16": dtype == "bf16",
-                  "BLOCK_D": bwd_d}
-        yield ("embedding_bwd_segmented", dtype, kernels._embedding_bwd_segmented_kernel, sig, consts,
-               kernels.LAUNCH_OPTIONS)
+               "IS_BF16": "constexpr", "BLOCK_D": "constexpr", "ROWS": "constexpr"}
+        consts = {"SCALE_BY_FREQ": False, "IS_BF16": dtype == "bf16", "BLOCK_D": bwd_d, "ROWS": kernels._BWD_ROWS}
+        yield "embedding_bwd", dtype, kernels._embedding_bwd_kernel, sig, consts, kernels.LAUNCH_OPTIONS
 
 
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

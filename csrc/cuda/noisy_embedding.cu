@@ -14,66 +14,90 @@
 
 namespace {
 
+// Element conversions of each storage type to and from float32.
 template <typename T>
 struct Io;
 template <>
 struct Io<float> {
-  __device__ static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-  __device__ static void store(void* p, int64_t i, float v) { static_cast<float*>(p)[i] = v; }
+  __device__ static float to_f32(float v) { return v; }
+  __device__ static float from_f32(float v) { return v; }
 };
 template <>
 struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
-  __device__ static float load(const void* p, int64_t i) {
-    return neft::from_bf16_bits(static_cast<const uint16_t*>(p)[i]);
-  }
-  __device__ static void store(void* p, int64_t i, float v) { static_cast<uint16_t*>(p)[i] = neft::to_bf16_bits(v); }
+  __device__ static float to_f32(uint16_t v) { return neft::from_bf16_bits(v); }
+  __device__ static uint16_t from_f32(float v) { return neft::to_bf16_bits(v); }
 };
 template <>
 struct Io<__half> {
-  __device__ static float load(const void* p, int64_t i) { return __half2float(static_cast<const __half*>(p)[i]); }
-  __device__ static void store(void* p, int64_t i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
+  __device__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ static __half from_f32(float v) { return __float2half_rn(v); }
 };
 
-// One thread per (token, lane): one Philox call feeds the lane's dim in each of the 4 quarters
-// (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3).
-template <typename T, bool kGaussian>
+// kVec consecutive elements, moved as one aligned access (16 bytes when kVec * sizeof(T) == 16).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+// One thread per (token, kVec consecutive lanes): a Philox call per lane feeds the lane's dim in each
+// of the 4 quarters (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3). The
+// kVec lanes' dims of a quarter are contiguous, so each quarter is one vector load and store; the
+// host picks kVec > 1 only where q, the row stride and both pointers are aligned for it.
+template <typename T, bool kGaussian, int kVec>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* __restrict__ scales, float scale_value,
                                const int64_t* __restrict__ seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens,
                                int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids) {
+  using P = Pack<T, kVec>;
   const int64_t q = (d + 3) / 4;
-  // tokens on grid x (up to 2^31 - 1 blocks), lanes on grid y; threads along lanes coalesce.
+  // tokens on grid x (up to 2^31 - 1 blocks), lane groups on grid y; threads along lanes coalesce.
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
-  const int64_t k = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= n_tokens || k >= q) return;
+  const int64_t k0 = (blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x) * kVec;
+  if (n >= n_tokens || k0 >= q) return;
   const float scale = scales ? scales[n] : scale_value;
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
-  const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k), key);
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
   // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids and V are
   // recorded in bad_ids (min, max, V) for the host to raise without a sync.
   const bool in_range = id >= 0 && id < num_rows;
-  if (!in_range && bad_ids && k == 0) {
+  if (!in_range && bad_ids && k0 == 0) {
     atomicMin(bad_ids, static_cast<long long>(id));
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
-  float e[4];
-  if constexpr (kGaussian) {
-    neft::gaussian_pair(r.r[0], r.r[1], e[0], e[1]);
-    neft::gaussian_pair(r.r[2], r.r[3], e[2], e[3]);
-  } else {
+  float e[4][kVec];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) e[w] = neft::uniform_pm1(r.r[w]);
+  for (int v = 0; v < kVec; ++v) {
+    const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k0 + v), key);
+    if constexpr (kGaussian) {
+      neft::gaussian_pair(r.r[0], r.r[1], e[0][v], e[1][v]);
+      neft::gaussian_pair(r.r[2], r.r[3], e[2][v], e[3][v]);
+    } else {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) e[w][v] = neft::uniform_pm1(r.r[w]);
+    }
   }
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
-    const int64_t j = w * q + k;
-    if (j < d) {
-      const float value =
-          in_range ? neft::add_noise(Io<T>::load(weight, row + j), e[w], scale) : __int_as_float(0x7FC00000);
-      Io<T>::store(out, dst + j, value);
+    const int64_t j = w * q + k0;
+    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
+      P in, result;
+      if (in_range) in = *reinterpret_cast<const P*>(static_cast<const T*>(weight) + row + j);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const float value =
+            in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
+        result.v[v] = Io<T>::from_f32(value);
+      }
+      *reinterpret_cast<P*>(static_cast<T*>(out) + dst + j) = result;
+    } else {
+      if (j < d) {
+        const float value = in_range
+                                ? neft::add_noise(Io<T>::to_f32(static_cast<const T*>(weight)[row + j]), e[w][0], scale)
+                                : __int_as_float(0x7FC00000);
+        static_cast<T*>(out)[dst + j] = Io<T>::from_f32(value);
+      }
     }
   }
 }
@@ -94,22 +118,47 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
   if ((i > 0 && sorted_ids[i - 1] == id) || id == padding_idx || id < 0 || id >= num_weights) return;
   const int64_t end = seg_end[i];
   float acc = 0.0f;
-  for (int64_t s = i; s < end; ++s) acc = neft::add_rn(acc, Io<T>::load(grad, order[s] * d + j));
+  for (int64_t s = i; s < end; ++s)
+    acc = neft::add_rn(acc, Io<T>::to_f32(static_cast<const T*>(grad)[order[s] * d + j]));
   if (scale_by_freq) acc = __fdiv_rn(acc, static_cast<float>(end - i));
-  Io<T>::store(grad_weight, id * d + j, acc);
+  static_cast<T*>(grad_weight)[id * d + j] = Io<T>::from_f32(acc);
+}
+
+// Threads along lanes per block: the largest of 128, 64, 32 whose multiples cover the row's lane groups
+// with at most 1/8 idle (d = 1152 at 8 lanes a thread: 36 groups, one block of 64 would idle 44%).
+inline int64_t fitted_threads(int64_t groups) {
+  int64_t threads = 128;
+  while (threads > 32 && ((threads - groups % threads) % threads) * 8 > groups) threads /= 2;
+  return threads;
+}
+
+template <typename T, bool kGaussian, int kVec>
+cudaError_t launch_forward_vec(const int64_t* ids, const void* weight, void* out, const float* scales,
+                               float scale_value, const int64_t* seed_ptr, uint64_t seed, uint64_t offset,
+                               int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids,
+                               cudaStream_t stream) {
+  const int64_t groups = ((d + 3) / 4 + kVec - 1) / kVec;
+  const int64_t threads = fitted_threads(groups);
+  const dim3 block(static_cast<unsigned>(threads), static_cast<unsigned>(256 / threads));
+  const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
+                  static_cast<unsigned>((groups + block.x - 1) / block.x));
+  forward_kernel<T, kGaussian, kVec><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed,
+                                                                 offset, n_tokens, d, w_stride, num_rows, bad_ids);
+  return cudaGetLastError();
 }
 
 template <typename T, bool kGaussian>
 cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
                            const int64_t* seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d,
                            int64_t w_stride, int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);  // 16-byte accesses
   const int64_t q = (d + 3) / 4;
-  const dim3 block(q >= 128 ? 128 : 32, q >= 128 ? 2 : 8);
-  const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
-                  static_cast<unsigned>((q + block.x - 1) / block.x));
-  forward_kernel<T, kGaussian><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed,
-                                                           offset, n_tokens, d, w_stride, num_rows, bad_ids);
-  return cudaGetLastError();
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const auto launch = d == 4 * q && q % kVec == 0 && w_stride % kVec == 0 && aligned(weight) && aligned(out)
+                          ? launch_forward_vec<T, kGaussian, kVec>
+                          : launch_forward_vec<T, kGaussian, 1>;
+  return launch(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids,
+                stream);
 }
 
 template <typename T>

@@ -35,8 +35,10 @@ class Backend(Protocol):
         (min, max, V)."""
 
     def backward(self, grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
-                 scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
-        """(N, d) grad rows and (N,) ids -> the weight gradient, summed in float32, in ``grad``'s dtype."""
+                 scale_grad_by_freq: bool) -> torch.Tensor:
+        """(N, d) grad rows and (N,) ids -> the weight gradient in ``grad``'s dtype: each id's rows summed
+        in float32 in token order and rounded once (the same bits on every run and every fused backend),
+        with no float32 ``(V, d)`` buffer."""
 
     def token_scales(self, width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,

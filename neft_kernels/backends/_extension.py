@@ -22,8 +22,7 @@ def check_abi(ext: ModuleType) -> None:
 
 def _backward(ext: ModuleType) -> Callable:
     def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
-                 scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
-        del deterministic  # always deterministic: each id's rows are summed in token order
+                 scale_grad_by_freq: bool) -> torch.Tensor:
         return ext.backward(grad, ids, num_weights, -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
 
     return backward

@@ -44,9 +44,7 @@ def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embeddi
 
 
 def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
-             scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
-    # index_add_ honours torch's deterministic mode by itself.
-    del deterministic
+             scale_grad_by_freq: bool) -> torch.Tensor:
     return reference_backward(grad, ids, num_weights, padding_idx, scale_grad_by_freq)
 
 
@@ -74,19 +72,20 @@ def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
 
 def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
                        padding_idx: int | None, scale_grad_by_freq: bool) -> torch.Tensor:
-    """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, in float32.
+    """Embedding backward: scatter-add of ``(N, d)`` grad rows into ``(V, d)``, summed in float32.
 
     The noise is a constant, so this is ``F.embedding``'s gradient, accumulated in float32
     whatever the dtype and rounded once into it; ``scale_grad_by_freq`` divides each id's float32
     sum by its count (every backend sums first, then divides).
     """
-    g = grad.to(torch.float32)
-    if padding_idx is not None:
-        g = torch.where((ids == padding_idx)[:, None], 0.0, g)
-    grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=torch.float32, device=grad.device)
-    grad_weight.index_add_(0, ids, g)
+    # Sums per distinct id, never a float32 (V, d) buffer: at most (N, d) in float32.
+    unique, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32, device=grad.device)
+    sums.index_add_(0, inverse, grad.to(torch.float32))
     if scale_grad_by_freq:
-        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
-        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-        grad_weight /= counts.clamp(min=1)[:, None]
-    return grad_weight.to(grad.dtype)
+        sums /= counts.to(torch.float32)[:, None]
+    if padding_idx is not None:
+        sums[unique == padding_idx] = 0.0
+    grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=grad.dtype, device=grad.device)
+    grad_weight[unique] = sums.to(grad.dtype)
+    return grad_weight

@@ -1,4 +1,4 @@
-"""Triton kernels: the fused NEFTune forward and the embedding backward (atomic and deterministic).
+"""Triton kernels: the fused NEFTune forward, its per-token scales and the deterministic embedding backward.
 
 The kernels run compiled on CUDA and, under ``TRITON_INTERPRET=1``, on CPU tensors. bf16 is moved
 as raw 16-bit words and widened/rounded with integer ops, so the interpreter (which truncates
@@ -19,8 +19,9 @@ from ..spec import num_lanes
 
 # Elements handled per program; bounds registers per thread at 4 warps.
 _FWD_ELEMENTS = 4096
-_BWD_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
+# Gradient rows of one id loaded per step of the backward's in-order sum.
+_BWD_ROWS = 8
 # Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 # The scales kernel holds a 1024-token block in several scans: 8 warps keep it out of local memory.
@@ -150,25 +151,12 @@ def _noisy_embedding_fwd_kernel(
 
 
 @triton.jit
-def _embedding_bwd_atomic_kernel(
-    grad_ptr, ids_ptr, gw_ptr, n_tokens, d, n_rows, padding_idx,
-    GRAD_IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ids = tl.load(ids_ptr + tok, mask=tok < n_tokens, other=padding_idx).to(tl.int64)
-    mask = ((tok < n_tokens) & (ids != padding_idx) & (ids >= 0) & (ids < n_rows))[:, None] & (col < d)[None, :]
-    g = _load_f32(grad_ptr, tok[:, None] * d + col[None, :], mask, GRAD_IS_BF16)
-    tl.atomic_add(gw_ptr + ids[:, None] * d + col[None, :], g, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _embedding_bwd_segmented_kernel(
+def _embedding_bwd_kernel(
     grad_ptr, sorted_ids_ptr, order_ptr, seg_end_ptr, gw_ptr, d, n_rows, padding_idx,
-    SCALE_BY_FREQ: tl.constexpr, GRAD_IS_BF16: tl.constexpr, OUT_IS_BF16: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SCALE_BY_FREQ: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Deterministic: the program at the first sorted position of each id sums its rows in order."""
+    """The program at the first sorted position of each id sums that id's rows in token order (float32),
+    ROWS loads in flight per step, and writes the weight-dtype row once; later positions of a run exit."""
     i = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = col < d
@@ -177,12 +165,15 @@ def _embedding_bwd_segmented_kernel(
     if (idx != prev) & (idx != padding_idx) & (idx >= 0) & (idx < n_rows):
         end = tl.load(seg_end_ptr + i)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(i, end):
-            row = tl.load(order_ptr + j)
-            acc += _load_f32(grad_ptr, row * d + col, col_mask, GRAD_IS_BF16)
+        for j in range(i, end, ROWS):
+            for r in tl.static_range(ROWS):  # independent loads, then the adds in order
+                ok = (tl.zeros_like(col) + j + r) < end
+                row = tl.load(order_ptr + tl.minimum(j + r, end - 1))  # in bounds; unused past the end
+                g = _load_f32(grad_ptr, row * d + col, col_mask & ok, IS_BF16)
+                acc = tl.where(ok, acc + g, acc)
         if SCALE_BY_FREQ:
             acc = tl.div_rn(acc, (end - i).to(tl.float32))  # IEEE, as the other backends divide
-        _store_f32(gw_ptr, idx * d + col, acc, col_mask, OUT_IS_BF16)
+        _store_f32(gw_ptr, idx * d + col, acc, col_mask, IS_BF16)
 
 
 @triton.jit
@@ -289,16 +280,24 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def fitted_block(n: int, cap: int) -> int:
+    """The largest power of two <= ``cap`` whose multiples cover ``n`` with at most 1/8 idle (32 at
+    the least): a block need not divide a width (d = 1152 has 288 lanes: 5 x 64, not 1 x 512)."""
+    block = min(triton.next_power_of_2(max(n, 1)), cap)
+    while block > 32 and (-n) % block * 8 > n:
+        block //= 2
+    return block
+
+
 def forward_blocks(embedding_dim: int) -> tuple[int, int]:
     """(BLOCK_N tokens, BLOCK_Q lanes) per forward program for an embedding dim."""
-    block_q = min(triton.next_power_of_2(num_lanes(embedding_dim)), _MAX_BLOCK_D)
+    block_q = fitted_block(num_lanes(embedding_dim), _MAX_BLOCK_D)
     return max(1, _FWD_ELEMENTS // (4 * block_q)), block_q
 
 
-def backward_blocks(embedding_dim: int) -> tuple[int, int]:
-    """(BLOCK_N tokens, BLOCK_D dims) per backward program for an embedding dim."""
-    block_d = min(triton.next_power_of_2(max(embedding_dim, 1)), _MAX_BLOCK_D)
-    return max(1, _BWD_ELEMENTS // block_d), block_d
+def backward_block(embedding_dim: int) -> int:
+    """BLOCK_D dims per backward program for an embedding dim."""
+    return fitted_block(embedding_dim, _MAX_BLOCK_D)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -353,41 +352,25 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
 
 
 def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int | None,
-             scale_grad_by_freq: bool, deterministic: bool) -> torch.Tensor:
-    """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
+             scale_grad_by_freq: bool) -> torch.Tensor:
+    """(N, d) grad rows -> (V, d) weight gradient in ``grad``'s dtype, deterministic: a stable sort of the
+    ids, then each id's rows summed in float32 in token order. Beyond the gradient itself it allocates
+    only O(N) index buffers, never a float32 (V, d) one."""
     _check_device(grad)
     n_tokens, d = grad.shape
-    grad = _bits_view(grad.contiguous())
-    ids = ids.contiguous()
-    pad = -1 if padding_idx is None else padding_idx
-    is_bf16 = grad.dtype == torch.int16
-    out_dtype = torch.bfloat16 if is_bf16 else grad.dtype
-    block_n, block_d = backward_blocks(d)
+    out_dtype = grad.dtype
+    grad_weight = torch.zeros(num_weights, d, dtype=out_dtype, device=grad.device)
     if n_tokens == 0 or d == 0:
-        return torch.zeros(num_weights, d, dtype=out_dtype, device=grad.device)
-
-    if deterministic:
-        grad_weight = torch.zeros(num_weights, d, dtype=out_dtype, device=grad.device)
-        sorted_ids, order = torch.sort(ids, stable=True)
-        seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-        _embedding_bwd_segmented_kernel[(n_tokens, triton.cdiv(d, block_d))](
-            grad, sorted_ids, order, seg_end, _bits_view(grad_weight), d, num_weights, pad,
-            SCALE_BY_FREQ=scale_grad_by_freq, GRAD_IS_BF16=is_bf16, OUT_IS_BF16=is_bf16,
-            BLOCK_D=block_d, **LAUNCH_OPTIONS,
-        )
         return grad_weight
-
-    acc = torch.zeros(num_weights, d, dtype=torch.float32, device=grad.device)
-    _embedding_bwd_atomic_kernel[(triton.cdiv(n_tokens, block_n), triton.cdiv(d, block_d))](
-        grad, ids, acc, n_tokens, d, num_weights, pad,
-        GRAD_IS_BF16=is_bf16, BLOCK_N=block_n, BLOCK_D=block_d, **LAUNCH_OPTIONS,
+    sorted_ids, order = torch.sort(ids.contiguous(), stable=True)
+    seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+    block_d = backward_block(d)
+    _embedding_bwd_kernel[(n_tokens, triton.cdiv(d, block_d))](
+        _bits_view(grad.contiguous()), sorted_ids, order, seg_end, _bits_view(grad_weight), d, num_weights,
+        -1 if padding_idx is None else padding_idx, SCALE_BY_FREQ=scale_grad_by_freq,
+        IS_BF16=out_dtype == torch.bfloat16, BLOCK_D=block_d, ROWS=_BWD_ROWS, **LAUNCH_OPTIONS,
     )
-    if scale_grad_by_freq:  # sum first, then divide, as every backend does
-        in_range = (ids >= 0) & (ids < num_weights)
-        counts = torch.zeros(num_weights, dtype=torch.float32, device=grad.device)
-        counts.index_add_(0, ids.clamp(0, max(num_weights - 1, 0)), in_range.to(torch.float32))
-        acc /= counts.clamp(min=1)[:, None]
-    return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+    return grad_weight
 
 
 _SCALES_BLOCK = 1024  # tokens of a row per program

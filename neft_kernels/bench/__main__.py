@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import host, measure, report, train_step
+from . import host, measure, models, report, train_step
 from .harness import HOST_SHAPE, PASSES, compile_settings, pass_callables, shapes, train_configs
 from .impls import implementations, inputs
 
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="every shape and both training-step models (default: a short run, about a minute "
                              "on 2 CPU cores)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--models", nargs="*", choices=list(models.MODEL_SHAPES), metavar="MODEL",
+                        help="the model-shape table (real models' width and vocabulary, a padded batch and a "
+                             "packed row), for the named models or, with no name, all of: "
+                             + ", ".join(models.MODEL_SHAPES) + " (default: with --full on a GPU)")
     parser.add_argument("--shape", action="append", metavar="B,L,d,V",
                         type=lambda text: tuple(int(x) for x in text.split(",")),
                         help="repeatable; replaces the default shapes")
@@ -133,6 +137,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\nHost time per eager forward call at B,L,d,V = {','.join(map(str, HOST_SHAPE))} "
           f"(weight requires grad):")
     print(host.table(host_records))
+    model_records = []
+    if args.models is not None or (args.full and device.type == "cuda"):
+        with compile_settings():
+            model_records = models.run(device, dtypes, args.backend, args.models or None,
+                                       progress=not args.no_progress)
+        print("\nModel shapes (" + models.TABLE_HELP + "):")
+        print(models.table(model_records))
     steps = []
     if not args.no_train:
         for name, dtype, batch, length, per_round, rounds in train_configs(device, quick):
@@ -147,7 +158,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         report.write_json(host_records, args.json.with_name(args.json.stem + "-host.json"))
         if steps:
             report.write_json(steps, args.json.with_name(args.json.stem + "-train-step.json"))
-    return records + host_records + steps
+        if model_records:
+            report.write_json(model_records, args.json.with_name(args.json.stem + "-models.json"))
+    return records + host_records + model_records + steps
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from neft_kernels import noisy_embedding
 from neft_kernels.backends import module
+from neft_kernels.bench.measure import peak_bytes
 
 from support.asserts import assert_bits_equal
 from support.backends import on_backends
@@ -49,55 +50,43 @@ def test_weight_grad_matches_f_embedding(backend, device, dtype, padding_idx, sc
     assert (grad[untouched] == 0).all()
 
 
-def _check_low_precision_grads_accumulate_in_float32(backend, dev, dtype, deterministic):
+@on_backends(slow_interpreter=True)  # 4096 rows of one id, summed in order: seconds under the interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_grads_accumulate_in_float32(backend, device, dtype):
     """4096 unit gradients into one row: a bf16 (fp16) running sum stalls at 256 (2048)."""
-    weight = torch.zeros(4, 8, dtype=dtype, device=dev, requires_grad=True)
-    ones = torch.ones(4096, 8, dtype=dtype, device=dev)
-    split = torch.full((4096,), 1, device=dev)
+    weight = torch.zeros(4, 8, dtype=dtype, device=device, requires_grad=True)
+    ones = torch.ones(4096, 8, dtype=dtype, device=device)
+    split = torch.full((4096,), 1, device=device)
     split[::2] = 2
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        (two_rows,) = torch.autograd.grad(noisy_embedding(split, weight, 0.0, seed=0, backend=backend), weight, ones)
-        (one_row,) = torch.autograd.grad(noisy_embedding(torch.ones_like(split), weight, 0.0, seed=0, backend=backend),
-                                         weight, ones)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    (two_rows,) = torch.autograd.grad(noisy_embedding(split, weight, 0.0, seed=0, backend=backend), weight, ones)
+    (one_row,) = torch.autograd.grad(noisy_embedding(torch.ones_like(split), weight, 0.0, seed=0, backend=backend),
+                                     weight, ones)
     assert (two_rows[1:3] == 2048).all() and (two_rows[[0, 3]] == 0).all()
     assert (one_row[1] == 4096).all() and (one_row[[0, 2, 3]] == 0).all()
 
 
 @on_backends()
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_grads_accumulate_in_float32(backend, device, dtype):
-    _check_low_precision_grads_accumulate_in_float32(backend, device, dtype, deterministic=False)
-
-
-@on_backends(slow_interpreter=True)  # the sort-based kernel: about 9 s a dtype under the interpreter
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_grads_accumulate_in_float32_in_deterministic_mode(backend, device, dtype):
-    _check_low_precision_grads_accumulate_in_float32(backend, device, dtype, deterministic=True)
-
-
-@on_backends("triton")
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("scale_grad_by_freq", [False, True])
-def test_deterministic_backward(backend, device, dtype, scale_grad_by_freq, monkeypatch):
-    """torch.use_deterministic_algorithms picks the sort-based kernel: same bits every run."""
-
-    class NoAtomics:
-        def __getitem__(self, grid):
-            raise AssertionError("the atomic kernel ran in deterministic mode")
-
-    monkeypatch.setattr(module(backend), "_embedding_bwd_atomic_kernel", NoAtomics())
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, ref = _grads(backend, device, dtype, 2, scale_grad_by_freq)
-        second, _ = _grads(backend, device, dtype, 2, scale_grad_by_freq)
-    finally:
-        torch.use_deterministic_algorithms(False)
+def test_backward_is_deterministic_by_default(backend, device, dtype, scale_grad_by_freq):
+    """Same bits every run without torch.use_deterministic_algorithms."""
+    first, ref = _grads(backend, device, dtype, 2, scale_grad_by_freq)
+    second, _ = _grads(backend, device, dtype, 2, scale_grad_by_freq)
     assert_bits_equal(first, second)
     torch.testing.assert_close(first.float(), ref.to(dtype).float(), **TOLERANCES[dtype])
     assert (first[2] == 0).all()
+
+
+@on_backends("torch", "cpu", "triton", device="cpu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_never_allocates_a_float32_table(backend, device, dtype):
+    """Peak memory of the backward beyond its (V, d) result: O(N) buffers, no float32 (V, d) copy."""
+    vocab, d, n = 50_000, 64, 256
+    grad_out = torch.randn(n, d).to(dtype)
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    peak = peak_bytes(lambda: module(backend).backward(grad_out, ids, vocab, None, False), torch.device("cpu"))
+    result = vocab * d * dtype.itemsize
+    assert peak <= result + 16 * n * d + (1 << 16), (peak, result)
 
 
 @on_backends()

@@ -39,11 +39,10 @@ def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
     out = kernel_alone(backend, ids, weight)
     bad = torch.tensor([False, True, True, False, True, True])
     assert out[bad.to(device)].isnan().all() and not out[~bad.to(device)].isnan().any()
-    for deterministic in (False, True):
-        grad = module(backend).backward(torch.ones(6, 9, device=device), ids, 6, None, True, deterministic)
-        want = torch.zeros(6, 9)
-        want[[2, 5]] = 1
-        assert torch.equal(grad.cpu(), want)
+    grad = module(backend).backward(torch.ones(6, 9, device=device), ids, 6, None, True)
+    want = torch.zeros(6, 9)
+    want[[2, 5]] = 1
+    assert torch.equal(grad.cpu(), want)
 
 
 @on_backends()
@@ -104,23 +103,22 @@ def test_same_seed_same_bits_other_seed_other_noise(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale_grad_by_freq", [False, True])
-def test_deterministic_backward_is_bitwise_reproducible_and_equal_across_backends(dtype, scale_grad_by_freq):
+def test_backward_is_bitwise_reproducible_and_equal_across_backends(dtype, scale_grad_by_freq):
+    """The default backward, no deterministic mode asked for."""
     ids = torch.randint(0, 20, (6, 33), generator=torch.Generator().manual_seed(3))
     grad = torch.randn(6, 33, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
     grads = {}
-    torch.use_deterministic_algorithms(True)
-    try:
-        for backend, device in runnable():
-            weight = make_weight(20, 16, dtype, device).requires_grad_()
-            runs = []
-            for _ in range(2):
-                out = noisy_embedding(ids.to(device), weight, 5.0, seed=5, padding_idx=4,
-                                      scale_grad_by_freq=scale_grad_by_freq, backend=backend)
-                runs.append(torch.autograd.grad(out, weight, grad.to(device))[0].cpu())
-            assert_bits_equal(runs[0], runs[1])
-            grads[backend, device] = runs[0]
-    finally:
-        torch.use_deterministic_algorithms(False)
+    for backend, device in runnable():
+        if device == "cuda" and backend == "torch":
+            continue  # index_add_'s CUDA atomics: the reference promises the sum, not its order there
+        weight = make_weight(20, 16, dtype, device).requires_grad_()
+        runs = []
+        for _ in range(2):
+            out = noisy_embedding(ids.to(device), weight, 5.0, seed=5, padding_idx=4,
+                                  scale_grad_by_freq=scale_grad_by_freq, backend=backend)
+            runs.append(torch.autograd.grad(out, weight, grad.to(device))[0].cpu())
+        assert_bits_equal(runs[0], runs[1])
+        grads[backend, device] = runs[0]
     assert len(grads) >= 2, grads.keys()  # the reference and at least one kernel
     first = next(iter(grads.values()))
     for g in grads.values():  # every backend sums each id's rows in token order in float32

@@ -21,6 +21,9 @@ OFFSETS = [0, 12345, 2**33 + 3]
 DIMS = [1, 5, 13, 64]
 DISTRIBUTIONS = ["uniform", "gaussian"]
 WIDE = 4096 + 3  # more lanes than the widest launch block: several programs per row, a partial last one
+# Real models' widths whose lane counts (d / 4) are not powers of two: each takes another launch block
+# (32, 64, 128, 256 lanes, several per row) in the compiled kernels.
+REAL_WIDTHS = [576, 1152, 2304, 5120]
 
 
 def side_inputs(kind: str, shape: tuple[int, int], device: str = "cpu"):
@@ -117,13 +120,16 @@ def spec_cases(backend: str, device: str) -> list[SpecCase]:
     noise_mask; with one, each dtype, kind, length mode and distribution at d = 13. The compiled
     kernels also at d = 4099 (uniform; Gaussian without and with a noise_mask). The Triton
     interpreter, about 50 times slower, takes the uniform stream over the first grid and the
-    Gaussian stream with a noise_mask at d = 13 and cu_seqlens with a mask."""
+    Gaussian stream with a noise_mask at d = 13 and cu_seqlens with a mask. Every compiled backend and
+    the interpreter also at real models' widths (``REAL_WIDTHS``), padded and packed."""
     cases = []
     if interpreted(backend, device):
         for dtype, d, kind, length_mode in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES):
             cases.append(SpecCase(dtype, d, kind, length_mode))
         for dtype, length_mode in itertools.product(DTYPES, LENGTH_MODES):
             cases.append(SpecCase(dtype, 13, "cu_seqlens+mask", length_mode, "gaussian", True))
+        for dtype, d, kind in itertools.product((torch.float32, torch.bfloat16), REAL_WIDTHS, ("mask", "packed")):
+            cases.append(SpecCase(dtype, d, kind, "per_sequence"))
         return cases
     for dtype, d, kind, length_mode, distribution in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES,
                                                                        DISTRIBUTIONS):
@@ -134,6 +140,9 @@ def spec_cases(backend: str, device: str) -> list[SpecCase]:
         for dtype, kind, length_mode, (distribution, noise_mask) in itertools.product(
                 DTYPES, KINDS, LENGTH_MODES, [("uniform", False), ("gaussian", False), ("gaussian", True)]):
             cases.append(SpecCase(dtype, WIDE, kind, length_mode, distribution, noise_mask))
+        for dtype, d, kind, distribution in itertools.product(DTYPES, REAL_WIDTHS, ("mask", "packed"),
+                                                              DISTRIBUTIONS):
+            cases.append(SpecCase(dtype, d, kind, "per_sequence", distribution))
     return cases
 
 
