@@ -22,6 +22,20 @@ echo "gpu tests: rc=$? $((SECONDS - t0)) s"; tail -25 "$out/tests-gpu.log"; t0=$
 timeout ${BENCH_TIMEOUT:-240} python3 -m neft_kernels.bench --no-progress --json "$out/bench.json" --csv "$out/bench.csv" \
   --plot "$out/bench.png" "$@" >"$out/bench.txt" 2>&1
 echo "bench: rc=$? $((SECONDS - t0)) s"; tail -30 "$out/bench.txt"; t0=$SECONDS
+# the model-shape table one model at a time, each written as it finishes (a timeout keeps the rest)
+timeout ${MODELS_TIMEOUT:-200} python3 - "$out" <<'PY' >"$out/models.txt" 2>&1
+import json, sys, torch
+from neft_kernels.bench import models
+from neft_kernels.bench.harness import compile_settings
+records = []
+for name in models.MODEL_SHAPES:
+    with compile_settings():
+        rows = models.run(torch.device("cuda"), [torch.float32, torch.bfloat16], models=[name], progress=False)
+    print(models.table(rows), flush=True)
+    records += rows
+    open(f"{sys.argv[1]}/models.json", "w").write(json.dumps(records, indent=1) + "\n")
+PY
+echo "models: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
 timeout ${GPU_SLOW_TIMEOUT:-120} python3 -m pytest -q -rfEs $workers -m "gpu and slow" -p no:cacheprovider \
   >"$out/tests-gpu-slow.log" 2>&1
 echo "gpu slow tests: rc=$? $((SECONDS - t0)) s"; tail -15 "$out/tests-gpu-slow.log"; t0=$SECONDS
