@@ -106,7 +106,7 @@ SQRT2_BITS = 0x3FB504F3  # float32(sqrt 2): mantissas above it are halved
 
 def _horner(x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
     """``((c0 * x + c1) * x + c2) ...`` in float32, each product and sum rounded (no FMA)."""
-    p = _f32(coefficients[0]).expand_as(x)
+    p = _f32(coefficients[0]).to(x.device).expand_as(x)
     for c in coefficients[1:]:
         p = p * x + _f32(c)
     return p
