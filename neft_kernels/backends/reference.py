@@ -65,8 +65,11 @@ def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
         stop = min(start + chunk, n_tokens)
         e = noise(stop - start, d, seed, offset, weight.device, first_token=start, distribution=distribution)
         s = scale[start:stop, None] if scale.dim() else scale
-        rows = weight[ids[start:stop]].to(torch.float32)
-        out[start:stop] = (rows + e * s).to(weight.dtype)
+        chunk_ids = ids[start:stop]
+        # An id outside [0, V) is never read (an accelerator's ids arrive unchecked): its row is NaN.
+        in_range = (chunk_ids >= 0) & (chunk_ids < weight.shape[0])
+        rows = weight[torch.where(in_range, chunk_ids, 0)].to(torch.float32) if weight.shape[0] else e
+        out[start:stop] = torch.where(in_range[:, None], rows + e * s, float("nan")).to(weight.dtype)
     return out
 
 

@@ -149,7 +149,7 @@ def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device
     out = kernel_alone(backend, bad.reshape(-1), weight.detach())
     assert out[[1, 2, 4]].isnan().all() and not out[[0, 3]].isnan().any()
     grad = module(backend).backward(torch.ones(5, 70, device="cuda", dtype=torch.bfloat16), bad.reshape(-1),
-                                    50, None, False, True)
+                                    50, None, False)
     assert grad[3].eq(1).all() and grad[7].eq(1).all() and grad.sum() == 2 * 70
 
 
@@ -245,6 +245,7 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
     step = torch.compile(lambda i, m: model(input_ids=i, attention_mask=m, labels=i).loss, mode="reduce-overhead")
     losses = []
     for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: its graphs' outputs may be reused
         loss = step(ids, mask)
         loss.backward()
         losses.append(float(loss))

@@ -9,12 +9,13 @@ from neft_kernels.backends import module
 from neft_kernels.bench.measure import peak_bytes
 
 from support.asserts import assert_bits_equal
-from support.backends import on_backends
+from support.backends import backend_params, on_backends
 from support.cases import make_weight
 
-# bf16/fp16 gradients are summed in float32 and rounded once, so they may differ from the
-# float32 sum rounded to the dtype by one unit in the last place where summation order differs.
-TOLERANCES = {torch.float32: dict(rtol=1e-6, atol=1e-6),
+# Gradients are summed in float32 (bf16/fp16 rounded once), so they may differ from F.embedding's by
+# the rounding of another summation order: a unit in the last place of the dtype, or for float32
+# sums of ~100 rows a few 1e-6.
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5),
               torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
               torch.float16: dict(rtol=2**-10, atol=1e-5)}
 
@@ -65,7 +66,8 @@ def test_low_precision_grads_accumulate_in_float32(backend, device, dtype):
     assert (one_row[1] == 4096).all() and (one_row[[0, 2, 3]] == 0).all()
 
 
-@on_backends()
+# The reference on CUDA sums with index_add_'s atomics: its order, and so its bits, vary.
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if tuple(p.values) != ("torch", "cuda")])
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("scale_grad_by_freq", [False, True])
 def test_backward_is_deterministic_by_default(backend, device, dtype, scale_grad_by_freq):

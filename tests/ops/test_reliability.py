@@ -14,7 +14,7 @@ from support.backends import KERNELS, kernel_alone, on_backends, runnable
 from support.cases import expected, make_weight, side_inputs
 
 
-@on_backends()
+@on_backends("torch", "cpu", "triton", device="cpu")  # CUDA ids raise later, without a sync: tests/kernels/test_gpu.py
 @pytest.mark.parametrize("bad", [[[1, 5]], [[-1, 2]], [[0, 1 << 40]]])
 def test_out_of_range_ids_are_refused(backend, device, bad):
     weight = torch.zeros(5, 4, device=device)
@@ -43,6 +43,16 @@ def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
     want = torch.zeros(6, 9)
     want[[2, 5]] = 1
     assert torch.equal(grad.cpu(), want)
+
+
+def test_the_reference_never_reads_out_of_range_rows():
+    """Unchecked ids (an accelerator's, whose check is recorded, not raised, at the call) give NaN rows."""
+    from neft_kernels.backends.reference import reference_forward
+
+    weight = make_weight(6, 9, torch.float32, "cpu")
+    out = reference_forward(torch.tensor([2, 6, -1, 5]), weight, 0.25, 3)
+    assert out[[1, 2]].isnan().all() and not out[[0, 3]].isnan().any()
+    assert reference_forward(torch.tensor([0]), weight[:0], 0.25, 3).isnan().all()
 
 
 @on_backends()
