@@ -134,3 +134,16 @@ def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
             assert r["ptx_div_sqrt"] == ["div.rn.f32", "sqrt.rn.f32"], r
         else:
             assert r["sass_ffma"] == 0 and r["ptx_div_sqrt"] == [], r
+
+
+def test_launch_blocks_fit_real_widths():
+    """At most 1/8 of a block idles: d = 1152 (288 lanes) takes 5 x 64 lanes, not one 512-lane block."""
+    from neft_kernels.backends import triton as kernels
+
+    expected_lanes = {576: 32, 896: 32, 1152: 64, 2048: 512, 2304: 128, 3584: 128, 4096: 1024, 5120: 256, 8192: 1024}
+    for d, lanes in expected_lanes.items():
+        assert kernels.forward_blocks(d)[1] == lanes, d
+        q = d // 4
+        assert (-q) % lanes * 8 <= q
+    assert kernels.backward_block(1152) == 256 and kernels.backward_block(4096) == 1024
+    assert kernels.fitted_block(3, 1024) == 4 and kernels.fitted_block(1, 1024) == 1
