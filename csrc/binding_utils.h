@@ -14,10 +14,18 @@ struct ForwardArgs {
   torch::Tensor weight;  // unit stride along the embedding dim
 };
 
-// Ids of any shape as a flat int64 tensor; the weight with unit stride along the embedding dim.
+// Ids of any shape as contiguous int64 (the kernels read them flat); the weight with unit stride along
+// the embedding dim. Tensors that already qualify pass through without a dispatcher call: this is
+// on every call's path.
 inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
-  return {ids.to(torch::kLong).contiguous().view(-1), weight.stride(1) == 1 ? weight : weight.contiguous()};
+  const bool ids_ready = ids.scalar_type() == torch::kLong && ids.is_contiguous();
+  return {ids_ready ? ids : ids.to(torch::kLong).contiguous(), weight.stride(1) == 1 ? weight : weight.contiguous()};
+}
+
+// A float32 contiguous view of t, or t itself where it is one already.
+inline torch::Tensor float_contiguous(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
 }
 
 // The forward's output shape: the ids' shape plus the embedding dim.

@@ -30,7 +30,7 @@ torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::
   const neft::DType dtype = neft::dtype_of(weight);
   if (scales_in) TORCH_CHECK(scales_in->is_cuda() && scales_in->numel() == ids.numel(), "scales: one per token");
   const c10::optional<torch::Tensor> scales =
-      scales_in ? c10::optional<torch::Tensor>(scales_in->to(torch::kFloat).contiguous()) : c10::nullopt;
+      scales_in ? c10::optional<torch::Tensor>(neft::float_contiguous(*scales_in)) : c10::nullopt;
   torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");

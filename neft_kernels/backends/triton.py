@@ -337,11 +337,13 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
     q = num_lanes(d)
     block_n, block_q = forward_blocks(d)
     per_token = isinstance(scale, torch.Tensor)
-    scale_arg = scale.to(torch.float32).contiguous() if per_token else out  # unused when scalar
+    if per_token and not (scale.dtype == torch.float32 and scale.is_contiguous()):  # one dispatch less per call
+        scale = scale.to(torch.float32).contiguous()
+    scale_arg = scale if per_token else out  # unused when scalar
     seed_ptr = isinstance(seed, torch.Tensor)
     grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(q, block_q))
     _noisy_embedding_fwd_kernel[grid](
-        ids.contiguous(), _bits_view(weight), _bits_view(out), scale_arg,
+        ids if ids.is_contiguous() else ids.contiguous(), _bits_view(weight), _bits_view(out), scale_arg,
         0.0 if per_token else float(scale), 0 if seed_ptr else seed, seed if seed_ptr else ids, offset,
         ids if bad_ids is None else bad_ids, n_tokens, d, q, weight.stride(0), weight.shape[0],
         PER_TOKEN_SCALE=per_token, SEED_FROM_PTR=seed_ptr, RECORD_BAD=bad_ids is not None,
