@@ -42,18 +42,21 @@ struct alignas(sizeof(T) * kVec) Pack {
 // One thread per (token, kVec consecutive lanes): a Philox call per lane feeds the lane's dim in each
 // of the 4 quarters (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3). The
 // kVec lanes' dims of a quarter are contiguous, so each quarter is one vector load and store; the
-// host picks kVec > 1 only where q, the row stride and both pointers are aligned for it.
+// host picks kVec > 1 only where q, the row stride and both pointers are aligned for it. Threads run
+// over (token, lane group) pairs flat, so no width leaves part of a block idle.
 template <typename T, bool kGaussian, int kVec>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* __restrict__ scales, float scale_value,
                                const int64_t* __restrict__ seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens,
                                int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids) {
   using P = Pack<T, kVec>;
-  const int64_t q = (d + 3) / 4;
-  // tokens on grid x (up to 2^31 - 1 blocks), lane groups on grid y; threads along lanes coalesce.
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
-  const int64_t k0 = (blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x) * kVec;
-  if (n >= n_tokens || k0 >= q) return;
+  const int64_t q = (d + 3) / 4, groups = (q + kVec - 1) / kVec;
+  const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (g >= n_tokens * groups) return;
+  // 32-bit division where it fits (a 64-bit one costs tens of instructions, a scalar lane's whole budget).
+  const int64_t n =
+      g <= UINT32_MAX && groups <= UINT32_MAX ? static_cast<uint32_t>(g) / static_cast<uint32_t>(groups) : g / groups;
+  const int64_t k0 = (g - n * groups) * kVec;
   const float scale = scales ? scales[n] : scale_value;
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
@@ -83,14 +86,14 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     const int64_t j = w * q + k0;
     if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
       P in, result;
-      if (in_range) in = *reinterpret_cast<const P*>(static_cast<const T*>(weight) + row + j);
+      if (in_range) in = static_cast<const P*>(weight)[(row + j) / kVec];  // (row + j) % kVec == 0
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
         const float value =
             in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
         result.v[v] = Io<T>::from_f32(value);
       }
-      *reinterpret_cast<P*>(static_cast<T*>(out) + dst + j) = result;
+      static_cast<P*>(out)[(dst + j) / kVec] = result;
     } else {
       if (j < d) {
         const float value = in_range
@@ -124,26 +127,18 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
   static_cast<T*>(grad_weight)[id * d + j] = Io<T>::from_f32(acc);
 }
 
-// Threads along lanes per block: the largest of 128, 64, 32 whose multiples cover the row's lane groups
-// with at most 1/8 idle (d = 1152 at 8 lanes a thread: 36 groups, one block of 64 would idle 44%).
-inline int64_t fitted_threads(int64_t groups) {
-  int64_t threads = 128;
-  while (threads > 32 && ((threads - groups % threads) % threads) * 8 > groups) threads /= 2;
-  return threads;
-}
-
 template <typename T, bool kGaussian, int kVec>
 cudaError_t launch_forward_vec(const int64_t* ids, const void* weight, void* out, const float* scales,
                                float scale_value, const int64_t* seed_ptr, uint64_t seed, uint64_t offset,
                                int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids,
                                cudaStream_t stream) {
-  const int64_t groups = ((d + 3) / 4 + kVec - 1) / kVec;
-  const int64_t threads = fitted_threads(groups);
-  const dim3 block(static_cast<unsigned>(threads), static_cast<unsigned>(256 / threads));
-  const dim3 grid(static_cast<unsigned>((n_tokens + block.y - 1) / block.y),
-                  static_cast<unsigned>((groups + block.x - 1) / block.x));
-  forward_kernel<T, kGaussian, kVec><<<grid, block, 0, stream>>>(ids, weight, out, scales, scale_value, seed_ptr, seed,
-                                                                 offset, n_tokens, d, w_stride, num_rows, bad_ids);
+  constexpr int64_t kThreads = 256;
+  const int64_t threads = n_tokens * (((d + 3) / 4 + kVec - 1) / kVec);
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
+  const dim3 grid(static_cast<unsigned>(blocks));
+  forward_kernel<T, kGaussian, kVec><<<grid, kThreads, 0, stream>>>(
+      ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
   return cudaGetLastError();
 }
 

@@ -87,8 +87,11 @@ def reference_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int,
     sums.index_add_(0, inverse, grad.to(torch.float32))
     if scale_grad_by_freq:
         sums /= counts.to(torch.float32)[:, None]
+    # Ids outside [0, V) get no row (as in the kernels: an accelerator's bad ids may reach the
+    # backward before their record does), nor does padding_idx.
+    keep = (unique >= 0) & (unique < num_weights)
     if padding_idx is not None:
-        sums[unique == padding_idx] = 0.0
+        keep &= unique != padding_idx
     grad_weight = torch.zeros(num_weights, grad.shape[1], dtype=grad.dtype, device=grad.device)
-    grad_weight[unique] = sums.to(grad.dtype)
+    grad_weight[unique[keep]] = sums[keep].to(grad.dtype)
     return grad_weight

@@ -62,6 +62,39 @@ def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e, scal
 
 
 @triton.jit
+def _mulhilo(a, b):
+    """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and ``b``: one widening multiply
+    (IMAD.WIDE.U32) where ``tl.randint4x``'s separate high and low products take about three."""
+    p = a.to(tl.uint64) * b.to(tl.uint64)
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox(key, counter):
+    """Philox4x32-10 of the 64-bit ``counter`` (words lo, hi, 0, 0) under the 64-bit ``key``: the
+    same four words as ``tl.randint4x(key, counter)``, with widening multiplies."""
+    key = key.to(tl.int64).to(tl.uint64, bitcast=True)
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (key >> 32).to(tl.uint32)
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    round_a = tl.full([], 0xD2511F53, tl.uint32)
+    round_b = tl.full([], 0xCD9E8D57, tl.uint32)
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mulhilo(c2, round_b)
+        hi_a, lo_a = _mulhilo(c0, round_a)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _uniform(bits):
     """Spec v1's ``e`` in [-1, 1) from a 32-bit word."""
     return tl.uint_to_uniform_float(bits) * 2.0 - 1.0
@@ -134,7 +167,7 @@ def _noisy_embedding_fwd_kernel(
         key = seed.to(tl.int64)
 
     counter = offset + tok[:, None] * n_lanes + lane[None, :]
-    r0, r1, r2, r3 = tl.randint4x(key, counter)
+    r0, r1, r2, r3 = _philox(key, counter)
 
     w_row = ids[:, None] * w_stride
     out_row = tok[:, None] * d

@@ -46,13 +46,16 @@ def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
 
 
 def test_the_reference_never_reads_out_of_range_rows():
-    """Unchecked ids (an accelerator's, whose check is recorded, not raised, at the call) give NaN rows."""
-    from neft_kernels.backends.reference import reference_forward
+    """Unchecked ids (an accelerator's, whose check is recorded, not raised, at the call) give NaN rows
+    and no gradient, as in the kernels."""
+    from neft_kernels.backends.reference import reference_backward, reference_forward
 
     weight = make_weight(6, 9, torch.float32, "cpu")
     out = reference_forward(torch.tensor([2, 6, -1, 5]), weight, 0.25, 3)
     assert out[[1, 2]].isnan().all() and not out[[0, 3]].isnan().any()
     assert reference_forward(torch.tensor([0]), weight[:0], 0.25, 3).isnan().all()
+    grad = reference_backward(torch.ones(5, 3), torch.tensor([-1, 1, 1, 4, 2]), 4, 2, False)
+    assert torch.equal(grad, torch.tensor([[0.0] * 3, [2.0] * 3, [0.0] * 3, [0.0] * 3]))
 
 
 @on_backends()
