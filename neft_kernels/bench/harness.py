@@ -34,8 +34,8 @@ def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]
 def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dtype, int, int, int, int]]:
     """(model, dtype, B, L, steps per round, rounds) of the training-step benchmark."""
     if device.type == "cuda":
-        runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 5, 5)]
-        return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 5)]
+        runs = [("smollm2-135m", torch.bfloat16, 8, 2048, 3, 9)]
+        return runs if quick else runs + [("llama-3.2-1b", torch.bfloat16, 4, 2048, 3, 9)]
     return [("tiny-llama", torch.float32, 4, 128, 2, 5 if quick else 9)]
 
 

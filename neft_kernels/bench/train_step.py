@@ -1,8 +1,8 @@
 """Training steps of Llama-shaped models: no noise, transformers' NEFTune hook, and ``patch_model``.
 
 What a training loop sees: the wall time of a whole step (forward, backward, AdamW) and its peak
-memory, with the three variants interleaved step by step on one model (same weights, same batch),
-so that drift hits all alike. Models are built from configs with random weights (nothing is
+memory, with the three variants interleaved round by round on one model (same weights, same
+batch), in a rotating order, and compared within each round, so that drift hits all alike. Models are built from configs with random weights (nothing is
 downloaded); batches are padded, with an ``attention_mask``.
 """
 
@@ -89,8 +89,9 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
         switch.set(variant)
         step()
         peaks[variant] = measure.peak_bytes(step, device)
-    for _ in range(rounds):
-        for variant in VARIANTS:
+    for r in range(rounds):
+        # Each round rotates the order, so that no variant always runs first (or after the same one).
+        for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             switch.set(variant)
             sync()
             t0 = time.perf_counter()
@@ -99,23 +100,29 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
             sync()
             times[variant].append((time.perf_counter() - t0) / steps)
     switch.set("none")
-    base_ms = statistics.median(times["none"]) * 1e3
     records = []
     for variant in VARIANTS:
-        ms = statistics.median(times[variant]) * 1e3
+        # Paired within each round: drift between rounds (clocks, other load) cancels in the ratio.
+        ratios = sorted(t / base for t, base in zip(times[variant], times["none"], strict=True))
+        spread = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
         records.append({"kind": "train_step", "model": name, "variant": variant, "device": device.type,
-                        "dtype": str(dtype).removeprefix("torch."), "B": batch, "L": length, "step_ms": ms,
+                        "dtype": str(dtype).removeprefix("torch."), "B": batch, "L": length,
+                        "step_ms": statistics.median(times[variant]) * 1e3,
                         "min_ms": min(times[variant]) * 1e3, "max_ms": max(times[variant]) * 1e3,
-                        "rounds": rounds, "steps_per_round": steps, "vs_no_noise": ms / base_ms,
-                        "peak_bytes": peaks[variant]})
+                        "rounds": rounds, "steps_per_round": steps, "vs_no_noise": statistics.median(ratios),
+                        "vs_no_noise_p20": spread[0], "vs_no_noise_p80": spread[-1], "peak_bytes": peaks[variant]})
     return records
 
 
 def table(records: list[dict]) -> str:
+    """``x no noise``: the median over rounds of the variant's step time over the no-noise step time of
+    the same round, with the 20th-80th percentile of those ratios."""
     lines = [f"{'model':<14} {'variant':<12} {'dtype':<9} {'B,L':<9} {'step ms':>9} {'min-max ms':>17} "
-             f"{'x no noise':>10} {'peak MiB':>9}"]
+             f"{'x no noise':>10} {'p20-p80':>13} {'peak MiB':>9}"]
     for r in records:
         peak = f"{r['peak_bytes'] / 2**20:.0f}"
+        ratio_spread = f"{r['vs_no_noise_p20']:.4f}-{r['vs_no_noise_p80']:.4f}"
         lines.append(f"{r['model']:<14} {r['variant']:<12} {r['dtype']:<9} {r['B']},{r['L']:<6} {r['step_ms']:>9.2f} "
-                     f"{r['min_ms']:>8.2f}-{r['max_ms']:<8.2f} {r['vs_no_noise']:>10.4f} {peak:>9}")
+                     f"{r['min_ms']:>8.2f}-{r['max_ms']:<8.2f} {r['vs_no_noise']:>10.4f} {ratio_spread:>13} "
+                     f"{peak:>9}")
     return "\n".join(lines)

@@ -74,6 +74,8 @@ def test_default_benchmark_writes_json_csv_and_plot(tmp_path):
     steps = json.loads((tmp_path / "r-train-step.json").read_text())
     assert [r["variant"] for r in steps] == ["none", "hf_hook", "patch_model"]
     assert all(r["step_ms"] > 0 and r["peak_bytes"] > 0 for r in steps)
+    assert steps[0]["vs_no_noise"] == 1.0  # each round's ratio against itself
+    assert all(r["vs_no_noise_p20"] <= r["vs_no_noise"] <= r["vs_no_noise_p80"] for r in steps)
     assert "Training steps" in res.stdout and "Host time per eager forward call" in res.stdout
 
 
