@@ -2,8 +2,9 @@
 
 What a training loop sees: the wall time of a whole step (forward, backward, AdamW) and its peak
 memory, with the three variants interleaved round by round on one model (same weights, same
-batch), in a rotating order, and compared within each round, so that drift hits all alike. Models are built from configs with random weights (nothing is
-downloaded); batches are padded, with an ``attention_mask``.
+batch), in a rotating order, and compared within each round, so that drift hits all alike. Models
+are built from configs with random weights (nothing is downloaded); batches are padded, with an
+``attention_mask``.
 """
 
 from __future__ import annotations
