@@ -53,9 +53,7 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   const int64_t q = (d + 3) / 4, groups = (q + kVec - 1) / kVec;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (g >= n_tokens * groups) return;
-  // 32-bit division where it fits (a 64-bit one costs tens of instructions, a scalar lane's whole budget).
-  const int64_t n =
-      g <= UINT32_MAX && groups <= UINT32_MAX ? static_cast<uint32_t>(g) / static_cast<uint32_t>(groups) : g / groups;
+  const int64_t n = g / groups;  // nvcc divides in 32 bits where the values fit
   const int64_t k0 = (g - n * groups) * kVec;
   const float scale = scales ? scales[n] : scale_value;
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
@@ -86,14 +84,14 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     const int64_t j = w * q + k0;
     if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
       P in, result;
-      if (in_range) in = static_cast<const P*>(weight)[(row + j) / kVec];  // (row + j) % kVec == 0
+      if (in_range) in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
         const float value =
             in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
         result.v[v] = Io<T>::from_f32(value);
       }
-      static_cast<P*>(out)[(dst + j) / kVec] = result;
+      static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;
     } else {
       if (j < d) {
         const float value = in_range

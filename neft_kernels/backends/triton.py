@@ -73,7 +73,7 @@ def _mulhilo(a, b):
 def _philox(key, counter):
     """Philox4x32-10 of the 64-bit ``counter`` (words lo, hi, 0, 0) under the 64-bit ``key``: the
     same four words as ``tl.randint4x(key, counter)``, with widening multiplies."""
-    key = key.to(tl.int64).to(tl.uint64, bitcast=True)
+    key = key.to(tl.int64).to(tl.uint64)  # a value cast (the interpreter may hold a seed as 32 bits)
     k0 = (key & 0xFFFFFFFF).to(tl.uint32)
     k1 = (key >> 32).to(tl.uint32)
     c0 = counter.to(tl.uint32)

@@ -18,7 +18,7 @@ from neft_kernels.lengths import token_scales
 
 from support import ROOT
 from support.asserts import DTYPES, assert_bits_equal
-from support.backends import interpreted
+from support.backends import interpreted, on_backends
 from support.cases import expected, make_weight, scale_cases, side_inputs
 from support.devices import DEVICE, HAS_CUDA
 
@@ -147,3 +147,13 @@ def test_launch_blocks_fit_real_widths():
         assert (-q) % lanes * 8 <= q
     assert kernels.backward_block(1152) == 256 and kernels.backward_block(4096) == 1024
     assert kernels.fitted_block(3, 1024) == 4 and kernels.fitted_block(1, 1024) == 1
+
+
+@on_backends("triton")
+def test_seeds_around_the_32_bit_boundaries_give_the_reference_bits(backend, device):
+    """Launch arguments of 2**31 to 2**32 - 1 reach the kernel typed int64 but may be held as 32 bits."""
+    weight = torch.randn(10, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    for seed in (2**31 - 1, 2**31, 3_000_000_000, 2**32 - 1, 2**32, -(2**31) - 1):
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, backend=backend)
+        assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=seed, backend="torch"))
