@@ -84,6 +84,22 @@ def _resource_usage(cubin: Path) -> dict:
             "spill_bytes": fields["LOCAL"]}
 
 
+# Integer arguments that equal the embedding dim, or its lane count, for contiguous tensors.
+_WIDTH_ARGS = {"d": lambda dim: dim, "w_stride": lambda dim: dim, "n_lanes": lambda dim: -(-dim // 4)}
+
+
+def _runtime_attrs(fn, sig: dict, embedding_dim: int) -> dict:
+    """The divisibility facts the JIT gives a launch on contiguous tensors at ``embedding_dim``: every
+    pointer (allocations are 16-byte aligned) and each width argument that is a multiple of 16.
+    Without them the compiler cannot prove alignment and never vectorises a load."""
+    attrs = {}
+    for name, kind in sig.items():
+        width = _WIDTH_ARGS.get(name)
+        if kind.startswith("*") or (width is not None and width(embedding_dim) % 16 == 0):
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None = None) -> list[dict]:
     """Compile every variant for every arch at the blocks used for ``embedding_dim``."""
     reports = []
@@ -92,7 +108,8 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
         out_dir.mkdir(parents=True, exist_ok=True)
         for arch in archs:
             for name, variant, fn, sig, consts, options in _variants(embedding_dim):
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                attrs = _runtime_attrs(fn, sig, embedding_dim)
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                           target=GPUTarget("cuda", arch, 32), options=options)
                 stem = f"{name}_{re.sub(r'[^a-z0-9]+', '_', variant)}_sm{arch}"
                 cubin = out_dir / f"{stem}.cubin"
