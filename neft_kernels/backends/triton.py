@@ -14,12 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import spec
 from ..id_check import check_id_range
 from ..spec import num_lanes
 
 # Elements handled per program; bounds registers per thread at 4 warps.
 _FWD_ELEMENTS = 4096
 _MAX_BLOCK_D = 1024
+# Philox4x32-10's constants, as the spec defines them (the kernels' Philox must give its words).
+_PHILOX_ROUNDS = tl.constexpr(spec.PHILOX_ROUNDS)
+_PHILOX_MUL_A = tl.constexpr(spec.PHILOX_MUL_A)
+_PHILOX_MUL_B = tl.constexpr(spec.PHILOX_MUL_B)
+_PHILOX_KEY_A = tl.constexpr(spec.PHILOX_KEY_A)
+_PHILOX_KEY_B = tl.constexpr(spec.PHILOX_KEY_B)
 # Gradient rows of one id loaded per step of the backward's in-order sum.
 _BWD_ROWS = 8
 # Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
@@ -80,17 +87,17 @@ def _philox(key, counter):
     c1 = (counter >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c2
-    round_a = tl.full([], 0xD2511F53, tl.uint32)
-    round_b = tl.full([], 0xCD9E8D57, tl.uint32)
-    for _ in tl.static_range(10):
+    round_a = tl.full([], _PHILOX_MUL_A, tl.uint32)
+    round_b = tl.full([], _PHILOX_MUL_B, tl.uint32)
+    for _ in tl.static_range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo(c2, round_b)
         hi_a, lo_a = _mulhilo(c0, round_a)
         c0 = hi_b ^ c1 ^ k0
         c2 = hi_a ^ c3 ^ k1
         c1 = lo_b
         c3 = lo_a
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 

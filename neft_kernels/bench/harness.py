@@ -40,7 +40,8 @@ def train_configs(device: torch.device, quick: bool) -> list[tuple[str, torch.dt
 
 
 def pass_fn(pass_: str, fn, ids, weight, mask, grad_out) -> Callable[[], object]:
-    """One call of ``pass_`` through ``fn``: the forward, the backward of a kept graph, or both."""
+    """One call of ``pass_`` through ``fn(ids, weight, mask)``: the forward, the backward of a kept graph,
+    or both. ``mask`` is passed through as is (the model table passes its side-input kwargs there)."""
     if pass_ == "forward":
         return lambda: fn(ids, weight, mask)
     if pass_ == "backward":

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..ops import noisy_embedding
 from . import measure
-from .harness import PASSES
+from .harness import PASSES, pass_fn
 from .impls import ALPHA, hf_hook, neft_backends, rand_like
 
 # name: (embedding dim, vocabulary)
@@ -62,15 +62,6 @@ def _impls(device: torch.device, dtype: torch.dtype, backends: list[str] | None)
     return impls
 
 
-def _calls(fn: Callable, pass_: str, ids, weight, side, grad_out) -> Callable[[], object]:
-    if pass_ == "forward":
-        return lambda: fn(ids, weight, side)
-    if pass_ == "backward":
-        out = fn(ids, weight, side)
-        return lambda: torch.autograd.grad(out, weight, grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(ids, weight, side), weight, grad_out)
-
-
 def cases(dtypes: list[torch.dtype], models: list[str] | None = None) -> list[tuple[str, str, torch.dtype, str]]:
     """(model, layout, dtype, pass): bf16 every pass; float32 the forward (its bandwidth goal)."""
     out = []
@@ -96,7 +87,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], backends: list[str] | N
                 torch.cuda.empty_cache()
             batch, impls = model_inputs(d, vocab, layout, dtype, device), _impls(device, dtype, backends)
         ids, weight, side, grad_out = batch
-        fns = {name: _calls(fn, pass_, ids, weight, side, grad_out) for name, fn in impls.items()}
+        fns = {name: pass_fn(pass_, fn, ids, weight, side, grad_out) for name, fn in impls.items()}
         times = measure.interleaved_times(fns, device, reps=reps, inner=inner)
         moved = measure.bytes_moved(pass_, ids.numel(), d, vocab, weight.element_size())
         rows = []
