@@ -26,8 +26,11 @@ RANK_SHIFT = 48
 MAX_RANKS = 1 << 14  # rank << 48 stays below 2**62: every counter below 2**63 (validation.check_offset)
 
 
+_AVAILABLE = torch.distributed.is_available()
+
+
 def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _AVAILABLE and torch.distributed.is_initialized()
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

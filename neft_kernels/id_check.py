@@ -103,7 +103,7 @@ def raise_pending(device: torch.device) -> None:
 
 def device_id_flag(ids: torch.Tensor) -> DeviceIdFlag | None:
     """The flag for a launch on ``ids``'s CUDA device (raising what earlier launches recorded), or None."""
-    if not _enabled or ids.device.type != "cuda":
+    if not _enabled or not ids.is_cuda:
         return None
     flag = _flags.get(ids.device)
     capturing = torch.cuda.is_current_stream_capturing()

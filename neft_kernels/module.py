@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import validation
+from .backends import SEED_HIGH, SEED_LOW, draw_seed
 from .compat import clear_hooks
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
@@ -17,7 +18,6 @@ from .ops import _noisy_embedding, add_noise
 from .options import NoiseOptions
 from .telemetry import NoiseStats
 
-_SEED_LOW, _SEED_HIGH = -(1 << 63), (1 << 63) - 1
 # What configure_noise sets on a module: make_plain removes it.
 NOISE_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")
 # A side-input frame's noise_mask when the noised tokens come from labels and the call had none.
@@ -210,8 +210,9 @@ class NoisyEmbedding(nn.Embedding):
     def _draw_seed(self, device: torch.device, graph: bool) -> int | torch.Tensor:
         """This call's seed, from the ``generator`` option (default: torch's CPU generator), with no sync.
 
-        Eagerly a host int. Traced by ``torch.compile``, a 0-d int64 tensor, so that the graph takes
-        it as an input. On a CUDA weight, while a CUDA graph is captured or a graph compiled
+        Eagerly a host int (an accelerator generator's: a 0-d tensor on its device, read by the
+        kernel). Traced by ``torch.compile``, a 0-d int64 tensor, so that the graph takes it as an
+        input. On a CUDA weight, while a CUDA graph is captured or a graph compiled
         (``graph``), it is drawn on the device (from the generator if that is a CUDA generator,
         else the device's default one), whose Philox state is graph-safe: every replay draws a new
         seed, reproducibly from ``torch.manual_seed``.
@@ -221,9 +222,13 @@ class NoisyEmbedding(nn.Embedding):
             if generator is not None and generator.device.type != "cuda":
                 raise RuntimeError("NoisyEmbedding(generator=...) is a CPU generator: under CUDA graph capture its "
                                    "seeds would be frozen into the graph. Pass a CUDA generator, or none")
-            return torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
-        seed = torch.randint(_SEED_LOW, _SEED_HIGH, (), dtype=torch.int64, generator=generator)
-        return seed if graph else seed.item()
+            return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
+        if generator is not None and generator.device.type != "cpu":  # an accelerator's: the seed stays there
+            return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=generator.device,
+                                 generator=generator)
+        if graph:
+            return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator)
+        return draw_seed(generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -234,9 +239,11 @@ class NoisyEmbedding(nn.Embedding):
         if attention_mask is None and position_ids is None and cu_seqlens is None and noise_mask is None \
                 and self._side_input_stack:
             attention_mask, position_ids, cu_seqlens, noise_mask = self._pending_side_inputs(input_ids)
-        weight, options = self.weight, self.noise_options
+        weight, options = self._parameters.get("weight"), self.noise_options
+        if weight is None:  # a parametrized weight is a property, not a parameter (nn.utils.parametrize)
+            weight = self.weight
         # Compiled or captured: alpha as the tensor the graph reads (a new value needs no recompile).
-        graph = torch.compiler.is_compiling() or (weight.device.type == "cuda"
+        graph = torch.compiler.is_compiling() or (weight.is_cuda
                                                  and torch.cuda.is_current_stream_capturing())
         alpha = self._alpha_tensor(weight.device) if graph else options.noise_alpha
         seed, offset = self._draw_seed(weight.device, graph), rank_offset(options.tp_group, weight)

@@ -5,12 +5,16 @@ inputs, the id range) happens in the backend, on the tensors' device. Eager call
 graphs share :class:`_NoisyEmbeddingFunction`: eagerly it calls the backend directly (dispatch
 through ``torch.library`` costs more host time than the kernel takes on a GPU); under
 ``torch.compile`` it calls the custom ops ``neft_kernels::noisy_embedding_fwd`` and
-``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break.
+``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break. A backend
+with a ``forward_with_grad`` (the compiled CPU one) serves eager calls with the same rule as a
+native autograd node instead: a Python ``autograd.Function`` alone costs about what
+``F.embedding``'s whole call does.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import cache
+from typing import Callable, Optional
 
 import torch
 
@@ -29,11 +33,11 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
                   position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                   noise_mask: Optional[torch.Tensor], per_token: bool, gaussian: bool, backend: str,
                   check_ids: bool) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor) and seed.device.type == "cpu":
+    if isinstance(seed, torch.Tensor) and seed.is_cpu:
         seed = int(seed)
-    if isinstance(alpha, torch.Tensor) and alpha.device.type == "cpu":
+    if isinstance(alpha, torch.Tensor) and alpha.is_cpu:
         alpha = float(alpha)  # no sync; only an accelerator's kernels read alpha from memory
-    flag = device_id_flag(ids) if check_ids and ids.device.type != "cpu" else None
+    flag = device_id_flag(ids) if check_ids and not ids.is_cpu else None
     out = module(backend).forward(ids, weight, seed, offset, None if per_token else scale, alpha, width,
                                   attention_mask, position_ids, cu_seqlens, noise_mask, gaussian,
                                   None if flag is None else flag.buffer)
@@ -44,7 +48,7 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
 
 def _backward_impl(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                    scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
-    if grad.device.type == "cuda":
+    if grad.is_cuda:
         raise_pending(grad.device)  # bad ids of this step's forward, if its record has landed
     return module(backend).backward(grad.contiguous(), ids, num_weights, padding_idx, scale_grad_by_freq)
 
@@ -221,7 +225,8 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     if length_mode not in LENGTH_MODES or distribution not in DISTRIBUTIONS:
         validation.check_choice("length_mode", length_mode, LENGTH_MODES)
         validation.check_choice("distribution", distribution, DISTRIBUTIONS)
-    seed = validation.normalize_seed(seed, weight.device)
+    if type(seed) is not int or not -(1 << 63) <= seed < 1 << 63:  # not an int64 value already
+        seed = validation.normalize_seed(seed, weight.device)
     if padding_idx is not None:
         padding_idx = validation.normalize_padding_idx(padding_idx, weight.shape[0])
     shape = input_ids.shape
@@ -243,11 +248,22 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     else:
         side = _NONE
         scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
-    args = (offset, scale, width, per_token, distribution == "gaussian", padding_idx, bool(scale_grad_by_freq),
-            resolve(backend, weight.device), check_ids)
-    if torch.compiler.is_compiling() or functorch_transforms_active():
+    name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
+    traced = torch.compiler.is_compiling() or functorch_transforms_active()
+    with_grad = None if traced or tensor_alpha else _with_grad(name)
+    if with_grad is not None:  # the backend's own autograd node, native code
+        return with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
+                         gaussian, padding_idx, bool(scale_grad_by_freq))
+    args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
+    if traced:
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)
+
+
+@cache
+def _with_grad(backend: str) -> Callable | None:
+    """The backend's ``forward_with_grad``, where it has one."""
+    return getattr(module(backend), "forward_with_grad", None)
 
 
 def add_noise(x: torch.Tensor, noise_alpha: float | torch.Tensor, *, seed: int | torch.Tensor, offset: int = 0,

@@ -60,6 +60,17 @@ def check_side_input(name: str, tensor: torch.Tensor | None, shape: torch.Size, 
         raise TypeError(f"{name} must be an integer or bool tensor, got {tensor.dtype}")
 
 
+_SIDE_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                          torch.uint32, torch.uint64})
+
+
+def _plain_side_input(tensor, shape: torch.Size, device: torch.device) -> bool:
+    """The common case that :func:`check_side_input` accepts, tested quickly: an integer or bool
+    tensor of the ids' own shape and device."""
+    return type(tensor) is torch.Tensor and tensor.shape == shape and tensor.device == device \
+        and tensor.dtype in _SIDE_DTYPES
+
+
 def normalize_seed(seed: int | torch.Tensor, device: torch.device | None = None) -> int | torch.Tensor:
     """The seed as a signed int64 value (same two's-complement bits), or as a 0-d int64 tensor.
 
@@ -154,13 +165,13 @@ def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, atten
     if not (isinstance(input_ids, torch.Tensor) and input_ids.dtype in _ID_DTYPES and input_ids.device == device):
         check_ids(input_ids, weight)
     shape = input_ids.shape
-    if attention_mask is not None:
+    if attention_mask is not None and not _plain_side_input(attention_mask, shape, device):
         check_side_input("attention_mask", attention_mask, shape, device)
-    if position_ids is not None:
+    if position_ids is not None and not _plain_side_input(position_ids, shape, device):
         check_side_input("position_ids", position_ids, shape, device)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, device)
-    if noise_mask is not None:
+    if noise_mask is not None and not _plain_side_input(noise_mask, shape, device):
         check_side_input("noise_mask", noise_mask, shape, device)
     if offset or type(offset) is not int:
         check_offset(offset, input_ids.numel(), weight.shape[1])

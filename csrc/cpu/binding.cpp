@@ -1,9 +1,16 @@
 // Torch binding of the CPU kernels (noisy_embedding_cpu.h): argument checks, tensors, the id range.
 #include <torch/extension.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
 #include <algorithm>
+#include <limits>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../binding_utils.h"
@@ -119,6 +126,86 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   return grad_weight;
 }
 
+namespace {
+
+// The eager path's autograd node: the rule of neft_kernels/ops.py's _NoisyEmbeddingFunction (the
+// weight's gradient is the backward kernel of the output gradient's rows; nothing else gets one;
+// differentiable once), native because a Python autograd.Function alone costs about as much host
+// time as F.embedding's whole call. Built the way ATen's generated nodes are (EmbeddingBackward0).
+// A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, earlier releases by std::shared_ptr
+// with their iterative deleter (found by argument-dependent lookup: it is gone from 2.13).
+template <class T>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  }
+}
+
+struct NoisyEmbeddingBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable ids;
+  int64_t num_weights = 0, padding_idx = -1;
+  bool scale_grad_by_freq = false;
+
+  std::string name() const override { return "NoisyEmbeddingBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids.reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const torch::Tensor flat_ids = ids.unpack().reshape(-1);
+    const torch::Tensor& grad = grads[0];
+    torch::Tensor grad_weight = embedding_backward(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids,
+                                                   num_weights, padding_idx, scale_grad_by_freq);
+    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
+      // create_graph: differentiating this gradient again raises, as once_differentiable has it.
+      torch::autograd::DelayedError error(
+          "trying to differentiate twice a function that was marked with @once_differentiable", 1);
+      grad_weight = error.apply({grad_weight.detach().requires_grad_()})[0];
+    }
+    return {grad_weight};
+  }
+};
+
+}  // namespace
+
+// The eager call: noisy_embedding_forward's rows and id range, the rows differentiable with respect
+// to the weight through NoisyEmbeddingBackward (padding_idx -1: none).
+std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward_with_grad(
+    const torch::Tensor& ids, const torch::Tensor& weight, int64_t seed, int64_t offset, double scale_value,
+    bool per_sequence, double alpha, int64_t width, const c10::optional<torch::Tensor>& mask,
+    const c10::optional<torch::Tensor>& positions, const c10::optional<torch::Tensor>& cu_seqlens,
+    const c10::optional<torch::Tensor>& noise_mask, bool gaussian, int64_t padding_idx, bool scale_grad_by_freq) {
+  // As a Python autograd.Function without a jvp: forward-mode AD is refused, not silently dropped.
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(weight),
+                              "neft_kernels: forward-mode AD (a dual weight) is not supported by the noisy embedding");
+  auto result = noisy_embedding_forward(ids, weight, seed, offset, scale_value, per_sequence, alpha, width, mask,
+                                        positions, cu_seqlens, noise_mask, gaussian);
+  if (torch::autograd::compute_requires_grad(weight)) {
+    auto node = make_node<NoisyEmbeddingBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(weight));
+    node->ids = torch::autograd::SavedVariable(ids, /*is_output=*/false);
+    node->num_weights = weight.size(0);
+    node->padding_idx = padding_idx;
+    node->scale_grad_by_freq = scale_grad_by_freq;
+    torch::autograd::set_history(std::get<0>(result), node);
+  }
+  return result;
+}
+
+// torch.randint(-2**63, 2**63 - 1, ()) from a CPU generator (default: torch's): the same value and
+// generator state, without a tensor (ATen draws 64 bits for a range of 2**32 or more and maps them
+// with uniform_int_from_to).
+int64_t draw_seed(const c10::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  constexpr uint64_t kRange = ~uint64_t{0};  // (2**63 - 1) - (-2**63)
+  constexpr int64_t kLow = std::numeric_limits<int64_t>::min();
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return static_cast<int64_t>(gen->random64() % kRange + static_cast<uint64_t>(kLow));
+}
+
 // The bare Philox stream: fills ``out`` (n_calls, 4) int32 with the words of counters offset ..
 // offset + n_calls under seed, from the same vectorised batches as the forward. A test seam, and
 // the benchmark's floor (into a buffer allocated once, so that only generation is timed).
@@ -131,10 +218,13 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 3;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 4;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");
+  m.def("forward_with_grad", &noisy_embedding_forward_with_grad,
+        "forward's rows and id range, differentiable with respect to the weight (the eager path)");
+  m.def("draw_seed", &draw_seed, "torch.randint(-2**63, 2**63 - 1, ()) from a CPU generator, as an int");
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation");

@@ -64,7 +64,7 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 3;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 4;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");
 }

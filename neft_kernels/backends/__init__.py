@@ -1,8 +1,9 @@
 """Kernels, one module per backend, each implementing :class:`Backend`.
 
 ``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels,
-``available_backends`` lists what this process can run. The compiled backends (``cpu``, ``cuda``)
-are optional extensions; ``auto`` falls back from a missing one with a single warning.
+``available_backends`` lists what this process can run, ``draw_seed`` draws a host seed. The
+compiled backends (``cpu``, ``cuda``) are optional extensions; ``auto`` falls back from a missing
+one with a single warning.
 """
 
 from __future__ import annotations
@@ -81,10 +82,22 @@ def _runs_on(name: str) -> tuple[str, ...]:
     return (_DEVICES[name],) if name in _DEVICES else ("cpu", "cuda")
 
 
-# Availability never changes within a process: compiled graphs take the answer as a constant.
+_resolved: dict[tuple[str, torch.device], str] = {}
+
+
+# Availability never changes within a process: compiled graphs take the answer as a constant, and
+# each (name, device) is resolved once (``device.type`` alone costs more than the lookup).
 @assume_constant_result
 def resolve(name: str, device: torch.device) -> str:
     """The available backend that serves ``name`` for tensors on ``device``."""
+    key = (name, device)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(name, device)
+    return found
+
+
+def _resolve(name: str, device: torch.device) -> str:
     if name not in _MODULES and name != "auto":
         raise ValueError(f"backend must be one of {('auto', *_MODULES)}, got {name!r}")
     if name == "auto":
@@ -106,3 +119,16 @@ def resolve(name: str, device: torch.device) -> str:
 def module(name: str) -> Backend | ModuleType:
     """The kernels of a backend that :func:`resolve` returned."""
     return _load(name)
+
+
+SEED_LOW, SEED_HIGH = -(1 << 63), (1 << 63) - 1  # torch.randint's bounds of a host seed
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """``int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))`` for a CPU generator (None:
+    torch's default): the same value and generator state, drawn in C++ where the CPU extension is
+    built (a tensor and its ``item`` cost about 1.5 us of host time a call)."""
+    cpu = _load("cpu")
+    if isinstance(cpu, ImportError):
+        return int(torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator))
+    return cpu.draw_seed(generator)

@@ -9,7 +9,7 @@ import torch
 
 from ..id_check import raise_out_of_range
 
-ABI_VERSION = 3  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+ABI_VERSION = 4  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
 
 
 def check_abi(ext: ModuleType) -> None:
@@ -28,9 +28,9 @@ def _backward(ext: ModuleType) -> Callable:
     return backward
 
 
-def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
-    """``forward``, ``backward`` and ``token_scales`` over ``_C_cpu``: one C++ call derives the scales
-    and checks the ids."""
+def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callable]:
+    """``forward``, ``backward``, ``token_scales`` and ``forward_with_grad`` over ``_C_cpu``: one C++
+    call derives the scales and checks the ids (and, eagerly, attaches the autograd node)."""
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, scale: float | None, alpha: float,
                 width: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -43,6 +43,18 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
             raise_out_of_range(lo, hi, weight.shape[0])
         return out
 
+    def forward_with_grad(ids: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, scale: float | None,
+                          alpha: float, width: int, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                          noise_mask: torch.Tensor | None, gaussian: bool, padding_idx: int | None,
+                          scale_grad_by_freq: bool) -> torch.Tensor:
+        out, lo, hi = ext.forward_with_grad(ids, weight, seed, offset, 0.0 if scale is None else scale, scale is None,
+                                            alpha, width, attention_mask, position_ids, cu_seqlens, noise_mask,
+                                            gaussian, -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
+        if lo < 0 or hi >= weight.shape[0]:
+            raise_out_of_range(lo, hi, weight.shape[0])
+        return out
+
     def token_scales(width: int, n_tokens: int, alpha: float, embedding_dim: int,
                      attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                      cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
@@ -51,7 +63,7 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
         return ext.token_scales(n_tokens, alpha, embedding_dim, width, attention_mask, position_ids, cu_seqlens,
                                 noise_mask)
 
-    return forward, _backward(ext), token_scales
+    return forward, _backward(ext), token_scales, forward_with_grad
 
 
 def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:

@@ -5,4 +5,5 @@ from .. import _C_cpu
 from ._extension import check_abi, cpu_functions
 
 check_abi(_C_cpu)
-forward, backward, token_scales = cpu_functions(_C_cpu)
+forward, backward, token_scales, forward_with_grad = cpu_functions(_C_cpu)
+draw_seed = _C_cpu.draw_seed

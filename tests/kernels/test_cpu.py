@@ -86,6 +86,7 @@ def test_missing_backend_is_a_clear_error_and_auto_warns_once(monkeypatch):
     from neft_kernels import backends
 
     monkeypatch.setitem(backends._MODULES, "cpu", "not_built")
+    monkeypatch.setattr(backends, "_resolved", {})
     backends._load.cache_clear()
     backends._warn_fallback.cache_clear()
     try:

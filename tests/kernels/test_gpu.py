@@ -107,6 +107,26 @@ def test_default_training_path_never_syncs(backend, device, side):
     assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, backend="torch", **kwargs))
 
 
+def test_a_cuda_generator_draws_eager_seeds_on_the_device_without_a_sync():
+    """Eagerly, a CUDA generator's seed stays a device tensor that the kernel reads, reproducibly."""
+    gen = torch.Generator(device="cuda")
+    emb = NoisyEmbedding(1000, 256, device="cuda", generator=gen)
+    ids = torch.randint(0, 1000, (2, 64), device="cuda")
+    emb(ids)  # first call: allocations, compiles
+    gen.manual_seed(3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first, second = emb(ids), emb(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    gen.manual_seed(3)
+    assert_bits_equal(emb(ids), first)
+    assert not torch.equal(first, second)
+    gen.manual_seed(3)
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cuda", generator=gen)
+    assert_bits_equal(first, noisy_embedding(ids, emb.weight, 5.0, seed=int(seed), backend="torch"))
+
+
 @requires("cuda")
 def test_cuda_cpp_backend_int32_ids_many_tokens():
     weight = make_weight(1000, 1024, torch.bfloat16, "cuda")

@@ -1,0 +1,115 @@
+"""The CPU backend's eager calls: a native autograd node (the rule of ops._NoisyEmbeddingFunction) and
+seeds drawn in C++, with the behaviour of the Python definitions they stand in for."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from neft_kernels import backends, noisy_embedding
+
+from support.asserts import assert_bits_equal
+
+pytestmark = pytest.mark.skipif("cpu" not in backends.available_backends("cpu"),
+                                reason="the CPU extension is not built")
+
+
+def _call(ids, weight, backend, **kw):
+    return noisy_embedding(ids, weight, 5.0, seed=7, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_node_gives_the_python_functions_gradient(padding_idx, scale_grad_by_freq, dtype):
+    """3-D int32 ids with repeats, a non-contiguous output gradient: the same bits as the reference
+    backend's gradient, which goes through the Python autograd.Function."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (2, 3, 11), generator=gen, dtype=torch.int32)
+    grad = torch.randn(2, 3, 20, 11, generator=gen).to(dtype).transpose(-1, -2)
+    grads = []
+    for backend in ("cpu", "torch"):
+        weight = torch.randn(9, 20, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        out = _call(ids, weight, backend, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+        assert out.grad_fn.name() == ("NoisyEmbeddingBackward" if backend == "cpu"
+                                      else "_NoisyEmbeddingFunctionBackward")
+        out.backward(grad)
+        grads.append(weight.grad)
+    assert_bits_equal(grads[0], grads[1])
+
+
+def test_native_node_only_where_autograd_records():
+    ids = torch.tensor([[1, 2, 3]])
+    weight = torch.randn(5, 4, requires_grad=True)
+    with torch.no_grad():
+        assert _call(ids, weight, "cpu").grad_fn is None
+    with torch.inference_mode():
+        assert _call(ids, weight, "cpu").grad_fn is None
+    assert _call(ids, weight.detach(), "cpu").grad_fn is None
+    scaled = weight * 2  # a non-leaf weight: the gradient flows on through its history
+    _call(ids, scaled, "cpu").sum().backward()
+    assert weight.grad[1:4].eq(2).all() and weight.grad[[0, 4]].eq(0).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_misuses_are_refused_as_the_python_function_refuses_them(backend):
+    ids = torch.tensor([[1, 2, 3]])
+    weight = torch.randn(5, 4, requires_grad=True)
+    grad_weight, = torch.autograd.grad(_call(ids, weight, backend).pow(2).sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_weight.sum().backward()
+    out = _call(ids, weight, backend)
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    moved = ids.clone()
+    out = _call(moved, weight, backend)
+    moved += 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with fwAD.dual_level(), pytest.raises(NotImplementedError):
+        _call(ids, fwAD.make_dual(weight.detach(), torch.ones_like(weight)), backend)
+
+
+def test_retain_graph_and_saved_tensor_hooks_reach_the_native_node():
+    ids = torch.tensor([[1, 2, 2]])
+    weight = torch.randn(5, 4, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _call(ids, weight, "cpu")
+    assert len(packed) == 1 and torch.equal(packed[0], ids)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    assert weight.grad[2].eq(4).all() and weight.grad[1].eq(2).all()
+
+
+def test_bad_ids_raise_before_any_gradient():
+    weight = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 5\), got values in \[-1, 5\]"):
+        _call(torch.tensor([[-1, 5, 2]]), weight, "cpu")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31, 12345])
+def test_draw_seed_is_torch_randint_with_the_same_generator_state(seed):
+    gen, twin = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        expected = int(torch.randint(backends.SEED_LOW, backends.SEED_HIGH, (), dtype=torch.int64, generator=twin))
+        assert backends.draw_seed(gen) == expected
+    assert torch.equal(gen.get_state(), twin.get_state())
+    torch.manual_seed(seed)
+    drawn = backends.draw_seed()
+    torch.manual_seed(seed)
+    assert drawn == int(torch.randint(backends.SEED_LOW, backends.SEED_HIGH, (), dtype=torch.int64))
+
+
+def test_draw_seed_without_the_extension_is_torch_randint(monkeypatch):
+    load = backends._load
+    monkeypatch.setattr(backends, "_load", lambda name: ImportError("not built") if name == "cpu" else load(name))
+    gen, twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert backends.draw_seed(gen) == int(torch.randint(backends.SEED_LOW, backends.SEED_HIGH, (), dtype=torch.int64,
+                                                        generator=twin))
+
