@@ -59,4 +59,4 @@ def noise_rank(tp_group=None, weight: torch.Tensor | None = None) -> int:
 
 def rank_offset(tp_group=None, weight: torch.Tensor | None = None) -> int:
     """The Philox offset of this rank's noise stream."""
-    return noise_rank(tp_group, weight) << RANK_SHIFT
+    return noise_rank(tp_group, weight) << RANK_SHIFT if _initialized() else 0

@@ -207,7 +207,7 @@ class NoisyEmbedding(nn.Embedding):
         module.train(embedding.training)
         return module
 
-    def _draw_seed(self, device: torch.device, graph: bool) -> int | torch.Tensor:
+    def _draw_seed(self, weight: torch.Tensor, graph: bool) -> int | torch.Tensor:
         """This call's seed, from the ``generator`` option (default: torch's CPU generator), with no sync.
 
         Eagerly a host int (an accelerator generator's: a 0-d tensor on its device, read by the
@@ -218,6 +218,9 @@ class NoisyEmbedding(nn.Embedding):
         seed, reproducibly from ``torch.manual_seed``.
         """
         generator = self.noise_options.generator
+        if not graph and (generator is None or generator.device.type == "cpu"):  # the common case first
+            return draw_seed(generator)
+        device = weight.device
         if graph and device.type == "cuda":
             if generator is not None and generator.device.type != "cuda":
                 raise RuntimeError("NoisyEmbedding(generator=...) is a CPU generator: under CUDA graph capture its "
@@ -226,9 +229,7 @@ class NoisyEmbedding(nn.Embedding):
         if generator is not None and generator.device.type != "cpu":  # an accelerator's: the seed stays there
             return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=generator.device,
                                  generator=generator)
-        if graph:
-            return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator)
-        return draw_seed(generator)
+        return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator)  # traced: an input
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -246,8 +247,9 @@ class NoisyEmbedding(nn.Embedding):
         graph = torch.compiler.is_compiling() or (weight.is_cuda
                                                  and torch.cuda.is_current_stream_capturing())
         alpha = self._alpha_tensor(weight.device) if graph else options.noise_alpha
-        seed, offset = self._draw_seed(weight.device, graph), rank_offset(options.tp_group, weight)
-        if self._noise_after_own_forward or self.max_norm is not None or is_dtensor(weight):
+        seed, offset = self._draw_seed(weight, graph), rank_offset(options.tp_group, weight)
+        dtensor = is_dtensor(weight)
+        if self._noise_after_own_forward or self.max_norm is not None or dtensor:
             out = self._forward_special(input_ids, alpha, dict(
                 seed=seed, offset=offset, attention_mask=attention_mask, position_ids=position_ids,
                 cu_seqlens=cu_seqlens, noise_mask=noise_mask, length_mode=options.length_mode,
@@ -256,7 +258,7 @@ class NoisyEmbedding(nn.Embedding):
             out = _noisy_embedding(input_ids, weight, alpha, seed, offset, attention_mask, position_ids, cu_seqlens,
                                    noise_mask, options.length_mode, options.distribution, self.padding_idx,
                                    self.scale_grad_by_freq, options.backend, True)
-        if self._noise_stats is not None and not graph and not is_dtensor(weight):
+        if self._noise_stats is not None and not graph and not dtensor:
             with torch.no_grad():
                 clean = super().forward(input_ids)
             self._noise_stats.add(input_ids, clean, out, dict(

@@ -148,10 +148,8 @@ def _op_backward(ctx, grad_output):
 _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _rows(t: Optional[torch.Tensor], shape: torch.Size, rows: int, width: int) -> Optional[torch.Tensor]:
+def _rows(t: torch.Tensor, shape: torch.Size, rows: int, width: int) -> torch.Tensor:
     """A side input as a (rows, width) view; broadcast dims keep stride 0 (no copy for 2-D ids)."""
-    if t is None:
-        return None
     if t.shape != shape:
         t = t.expand(shape)
     return t if t.dim() == 2 else t.reshape(rows, width)
@@ -242,8 +240,9 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         tensor_alpha or attention_mask is not None or position_ids is not None or cu_seqlens is not None
         or noise_mask is not None)
     if per_token:
-        side = (_rows(attention_mask, shape, rows, width), _rows(position_ids, shape, rows, width), cu_seqlens,
-                _rows(noise_mask, shape, rows, width))
+        side = (None if attention_mask is None else _rows(attention_mask, shape, rows, width),
+                None if position_ids is None else _rows(position_ids, shape, rows, width), cu_seqlens,
+                None if noise_mask is None else _rows(noise_mask, shape, rows, width))
         scale = 0.0
     else:
         side = _NONE

@@ -171,28 +171,34 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
 
 }  // namespace
 
-// The eager call: noisy_embedding_forward's rows and id range, the rows differentiable with respect
-// to the weight through NoisyEmbeddingBackward (padding_idx -1: none).
-std::tuple<torch::Tensor, int64_t, int64_t> noisy_embedding_forward_with_grad(
-    const torch::Tensor& ids, const torch::Tensor& weight, int64_t seed, int64_t offset, double scale_value,
-    bool per_sequence, double alpha, int64_t width, const c10::optional<torch::Tensor>& mask,
-    const c10::optional<torch::Tensor>& positions, const c10::optional<torch::Tensor>& cu_seqlens,
-    const c10::optional<torch::Tensor>& noise_mask, bool gaussian, int64_t padding_idx, bool scale_grad_by_freq) {
+// The eager call: noisy_embedding_forward's rows, differentiable with respect to the weight through
+// NoisyEmbeddingBackward; ids outside the table raise IndexError (no graph is traced here). No
+// scale: per-token scales from alpha and the side inputs.
+torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const torch::Tensor& weight, int64_t seed,
+                                                int64_t offset, c10::optional<double> scale, double alpha,
+                                                int64_t width, const c10::optional<torch::Tensor>& mask,
+                                                const c10::optional<torch::Tensor>& positions,
+                                                const c10::optional<torch::Tensor>& cu_seqlens,
+                                                const c10::optional<torch::Tensor>& noise_mask, bool gaussian,
+                                                c10::optional<int64_t> padding_idx, bool scale_grad_by_freq) {
   // As a Python autograd.Function without a jvp: forward-mode AD is refused, not silently dropped.
   TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(weight),
                               "neft_kernels: forward-mode AD (a dual weight) is not supported by the noisy embedding");
-  auto result = noisy_embedding_forward(ids, weight, seed, offset, scale_value, per_sequence, alpha, width, mask,
-                                        positions, cu_seqlens, noise_mask, gaussian);
+  auto [out, lo, hi] = noisy_embedding_forward(ids, weight, seed, offset, scale.value_or(0.0), !scale.has_value(),
+                                               alpha, width, mask, positions, cu_seqlens, noise_mask, gaussian);
+  // The message of neft_kernels.id_check.raise_out_of_range.
+  TORCH_CHECK_INDEX(lo >= 0 && hi < weight.size(0), "input_ids must lie in [0, ", weight.size(0), "), got values in [",
+                    lo, ", ", hi, "]");
   if (torch::autograd::compute_requires_grad(weight)) {
     auto node = make_node<NoisyEmbeddingBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(weight));
     node->ids = torch::autograd::SavedVariable(ids, /*is_output=*/false);
     node->num_weights = weight.size(0);
-    node->padding_idx = padding_idx;
+    node->padding_idx = padding_idx.value_or(-1);
     node->scale_grad_by_freq = scale_grad_by_freq;
-    torch::autograd::set_history(std::get<0>(result), node);
+    torch::autograd::set_history(out, node);
   }
-  return result;
+  return out;
 }
 
 // torch.randint(-2**63, 2**63 - 1, ()) from a CPU generator (default: torch's): the same value and
@@ -223,7 +229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");
   m.def("forward_with_grad", &noisy_embedding_forward_with_grad,
-        "forward's rows and id range, differentiable with respect to the weight (the eager path)");
+        "forward's rows, differentiable with respect to the weight; bad ids raise IndexError (the eager path)");
   m.def("draw_seed", &draw_seed, "torch.randint(-2**63, 2**63 - 1, ()) from a CPU generator, as an int");
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask");

@@ -21,7 +21,14 @@ from ..compat import assume_constant_result
 
 
 class Backend(Protocol):
-    """What every backend module provides (``reference``, ``triton``, ``cpu``, ``cuda``)."""
+    """What every backend module provides (``reference``, ``triton``, ``cpu``, ``cuda``).
+
+    A backend may also provide ``forward_with_grad(ids, weight, seed, offset, scale, alpha, width,
+    attention_mask, position_ids, cu_seqlens, noise_mask, gaussian, padding_idx,
+    scale_grad_by_freq)``: :meth:`forward` (an int seed, a float alpha) with the weight's gradient
+    attached by a native autograd node of ``ops._NoisyEmbeddingFunction``'s rule. Eager calls then
+    take it instead of the Python Function (the compiled CPU backend does).
+    """
 
     def forward(self, ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int,
                 scale: float | None, alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
