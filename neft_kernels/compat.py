@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch._dynamo
+import torch._dynamo.compiled_autograd as _compiled_autograd
 from torch import nn
 
 # torch._dynamo.assume_constant_result: backend availability never changes within a process, so a
@@ -22,6 +23,14 @@ def functorch_transforms_active() -> bool:
     """``torch._C._are_functorch_transforms_active``: under vmap/grad transforms the op must go
     through ``Function.apply``'s Python wrapper (tests/ops/test_compile.py)."""
     return torch._C._are_functorch_transforms_active()
+
+
+def native_autograd_unseen() -> bool:
+    """Whether a recorder that cannot look into a native autograd node is active: ``torch.jit.trace``
+    (``torch._C._get_tracing_state``) or compiled autograd (``torch._dynamo.compiled_autograd``'s
+    ``compiled_autograd_enabled``). The op then takes its Python Function
+    (tests/ops/test_eager_autograd.py)."""
+    return torch._C._get_tracing_state() is not None or _compiled_autograd.compiled_autograd_enabled
 
 
 def function_c_apply(function: type[torch.autograd.Function]) -> Callable:

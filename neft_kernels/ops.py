@@ -1,4 +1,4 @@
-"""The functional op: O(1) host work per call, one autograd definition, and the ``torch.library`` ops.
+"""The functional op: O(1) host work per call, one autograd rule, and the ``torch.library`` ops.
 
 Per call, Python reads shapes, dtypes and devices only; everything per token (scales from the side
 inputs, the id range) happens in the backend, on the tensors' device. Eager calls and compiled
@@ -8,7 +8,8 @@ through ``torch.library`` costs more host time than the kernel takes on a GPU); 
 ``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break. A backend
 with a ``forward_with_grad`` (the compiled CPU one) serves eager calls with the same rule as a
 native autograd node instead: a Python ``autograd.Function`` alone costs about what
-``F.embedding``'s whole call does.
+``F.embedding``'s whole call does. Recorders that cannot see into a native call (``torch.jit.trace``,
+compiled autograd) get the Function.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from . import validation
 from .backends import module, resolve
-from .compat import function_c_apply, functorch_transforms_active
+from .compat import function_c_apply, functorch_transforms_active, native_autograd_unseen
 from .id_check import check_id_range, device_id_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
 from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES
@@ -92,7 +93,8 @@ def _(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend):
 
 
 class _NoisyEmbeddingFunction(torch.autograd.Function):
-    """The one autograd definition: eager calls run the backend, compiled graphs the custom ops.
+    """The autograd rule: eager calls run the backend, compiled graphs the custom ops (a backend's
+    ``forward_with_grad`` implements the same rule natively for its eager calls).
 
     ``save`` and ``weight_grad`` are also the forward op's registered autograd, so the op is
     differentiable on its own with the same rule.
@@ -217,7 +219,8 @@ def noisy_embedding(
 def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offset, attention_mask, position_ids,
                      cu_seqlens, noise_mask, length_mode, distribution, padding_idx, scale_grad_by_freq, backend,
                      check_ids: bool) -> torch.Tensor:
-    """:func:`noisy_embedding` after its alpha check: O(1) host work, then the autograd Function.
+    """:func:`noisy_embedding` after its alpha check: O(1) host work, then the backend's native
+    autograd node or the autograd Function.
     (Positional: this is every call's path.)"""
     validation.check_call(input_ids, weight, offset, attention_mask, position_ids, cu_seqlens, noise_mask)
     if length_mode not in LENGTH_MODES or distribution not in DISTRIBUTIONS:
@@ -249,7 +252,7 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
     traced = torch.compiler.is_compiling() or functorch_transforms_active()
-    with_grad = None if traced or tensor_alpha else _with_grad(name)
+    with_grad = None if traced or tensor_alpha or native_autograd_unseen() else _with_grad(name)
     if with_grad is not None:  # the backend's own autograd node, native code
         return with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
                          gaussian, padding_idx, bool(scale_grad_by_freq))

@@ -156,9 +156,14 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const torch::Tensor flat_ids = ids.unpack().reshape(-1);
-    const torch::Tensor& grad = grads[0];
-    torch::Tensor grad_weight = embedding_backward(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids,
-                                                   num_weights, padding_idx, scale_grad_by_freq);
+    // An absent output gradient counts as zeros, as a Python Function's materialised grads do.
+    const torch::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
+    torch::Tensor grad_weight;
+    {
+      const at::NoGradGuard no_grad;  // a kernel, not differentiable ops (once_differentiable runs it so)
+      grad_weight = embedding_backward(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights,
+                                       padding_idx, scale_grad_by_freq);
+    }
     if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
       // create_graph: differentiating this gradient again raises, as once_differentiable has it.
       torch::autograd::DelayedError error(

@@ -73,7 +73,7 @@ def _load(name: str) -> ModuleType | ImportError:
 
 @cache
 def _warn_fallback(wanted: str, used: str, reason: str) -> None:
-    warnings.warn(f"neft_kernels: backend {wanted!r} is unavailable ({reason}); using {used!r}", stacklevel=4)
+    warnings.warn(f"neft_kernels: backend {wanted!r} is unavailable ({reason}); using {used!r}", stacklevel=5)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -179,10 +179,10 @@ def test_an_extension_built_from_other_sources_is_refused_at_import():
         check_abi(types.SimpleNamespace(__name__="neft_kernels._C_cpu"))  # no ABI_VERSION: an older build
 
 
-def test_cuda_wrapper_passes_the_reference_scales_and_the_abi_3_arguments(monkeypatch):
+def test_cuda_wrapper_passes_the_reference_scales_and_the_forward_arguments(monkeypatch):
     """The CUDA backend's Python side, on the CPU with a stand-in extension: without Triton the scales
     come from lengths.token_scales (noise_mask included, a shared float as scale_value), and the call
-    follows _C_cuda.forward's ABI 3 order (..., seed_tensor, bad_ids, gaussian)."""
+    follows _C_cuda.forward's argument order (..., seed_tensor, bad_ids, gaussian)."""
     import types
 
     from neft_kernels import backends

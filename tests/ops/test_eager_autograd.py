@@ -113,3 +113,46 @@ def test_draw_seed_without_the_extension_is_torch_randint(monkeypatch):
     assert backends.draw_seed(gen) == int(torch.randint(backends.SEED_LOW, backends.SEED_HIGH, (), dtype=torch.int64,
                                                         generator=twin))
 
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_absent_output_gradient_counts_as_zeros(backend):
+    """A node after the output that gives it no gradient: the weight gets a zero gradient."""
+
+    class NoGradThrough(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    weight = torch.randn(5, 4, requires_grad=True)
+    NoGradThrough.apply(_call(torch.tensor([[1, 2]]), weight, backend)).backward()
+    assert weight.grad is not None and weight.grad.eq(0).all()
+
+
+def test_jit_trace_records_the_python_function_not_the_native_call():
+    """A native call would be recorded as the aten calls it makes, without the kernel's writes."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(lambda i, w: _call(i, w, "cpu"), (ids, torch.randn(5, 4)), check_trace=False)
+    weight = torch.randn(5, 4)
+    assert_bits_equal(traced(ids, weight), _call(ids, weight, "cpu"))
+
+
+def test_compiled_autograd_over_an_eager_forward_takes_the_python_function():
+    from torch._dynamo import compiled_autograd
+
+    ids = torch.tensor([[1, 2, 2]])
+    grads = []
+    for enabled in (False, True):
+        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        if enabled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                _call(ids, weight, "cpu").pow(2).sum().backward()
+        else:
+            _call(ids, weight, "cpu").pow(2).sum().backward()
+        grads.append(weight.grad)
+    assert_bits_equal(grads[1], grads[0])
