@@ -36,11 +36,13 @@ for name in models.MODEL_SHAPES:
     print(models.table(rows), flush=True)
 PY
 echo "models: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
-# where an eager call's host time goes: torch's profiler over 300 calls at the host-time shape
-timeout ${PROFILE_TIMEOUT:-60} python3 - <<'PY' >"$out/host-profile.txt" 2>&1
+# where an eager call's host time goes: each piece timed alone, then torch's profiler over 300 calls
+timeout ${PROFILE_TIMEOUT:-90} python3 - <<'PY' >"$out/host-profile.txt" 2>&1
 import torch
 from torch.profiler import ProfilerActivity, profile
 from neft_kernels import noisy_embedding
+from neft_kernels.bench import host
+print(host.breakdown_table(host.breakdown(torch.device("cuda"), (2, 16, 64, 1000))), flush=True)
 weight = torch.randn(1000, 64, device="cuda", requires_grad=True)
 ids = torch.randint(0, 1000, (2, 16), device="cuda")
 mask = torch.ones_like(ids)

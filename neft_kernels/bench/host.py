@@ -55,3 +55,83 @@ def table(records: list[dict]) -> str:
     lines = [f"{'call':<40} {'host us':>8} {'x F.embedding':>14}"]
     lines += [f"{r['call']:<40} {r['host_us']:>8.1f} {r['vs_f_embedding']:>14.2f}" for r in records]
     return "\n".join(lines)
+
+
+def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int = 9,
+              calls: int = 300) -> list[dict]:
+    """Host microseconds of each piece of an eager call with a mask, timed alone (median of ``reps``
+    samples of ``calls`` back-to-back calls): where :func:`run`'s figures go. On a GPU: the Triton
+    launches (scales, rows), the C++ launch, the sync-free id check's steps, the autograd
+    Function's entry, an allocation; on a CPU: the checks, the one C++ call, the seed draw."""
+    from .. import validation
+    from ..backends import available_backends, draw_seed, module, resolve
+    from ..compat import function_c_apply
+    from ..id_check import device_id_flag
+
+    b, length, d, vocab = shape
+    weight = torch.randn(vocab, d, device=device, requires_grad=True)
+    ids = torch.randint(0, vocab, (b, length), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0
+    emb = NoisyEmbedding(vocab, d, device=device, noise_alpha=ALPHA).train()
+
+    class _Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    nothing = function_c_apply(_Nothing)
+    fns = {
+        "F.embedding": lambda: F.embedding(ids, weight),
+        "noisy_embedding (auto)": lambda: noisy_embedding(ids, weight, ALPHA, seed=1, attention_mask=mask),
+        "NoisyEmbedding (train)": lambda: emb(ids, attention_mask=mask),
+        "checks + backend resolution": lambda: (
+            validation.check_call(ids, weight, 0, mask, None, None, None), resolve("auto", device)),
+        "seed: draw_seed": draw_seed,
+        "seed: torch.randint().item()": lambda: torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64).item(),
+        "torch.empty (output)": lambda: torch.empty(b, length, d, device=device),
+        "autograd.Function entry (C), no work": lambda: nothing(weight),
+    }
+    if device.type == "cpu" and "cpu" in available_backends("cpu"):
+        cpu = module("cpu")
+        fns["cpu: forward_with_grad (C++)"] = lambda: cpu.forward_with_grad(
+            ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False)
+    if device.type == "cuda":
+        flag = device_id_flag(ids)
+        fns["id check: device_id_flag + read_back"] = lambda: (device_id_flag(ids), flag.read_back())
+        def device_guard():
+            with torch.cuda.device(device):
+                pass
+
+        fns["torch.cuda.device(...) enter/exit"] = device_guard
+        if "triton" in available_backends("cuda"):
+            triton_backend = module("triton")
+            fns["triton: token_scales (1 launch)"] = lambda: triton_backend.token_scales(
+                length, ids.numel(), ALPHA, d, mask, None, None, None, device)
+            fns["triton: fused_forward (1 launch)"] = lambda: triton_backend.fused_forward(ids, weight, 0.1, 1, 0)
+            fns["triton: forward, mask (2 launches)"] = lambda: triton_backend.forward(
+                ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False)
+        if "cuda" in available_backends("cuda"):
+            from .. import _C_cuda
+
+            fns["cuda: _C_cuda.forward (1 launch)"] = lambda: _C_cuda.forward(
+                ids, weight, None, 0.1, 1, 0, None, None, False)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up: compiles, allocations, the id flag
+        for _ in range(5):
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(measure.host_us(fn, device, calls))
+    return [{"kind": "host_breakdown", "call": name, "device": device.type, "shape": list(shape),
+             "host_us": statistics.median(s)} for name, s in samples.items()]
+
+
+def breakdown_table(records: list[dict]) -> str:
+    lines = [f"{'piece of an eager call':<44} {'host us':>8}"]
+    lines += [f"{r['call']:<44} {r['host_us']:>8.1f}" for r in records]
+    return "\n".join(lines)

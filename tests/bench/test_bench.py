@@ -31,6 +31,21 @@ def test_interleaved_times_and_summary():
     assert 0 < stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"]
 
 
+def test_host_breakdown_times_each_piece_of_an_eager_call():
+    from neft_kernels.backends import available_backends
+    from neft_kernels.bench import host
+
+    records = host.breakdown(torch.device("cpu"), (2, 16, 64, 1000), reps=2, calls=5)
+    pieces = {r["call"]: r["host_us"] for r in records}
+    expected = {"F.embedding", "noisy_embedding (auto)", "NoisyEmbedding (train)", "checks + backend resolution",
+                "seed: draw_seed", "seed: torch.randint().item()", "torch.empty (output)",
+                "autograd.Function entry (C), no work"}
+    if "cpu" in available_backends("cpu"):
+        expected.add("cpu: forward_with_grad (C++)")
+    assert set(pieces) == expected and all(us > 0 for us in pieces.values())
+    assert host.breakdown_table(records).count("\n") == len(records)
+
+
 @pytest.mark.slow
 def test_default_benchmark_writes_json_csv_and_plot(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
