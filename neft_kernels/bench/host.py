@@ -100,26 +100,28 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         cpu = module("cpu")
         fns["cpu: forward_with_grad (C++)"] = lambda: cpu.forward_with_grad(
             ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False)
+    plain = weight.detach()  # the kernels alone, outside autograd
+    if "triton" in available_backends(device.type):  # on a CPU: the interpreter (tests)
+        triton_backend = module("triton")
+        fns["triton: token_scales (1 launch)"] = lambda: triton_backend.token_scales(
+            length, ids.numel(), ALPHA, d, mask, None, None, None, device)
+        fns["triton: fused_forward (1 launch)"] = lambda: triton_backend.fused_forward(ids, plain, 0.1, 1, 0)
+        fns["triton: forward, mask (2 launches)"] = lambda: triton_backend.forward(
+            ids, plain, 1, 0, None, ALPHA, length, mask, None, None, None, False)
     if device.type == "cuda":
         flag = device_id_flag(ids)
         fns["id check: device_id_flag + read_back"] = lambda: (device_id_flag(ids), flag.read_back())
+
         def device_guard():
             with torch.cuda.device(device):
                 pass
 
         fns["torch.cuda.device(...) enter/exit"] = device_guard
-        if "triton" in available_backends("cuda"):
-            triton_backend = module("triton")
-            fns["triton: token_scales (1 launch)"] = lambda: triton_backend.token_scales(
-                length, ids.numel(), ALPHA, d, mask, None, None, None, device)
-            fns["triton: fused_forward (1 launch)"] = lambda: triton_backend.fused_forward(ids, weight, 0.1, 1, 0)
-            fns["triton: forward, mask (2 launches)"] = lambda: triton_backend.forward(
-                ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False)
         if "cuda" in available_backends("cuda"):
             from .. import _C_cuda
 
             fns["cuda: _C_cuda.forward (1 launch)"] = lambda: _C_cuda.forward(
-                ids, weight, None, 0.1, 1, 0, None, None, False)
+                ids, plain, None, 0.1, 1, 0, None, None, False)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: compiles, allocations, the id flag
         for _ in range(5):
