@@ -132,8 +132,9 @@ namespace {
 // weight's gradient is the backward kernel of the output gradient's rows; nothing else gets one;
 // differentiable once), native because a Python autograd.Function alone costs about as much host
 // time as F.embedding's whole call. Built the way ATen's generated nodes are (EmbeddingBackward0).
-// A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, earlier releases by std::shared_ptr
-// with their iterative deleter (found by argument-dependent lookup: it is gone from 2.13).
+// A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, older releases (2.11) by
+// std::shared_ptr with their iterative deleter (found by argument-dependent lookup: 2.13 has none).
+// The one torch-version-sensitive point of the C++ sources.
 template <class T>
 auto make_node() {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
