@@ -128,10 +128,6 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
 
 namespace {
 
-// The eager path's autograd node: the rule of neft_kernels/ops.py's _NoisyEmbeddingFunction (the
-// weight's gradient is the backward kernel of the output gradient's rows; nothing else gets one;
-// differentiable once), native because a Python autograd.Function alone costs about as much host
-// time as F.embedding's whole call. Built the way ATen's generated nodes are (EmbeddingBackward0).
 // A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, older releases (2.11) by
 // std::shared_ptr with their iterative deleter (found by argument-dependent lookup: 2.13 has none).
 // The one torch-version-sensitive point of the C++ sources.
@@ -144,6 +140,10 @@ auto make_node() {
   }
 }
 
+// The eager path's autograd node: the rule of neft_kernels/ops.py's _NoisyEmbeddingFunction (the
+// weight's gradient is the backward kernel of the output gradient's rows; nothing else gets one;
+// differentiable once), native because a Python autograd.Function alone costs about as much host
+// time as F.embedding's whole call. Built the way ATen's generated nodes are (EmbeddingBackward0).
 struct NoisyEmbeddingBackward : torch::autograd::Node {
   torch::autograd::SavedVariable ids;
   int64_t num_weights = 0, padding_idx = -1;
