@@ -67,6 +67,18 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
+  // The four quarters' loads go out before the Philox rounds, so that their latency overlaps the
+  // arithmetic (issued after it, the quarters waited for their loads in turn).
+  P in[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int64_t j = w * q + k0;
+    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
+      if (in_range) in[w] = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
+    } else {
+      if (in_range && j < d) in[w].v[0] = static_cast<const T*>(weight)[row + j];
+    }
+  }
   float e[4][kVec];
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
@@ -82,24 +94,15 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k0;
-    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
-      P in, result;
-      if (in_range) in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
+    if (kVec == 1 && j >= d) continue;
+    P result;
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) {
-        const float value =
-            in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
-        result.v[v] = Io<T>::from_f32(value);
-      }
-      static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;
-    } else {
-      if (j < d) {
-        const float value = in_range
-                                ? neft::add_noise(Io<T>::to_f32(static_cast<const T*>(weight)[row + j]), e[w][0], scale)
-                                : __int_as_float(0x7FC00000);
-        static_cast<T*>(out)[dst + j] = Io<T>::from_f32(value);
-      }
+    for (int v = 0; v < kVec; ++v) {
+      const float value =
+          in_range ? neft::add_noise(Io<T>::to_f32(in[w].v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
+      result.v[v] = Io<T>::from_f32(value);
     }
+    static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;  // kVec == 1: dst + j itself
   }
 }
 

@@ -58,14 +58,15 @@ def _store_f32(ptr, offsets, value, mask, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e, scale, d, IS_BF16: tl.constexpr):
-    """One quarter of the dims: widen the row, add ``e * scale`` (spec rounding), store.
+def _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16: tl.constexpr):
+    """One quarter of the dims of each row, widened to float32; an out-of-range id reads nothing."""
+    return _load_f32(w_ptr, w_row + col, valid & (col < d) & in_range, IS_BF16)
 
-    A token whose id is out of range reads nothing and writes NaN.
-    """
-    mask = valid & (col < d)
-    w = _load_f32(w_ptr, w_row + col, mask & in_range, IS_BF16)
-    _store_f32(out_ptr, out_row + col, tl.where(in_range, w + e * scale, float("nan")), mask, IS_BF16)
+
+@triton.jit
+def _store_quarter(out_ptr, out_row, col, valid, in_range, w, e, scale, d, IS_BF16: tl.constexpr):
+    """``w + e * scale`` (spec rounding) stored; NaN for an out-of-range id."""
+    _store_f32(out_ptr, out_row + col, tl.where(in_range, w + e * scale, float("nan")), valid & (col < d), IS_BF16)
 
 
 @triton.jit
@@ -173,21 +174,27 @@ def _noisy_embedding_fwd_kernel(
     else:
         key = seed.to(tl.int64)
 
+    # The four quarters' loads go out before the Philox rounds, so that their latency overlaps the
+    # arithmetic (issued after it, each quarter waited for its load in turn: 4 round trips a program).
+    w_row = ids[:, None] * w_stride
+    col = lane[None, :]
+    w0 = _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16)
+    w1 = _load_quarter(w_ptr, w_row, col + n_lanes, valid, in_range, d, IS_BF16)
+    w2 = _load_quarter(w_ptr, w_row, col + 2 * n_lanes, valid, in_range, d, IS_BF16)
+    w3 = _load_quarter(w_ptr, w_row, col + 3 * n_lanes, valid, in_range, d, IS_BF16)
+
     counter = offset + tok[:, None] * n_lanes + lane[None, :]
     r0, r1, r2, r3 = _philox(key, counter)
-
-    w_row = ids[:, None] * w_stride
-    out_row = tok[:, None] * d
-    col = lane[None, :]
     if GAUSSIAN:
         e0, e1 = _gaussian_pair(r0, r1)
         e2, e3 = _gaussian_pair(r2, r3)
     else:
         e0, e1, e2, e3 = _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e0, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, e1, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, in_range, e2, scale, d, IS_BF16)
-    _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, in_range, e3, scale, d, IS_BF16)
+    out_row = tok[:, None] * d
+    _store_quarter(out_ptr, out_row, col, valid, in_range, w0, e0, scale, d, IS_BF16)
+    _store_quarter(out_ptr, out_row, col + n_lanes, valid, in_range, w1, e1, scale, d, IS_BF16)
+    _store_quarter(out_ptr, out_row, col + 2 * n_lanes, valid, in_range, w2, e2, scale, d, IS_BF16)
+    _store_quarter(out_ptr, out_row, col + 3 * n_lanes, valid, in_range, w3, e3, scale, d, IS_BF16)
 
 
 @triton.jit
