@@ -1,141 +1,26 @@
-// CUDA kernels: fused NEFTune forward (spec v2, uniform or Gaussian, bit-exact) and the
-// deterministic embedding backward with float32 accumulation. Raw pointers and a cudaStream_t
-// only: no torch headers, so nvcc compiles this file alone (tests compile it for sm_80/sm_90 with
-// -Xptxas -v, and check its PTX for FMA). Every float operation goes through an explicit
-// round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without --fmad=false.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// Launchers of the CUDA kernels (kernels.cuh): fused NEFTune forward (spec v2, uniform or Gaussian,
+// bit-exact) and the deterministic embedding backward with float32 accumulation. Raw pointers and a
+// cudaStream_t only: no torch headers, so nvcc compiles this file alone (tests compile it for
+// sm_80/sm_90 with -Xptxas -v, and check its PTX for FMA). Every float operation goes through an
+// explicit round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without
+// --fmad=false.
 #include <cstdint>
 
-#include "../gaussian.h"
-#include "../philox.h"
+#include "kernels.cuh"
 #include "noisy_embedding.h"
 
 namespace {
 
-// Element conversions of each storage type to and from float32.
-template <typename T>
-struct Io;
-template <>
-struct Io<float> {
-  __device__ static float to_f32(float v) { return v; }
-  __device__ static float from_f32(float v) { return v; }
-};
-template <>
-struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
-  __device__ static float to_f32(uint16_t v) { return neft::from_bf16_bits(v); }
-  __device__ static uint16_t from_f32(float v) { return neft::to_bf16_bits(v); }
-};
-template <>
-struct Io<__half> {
-  __device__ static float to_f32(__half v) { return __half2float(v); }
-  __device__ static __half from_f32(float v) { return __float2half_rn(v); }
-};
-
-// kVec consecutive elements, moved as one aligned access (16 bytes when kVec * sizeof(T) == 16).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-// One thread per (token, kVec consecutive lanes): a Philox call per lane feeds the lane's dim in each
-// of the 4 quarters (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3). The
-// kVec lanes' dims of a quarter are contiguous, so each quarter is one vector load and store; the
-// host picks kVec > 1 only where q, the row stride and both pointers are aligned for it. Threads run
-// over (token, lane group) pairs flat, so no width leaves part of a block idle.
-template <typename T, bool kGaussian, int kVec>
-__global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
-                               const float* __restrict__ scales, float scale_value,
-                               const int64_t* __restrict__ seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens,
-                               int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids) {
-  using P = Pack<T, kVec>;
-  const int64_t q = (d + 3) / 4, groups = (q + kVec - 1) / kVec;
-  const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (g >= n_tokens * groups) return;
-  const int64_t n = g / groups;  // nvcc divides in 32 bits where the values fit
-  const int64_t k0 = (g - n * groups) * kVec;
-  const float scale = scales ? scales[n] : scale_value;
-  // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
-  const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
-  const int64_t id = ids[n], row = id * w_stride, dst = n * d;
-  // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids and V are
-  // recorded in bad_ids (min, max, V) for the host to raise without a sync.
-  const bool in_range = id >= 0 && id < num_rows;
-  if (!in_range && bad_ids && k0 == 0) {
-    atomicMin(bad_ids, static_cast<long long>(id));
-    atomicMax(bad_ids + 1, static_cast<long long>(id));
-    atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
-  }
-  // The four quarters' loads go out before the Philox rounds, so that their latency overlaps the
-  // arithmetic (issued after it, the quarters waited for their loads in turn).
-  P in[4];
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    const int64_t j = w * q + k0;
-    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
-      if (in_range) in[w] = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
-    } else {
-      if (in_range && j < d) in[w].v[0] = static_cast<const T*>(weight)[row + j];
-    }
-  }
-  float e[4][kVec];
-#pragma unroll
-  for (int v = 0; v < kVec; ++v) {
-    const neft::Words4 r = neft::philox4x32_10(offset + static_cast<uint64_t>(n * q + k0 + v), key);
-    if constexpr (kGaussian) {
-      neft::gaussian_pair(r.r[0], r.r[1], e[0][v], e[1][v]);
-      neft::gaussian_pair(r.r[2], r.r[3], e[2][v], e[3][v]);
-    } else {
-#pragma unroll
-      for (int w = 0; w < 4; ++w) e[w][v] = neft::uniform_pm1(r.r[w]);
-    }
-  }
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    const int64_t j = w * q + k0;
-    if (kVec == 1 && j >= d) continue;
-    P result;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const float value =
-          in_range ? neft::add_noise(Io<T>::to_f32(in[w].v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
-      result.v[v] = Io<T>::from_f32(value);
-    }
-    static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;  // kVec == 1: dst + j itself
-  }
-}
-
-// Grid: x over sorted positions, y over chunks of 128 dims; a thread per dim. Only the blocks at
-// the first sorted position of each id do work: they sum that id's rows in sorted (= token) order,
-// deterministically, in float32 and round once; the blocks at later positions of a run exit.
-template <typename T>
-__global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __restrict__ sorted_ids,
-                                const int64_t* __restrict__ order, const int64_t* __restrict__ seg_end,
-                                void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights,
-                                int64_t padding_idx, bool scale_by_freq) {
-  const int64_t i = blockIdx.x;  // sorted position (grid x allows 2^31 - 1)
-  const int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n_tokens || j >= d) return;
-  const int64_t id = sorted_ids[i];
-  // Out-of-range ids get no row (sorted, so each run is skipped as a whole).
-  if ((i > 0 && sorted_ids[i - 1] == id) || id == padding_idx || id < 0 || id >= num_weights) return;
-  const int64_t end = seg_end[i];
-  float acc = 0.0f;
-  for (int64_t s = i; s < end; ++s)
-    acc = neft::add_rn(acc, Io<T>::to_f32(static_cast<const T*>(grad)[order[s] * d + j]));
-  if (scale_by_freq) acc = __fdiv_rn(acc, static_cast<float>(end - i));
-  static_cast<T*>(grad_weight)[id * d + j] = Io<T>::from_f32(acc);
-}
+using neft::cuda::backward_kernel;
+using neft::cuda::forward_kernel;
 
 template <typename T, bool kGaussian, int kVec>
 cudaError_t launch_forward_vec(const int64_t* ids, const void* weight, void* out, const float* scales,
                                float scale_value, const int64_t* seed_ptr, uint64_t seed, uint64_t offset,
                                int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids,
                                cudaStream_t stream) {
-  constexpr int64_t kThreads = 256;
-  const int64_t threads = n_tokens * (((d + 3) / 4 + kVec - 1) / kVec);
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  constexpr int64_t kThreads = neft::cuda::kForwardThreads;
+  const int64_t blocks = (neft::cuda::forward_threads(n_tokens, d, kVec) + kThreads - 1) / kThreads;
   if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
   const dim3 grid(static_cast<unsigned>(blocks));
   forward_kernel<T, kGaussian, kVec><<<grid, kThreads, 0, stream>>>(
@@ -147,11 +32,8 @@ template <typename T, bool kGaussian>
 cudaError_t launch_forward(const int64_t* ids, const void* weight, void* out, const float* scales, float scale_value,
                            const int64_t* seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d,
                            int64_t w_stride, int64_t num_rows, long long* bad_ids, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);  // 16-byte accesses
-  const int64_t q = (d + 3) / 4;
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const auto launch = d == 4 * q && q % kVec == 0 && w_stride % kVec == 0 && aligned(weight) && aligned(out)
-                          ? launch_forward_vec<T, kGaussian, kVec>
+  const auto launch = neft::cuda::forward_lanes<T>(d, w_stride, weight, out) > 1
+                          ? launch_forward_vec<T, kGaussian, 16 / sizeof(T)>
                           : launch_forward_vec<T, kGaussian, 1>;
   return launch(ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids,
                 stream);
@@ -161,10 +43,10 @@ template <typename T>
 cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const int64_t* order, const int64_t* seg_end,
                             void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx,
                             bool scale_by_freq, cudaStream_t stream) {
-  const dim3 block(128);
-  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((d + 127) / 128));
-  backward_kernel<T><<<grid, block, 0, stream>>>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d,
-                                                 num_weights, padding_idx, scale_by_freq);
+  constexpr int kThreads = neft::cuda::kBackwardThreads;
+  const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((d + kThreads - 1) / kThreads));
+  backward_kernel<T><<<grid, kThreads, 0, stream>>>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d,
+                                                    num_weights, padding_idx, scale_by_freq);
   return cudaGetLastError();
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT
+from support import ROOT, cuda_include
 
 NVCC = shutil.which("nvcc")
 # The venv's clang-format (pip install clang-format) or one on PATH; the files were formatted with major 23.
@@ -80,13 +80,12 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
-    candidates = [Path(NVCC).resolve().parent.parent / "include", *sorted(Path("/usr/local").glob("cuda*/include"))]
-    cuda_include = next((c for c in candidates if (c / "cuda_runtime_api.h").exists()), None)
-    if cuda_include is None:
-        pytest.fail(f"nvcc at {NVCC} but no cuda_runtime_api.h in {candidates}")
+    include = cuda_include()
+    if include is None:
+        pytest.fail(f"nvcc at {NVCC} but no cuda_runtime_api.h beside it or under /usr/local/cuda*")
     res = subprocess.run(
         ["g++", "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
-         f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", "-DTORCH_EXTENSION_NAME=_C_cuda",
+         f"-I{sysconfig.get_paths()['include']}", f"-I{include}", "-DTORCH_EXTENSION_NAME=_C_cuda",
          str(ROOT / "csrc" / "cuda" / "binding.cpp")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -103,7 +102,7 @@ def _clang_format_major() -> int | None:
                     reason=f"needs clang-format {CLANG_FORMAT_MAJOR} (other versions format details differently)")
 def test_csrc_is_clang_formatted():
     """csrc/ follows the repository's .clang-format (Google style, 120 columns)."""
-    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu"))
     res = subprocess.run([CLANG_FORMAT, "--dry-run", "--Werror", *map(str, sources)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]

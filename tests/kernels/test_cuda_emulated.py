@@ -1,0 +1,109 @@
+"""The CUDA C++ kernels' bits without a GPU: csrc/cuda/kernels.cuh built for the host with
+support/cuda_emulator.cpp (every (block, thread) run in turn, the launcher's shape and lane choice)
+against the reference, on both forward paths (16 bytes or one lane a thread), bad ids, device seeds,
+the Gaussian stream and the backward's in-order sums."""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from neft_kernels.backends.reference import reference_backward, reference_forward
+
+from support import ROOT, cuda_include
+from support.asserts import assert_bits_equal
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    include, compiler = cuda_include(), shutil.which("c++") or shutil.which("g++")
+    if include is None or compiler is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")
+    lib = tmp_path_factory.mktemp("cuda_emulator") / "emulator.so"
+    res = subprocess.run([compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{include}",
+                          str(ROOT / "tests" / "support" / "cuda_emulator.cpp"), "-o", str(lib)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    emu = ctypes.CDLL(str(lib))
+    p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+    emu.emulated_forward.restype = ctypes.c_int
+    emu.emulated_forward.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_float, p, u64, u64, i64, i64, i64, i64, p,
+                                     ctypes.c_bool]
+    emu.emulated_backward.restype = None
+    emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
+    return emu
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _forward(emu, ids, weight, scale, seed, offset, gaussian, seed_in_memory=False, out_offset=0):
+    """The emulated launch: (out, lanes per thread, bad-id record). ``out_offset`` elements shift the
+    output off 16-byte alignment."""
+    n, d = ids.numel(), weight.shape[1]
+    out = torch.empty(n * d + out_offset, dtype=weight.dtype)[out_offset:].view(n, d)
+    bad = torch.tensor([_INT64_MAX, _INT64_MIN, 0], dtype=torch.int64)
+    scales = scale if isinstance(scale, torch.Tensor) else None
+    seed_tensor = torch.tensor(seed, dtype=torch.int64) if seed_in_memory else None
+    lanes = emu.emulated_forward(_DTYPES[weight.dtype], _ptr(ids), _ptr(weight), _ptr(out), _ptr(scales),
+                                 0.0 if scales is not None else scale, _ptr(seed_tensor), seed % (1 << 64),
+                                 offset, n, d, weight.stride(0), weight.shape[0], _ptr(bad), gaussian)
+    return out, lanes, bad
+
+
+@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("d", [1, 5, 13, 64, 96, 576, 1152])
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_forward_matches_the_reference_on_both_lane_paths(emulator, dtype, d, gaussian):
+    gen = torch.Generator().manual_seed(d)
+    vocab = 40
+    ids = torch.randint(0, vocab, (37,), generator=gen)
+    scales = torch.rand(37, generator=gen) * 0.1
+    scales[3] = 0.0
+    table = torch.randn(vocab, d + 8, generator=gen).to(dtype)
+    for weight, out_offset, scale in ((table[:, :d].contiguous(), 0, scales),  # aligned: 16 bytes where d allows
+                                      (table[:, :d].contiguous(), 1, 0.03125),  # output off alignment: one lane
+                                      (table[:, 1:d + 1], 0, scales)):  # a row stride of d + 8, base off alignment
+        for seed, offset, in_memory in ((5, 0, False), (-(2**62) - 7, 2**32 - 50, True)):
+            out, lanes, _ = _forward(emulator, ids, weight, scale, seed, offset, gaussian, in_memory, out_offset)
+            expected = reference_forward(ids, weight, scale, seed, offset, "gaussian" if gaussian else "uniform")
+            assert_bits_equal(out, expected)
+            vector = 16 // weight.element_size()
+            assert lanes == (vector if d % (4 * vector) == 0 and weight.is_contiguous() and not out_offset else 1)
+
+
+@pytest.mark.parametrize("dtype", list(_DTYPES))
+def test_bad_ids_are_never_read_and_recorded(emulator, dtype):
+    vocab, d = 10, 64
+    weight = torch.randn(vocab, d).to(dtype)
+    ids = torch.tensor([3, -4, 9, 10, 2**40, 0])
+    out, lanes, bad = _forward(emulator, ids, weight, 0.5, 11, 0, False)
+    assert lanes > 1
+    expected = reference_forward(ids, weight, 0.5, 11, 0)
+    assert_bits_equal(out, expected)
+    assert out[[1, 3, 4]].isnan().all() and not out[[0, 2, 5]].isnan().any()
+    assert bad.tolist() == [-4, 2**40, vocab]
+
+
+@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("d", [1, 13, 130, 300])
+@pytest.mark.parametrize("padding_idx, scale_grad_by_freq", [(None, False), (2, True)])
+def test_backward_sums_each_ids_rows_in_token_order(emulator, dtype, d, padding_idx, scale_grad_by_freq):
+    gen = torch.Generator().manual_seed(d)
+    vocab = 12
+    ids = torch.randint(0, 6, (200,), generator=gen)
+    ids[:3] = torch.tensor([-1, vocab, vocab - 1])  # out of range ids get no row
+    grad = (torch.randn(200, d, generator=gen) * 100).to(dtype)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+    grad_weight = torch.zeros(vocab, d, dtype=dtype)
+    emulator.emulated_backward(_DTYPES[dtype], _ptr(grad), _ptr(sorted_ids), _ptr(order), _ptr(seg_end),
+                               _ptr(grad_weight), ids.numel(), d, vocab,
+                               -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
+    assert_bits_equal(grad_weight, reference_backward(grad, ids, vocab, padding_idx, scale_grad_by_freq))
