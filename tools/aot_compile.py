@@ -24,6 +24,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -31,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from neft_kernels.backends import triton as kernels  # noqa: E402
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bf16 travels as int16 words
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _variants(embedding_dim: int):
@@ -57,9 +59,12 @@ def _variants(embedding_dim: int):
                    "scale_value": "fp32", "seed": "i64", "seed_ptr": "*i64", "offset": "i64", "bad_ptr": "*i64",
                    "n_tokens": "i32", "d": "i32", "n_lanes": "i32", "w_stride": "i32", "n_rows": "i32",
                    "PER_TOKEN_SCALE": "constexpr", "SEED_FROM_PTR": "constexpr", "RECORD_BAD": "constexpr",
-                   "IS_BF16": "constexpr", "GAUSSIAN": "constexpr", "BLOCK_N": "constexpr", "BLOCK_Q": "constexpr"}
+                   "IS_BF16": "constexpr", "GAUSSIAN": "constexpr", "EARLY_LOADS": "constexpr", "BLOCK_N": "constexpr",
+                   "BLOCK_Q": "constexpr"}
             consts = {"PER_TOKEN_SCALE": per_token, "SEED_FROM_PTR": seed_ptr, "RECORD_BAD": True,
-                      "IS_BF16": dtype == "bf16", "GAUSSIAN": gaussian, "BLOCK_N": fwd_n, "BLOCK_Q": fwd_q}
+                      "IS_BF16": dtype == "bf16", "GAUSSIAN": gaussian,
+                      "EARLY_LOADS": kernels.early_loads(_TORCH_DTYPES[dtype], gaussian), "BLOCK_N": fwd_n,
+                      "BLOCK_Q": fwd_q}
             yield ("noisy_embedding_fwd", f"{dtype}, {variant}", kernels._noisy_embedding_fwd_kernel, sig, consts,
                    kernels.LAUNCH_OPTIONS)
         sig = {"grad_ptr": _PTR[dtype], "sorted_ids_ptr": "*i64", "order_ptr": "*i64", "seg_end_ptr": "*i64",

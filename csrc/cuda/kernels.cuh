@@ -66,17 +66,25 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
-  // The four quarters' loads go out before the Philox rounds, so that their latency overlaps the
-  // arithmetic (issued after it, the quarters waited for their loads in turn).
-  P in[4];
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
+  // One quarter's kVec dims of the row (an out-of-range id reads nothing).
+  const auto load = [&](int w, P& in) {
     const int64_t j = w * q + k0;
     if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
-      if (in_range) in[w] = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
+      if (in_range) in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
     } else {
-      if (in_range && j < d) in[w].v[0] = static_cast<const T*>(weight)[row + j];
+      if (in_range && j < d) in.v[0] = static_cast<const T*>(weight)[row + j];
     }
+  };
+  // 16-byte accesses of 16-bit rows with uniform noise load all four quarters before the Philox
+  // rounds, so that their latency overlaps the arithmetic: issued after it, each quarter's load
+  // waited behind the previous one's store, too few bytes in flight for the memory. (fp32 threads
+  // have enough in flight already, Gaussian ones are compute-bound and one-lane ones move 2 bytes a
+  // load: there the extra registers would only cost occupancy.)
+  constexpr bool kEarlyLoads = sizeof(T) == 2 && !kGaussian && kVec > 1;
+  P early[kEarlyLoads ? 4 : 1];
+  if constexpr (kEarlyLoads) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) load(w, early[w]);
   }
   float e[4][kVec];
 #pragma unroll
@@ -94,11 +102,14 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k0;
     if (kVec == 1 && j >= d) continue;
+    P late;
+    if constexpr (!kEarlyLoads) load(w, late);
+    const P& in = kEarlyLoads ? early[w] : late;
     P result;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
       const float value =
-          in_range ? neft::add_noise(Io<T>::to_f32(in[w].v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
+          in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
       result.v[v] = Io<T>::from_f32(value);
     }
     static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;  // kVec == 1: dst + j itself

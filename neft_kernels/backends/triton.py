@@ -70,6 +70,13 @@ def _store_quarter(out_ptr, out_row, col, valid, in_range, w, e, scale, d, IS_BF
 
 
 @triton.jit
+def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e, scale, d, IS_BF16: tl.constexpr):
+    """One quarter loaded, noised and stored."""
+    w = _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16)
+    _store_quarter(out_ptr, out_row, col, valid, in_range, w, e, scale, d, IS_BF16)
+
+
+@triton.jit
 def _mulhilo(a, b):
     """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and ``b``: one widening multiply
     (IMAD.WIDE.U32) where ``tl.randint4x``'s separate high and low products take about three."""
@@ -148,7 +155,7 @@ def _noisy_embedding_fwd_kernel(
     ids_ptr, w_ptr, out_ptr, scale_ptr, scale_value, seed, seed_ptr, offset, bad_ptr,
     n_tokens, d, n_lanes, w_stride, n_rows,
     PER_TOKEN_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, RECORD_BAD: tl.constexpr, IS_BF16: tl.constexpr,
-    GAUSSIAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GAUSSIAN: tl.constexpr, EARLY_LOADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     lane = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -174,14 +181,18 @@ def _noisy_embedding_fwd_kernel(
     else:
         key = seed.to(tl.int64)
 
-    # The four quarters' loads go out before the Philox rounds, so that their latency overlaps the
-    # arithmetic (issued after it, each quarter waited for its load in turn: 4 round trips a program).
     w_row = ids[:, None] * w_stride
     col = lane[None, :]
-    w0 = _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16)
-    w1 = _load_quarter(w_ptr, w_row, col + n_lanes, valid, in_range, d, IS_BF16)
-    w2 = _load_quarter(w_ptr, w_row, col + 2 * n_lanes, valid, in_range, d, IS_BF16)
-    w3 = _load_quarter(w_ptr, w_row, col + 3 * n_lanes, valid, in_range, d, IS_BF16)
+    if EARLY_LOADS:
+        # 16-bit rows, uniform noise: the four quarters' loads go out before the Philox rounds, so
+        # that their latency overlaps the arithmetic. Issued after it, each quarter waited behind the
+        # previous one's store: too few bytes in flight per SM for the memory. (fp32 programs have
+        # enough in flight already and the Gaussian ones are compute-bound: there the extra
+        # registers would only cost occupancy.)
+        w0 = _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16)
+        w1 = _load_quarter(w_ptr, w_row, col + n_lanes, valid, in_range, d, IS_BF16)
+        w2 = _load_quarter(w_ptr, w_row, col + 2 * n_lanes, valid, in_range, d, IS_BF16)
+        w3 = _load_quarter(w_ptr, w_row, col + 3 * n_lanes, valid, in_range, d, IS_BF16)
 
     counter = offset + tok[:, None] * n_lanes + lane[None, :]
     r0, r1, r2, r3 = _philox(key, counter)
@@ -191,10 +202,16 @@ def _noisy_embedding_fwd_kernel(
     else:
         e0, e1, e2, e3 = _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3)
     out_row = tok[:, None] * d
-    _store_quarter(out_ptr, out_row, col, valid, in_range, w0, e0, scale, d, IS_BF16)
-    _store_quarter(out_ptr, out_row, col + n_lanes, valid, in_range, w1, e1, scale, d, IS_BF16)
-    _store_quarter(out_ptr, out_row, col + 2 * n_lanes, valid, in_range, w2, e2, scale, d, IS_BF16)
-    _store_quarter(out_ptr, out_row, col + 3 * n_lanes, valid, in_range, w3, e3, scale, d, IS_BF16)
+    if EARLY_LOADS:
+        _store_quarter(out_ptr, out_row, col, valid, in_range, w0, e0, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + n_lanes, valid, in_range, w1, e1, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + 2 * n_lanes, valid, in_range, w2, e2, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + 3 * n_lanes, valid, in_range, w3, e3, scale, d, IS_BF16)
+    else:  # each quarter loaded just before its store: fewer registers
+        _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e0, scale, d, IS_BF16)
+        _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, e1, scale, d, IS_BF16)
+        _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 2 * n_lanes, valid, in_range, e2, scale, d, IS_BF16)
+        _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + 3 * n_lanes, valid, in_range, e3, scale, d, IS_BF16)
 
 
 @triton.jit
@@ -347,6 +364,11 @@ def backward_block(embedding_dim: int) -> int:
     return fitted_block(embedding_dim, _MAX_BLOCK_D)
 
 
+def early_loads(dtype: torch.dtype, gaussian: bool) -> bool:
+    """Whether the forward loads its rows before the Philox rounds: 16-bit rows with uniform noise."""
+    return dtype.itemsize == 2 and not gaussian
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
@@ -394,7 +416,7 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
         0.0 if per_token else float(scale), 0 if seed_ptr else seed, seed if seed_ptr else ids, offset,
         ids if bad_ids is None else bad_ids, n_tokens, d, q, weight.stride(0), weight.shape[0],
         PER_TOKEN_SCALE=per_token, SEED_FROM_PTR=seed_ptr, RECORD_BAD=bad_ids is not None,
-        IS_BF16=weight.dtype == torch.bfloat16, GAUSSIAN=gaussian,
+        IS_BF16=weight.dtype == torch.bfloat16, GAUSSIAN=gaussian, EARLY_LOADS=early_loads(weight.dtype, gaussian),
         BLOCK_N=block_n, BLOCK_Q=block_q, **LAUNCH_OPTIONS,
     )
     return out

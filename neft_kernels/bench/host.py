@@ -110,7 +110,8 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
             ids, plain, 1, 0, None, ALPHA, length, mask, None, None, None, False)
     if device.type == "cuda":
         flag = device_id_flag(ids)
-        fns["id check: device_id_flag + read_back"] = lambda: (device_id_flag(ids), flag.read_back())
+        if flag is not None:  # None with the check off (NEFT_KERNELS_CHECK_IDS=0)
+            fns["id check: device_id_flag + read_back"] = lambda: (device_id_flag(ids), flag.read_back())
 
         def device_guard():
             with torch.cuda.device(device):

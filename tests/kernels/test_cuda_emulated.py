@@ -1,11 +1,12 @@
 """The CUDA C++ kernels' bits without a GPU: csrc/cuda/kernels.cuh built for the host with
 support/cuda_emulator.cpp (every (block, thread) run in turn, the launcher's shape and lane choice)
-against the reference, on both forward paths (16 bytes or one lane a thread), bad ids, device seeds,
-the Gaussian stream and the backward's in-order sums."""
+against the reference, on both forward paths (16 bytes or one lane a thread), bad ids (never read:
+tables between faulting pages), device seeds, the Gaussian stream and the backward's in-order sums."""
 
 import ctypes
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def emulator_lib(tmp_path_factory) -> str:
     include, compiler = cuda_include(), shutil.which("c++") or shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")
@@ -29,7 +30,11 @@ def emulator(tmp_path_factory):
                           str(ROOT / "tests" / "support" / "cuda_emulator.cpp"), "-o", str(lib)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    emu = ctypes.CDLL(str(lib))
+    return str(lib)
+
+
+def load_emulator(lib: str) -> ctypes.CDLL:
+    emu = ctypes.CDLL(lib)
     p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
     emu.emulated_forward.restype = ctypes.c_int
     emu.emulated_forward.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_float, p, u64, u64, i64, i64, i64, i64, p,
@@ -37,6 +42,11 @@ def emulator(tmp_path_factory):
     emu.emulated_backward.restype = None
     emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
     return emu
+
+
+@pytest.fixture(scope="module")
+def emulator(emulator_lib) -> ctypes.CDLL:
+    return load_emulator(emulator_lib)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -78,17 +88,47 @@ def test_forward_matches_the_reference_on_both_lane_paths(emulator, dtype, d, ga
             assert lanes == (vector if d % (4 * vector) == 0 and weight.is_contiguous() and not out_offset else 1)
 
 
-@pytest.mark.parametrize("dtype", list(_DTYPES))
-def test_bad_ids_are_never_read_and_recorded(emulator, dtype):
-    vocab, d = 10, 64
-    weight = torch.randn(vocab, d).to(dtype)
-    ids = torch.tensor([3, -4, 9, 10, 2**40, 0])
-    out, lanes, bad = _forward(emulator, ids, weight, 0.5, 11, 0, False)
-    assert lanes > 1
-    expected = reference_forward(ids, weight, 0.5, 11, 0)
-    assert_bits_equal(out, expected)
-    assert out[[1, 3, 4]].isnan().all() and not out[[0, 2, 5]].isnan().any()
-    assert bad.tolist() == [-4, 2**40, vocab]
+# Bad ids in a process of its own, on tables between two pages that fault on any access: a bad id's
+# row, were it read, would fault there (just past the end, just before the start), and so would a
+# wild id's. Both lane paths (16 bytes on packed and padded rows; one lane).
+_BAD_IDS_RUN = """
+import ctypes, mmap, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from kernels.test_cuda_emulated import _forward, load_emulator
+from neft_kernels.backends.reference import reference_forward
+from support.asserts import assert_bits_equal
+emu = load_emulator(sys.argv[1])
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+page = mmap.PAGESIZE
+vocab = 10
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for d, stride in ((64, 64), (64, 72), (13, 13)):
+        for at_end in (False, True):
+            size = vocab * stride * dtype.itemsize
+            span = -(-size // page) * page
+            buf = mmap.mmap(-1, span + 2 * page)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            start = base + page + (span - size) // 16 * 16 * at_end
+            table = torch.frombuffer((ctypes.c_char * size).from_address(start), dtype=dtype).view(vocab, stride)
+            table.copy_(torch.randn(vocab, stride))
+            assert libc.mprotect(base, page, 0) == 0 and libc.mprotect(base + page + span, page, 0) == 0
+            weight = table[:, :d]
+            ids = torch.tensor([3, -1, vocab, 9, -4, vocab + 1, 2**40, 0])
+            out, lanes, bad = _forward(emu, ids, weight, 0.5, 11, 0, False)
+            assert (lanes > 1) == (d == 64), lanes
+            assert_bits_equal(out, reference_forward(ids, weight, 0.5, 11, 0))
+            assert out[[1, 2, 4, 5, 6]].isnan().all() and not out[[0, 3, 7]].isnan().any()
+            assert bad.tolist() == [-4, 2**40, vocab], bad
+print("ok")
+"""
+
+
+def test_bad_ids_are_never_read_get_nan_rows_and_are_recorded(emulator_lib):
+    res = subprocess.run([sys.executable, "-c", _BAD_IDS_RUN, emulator_lib, str(ROOT / "tests")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.returncode, res.stderr[-2000:])
 
 
 @pytest.mark.parametrize("dtype", list(_DTYPES))
