@@ -1,6 +1,7 @@
-// The CUDA kernels themselves (forward and backward) and the forward's launch shape: included by
-// noisy_embedding.cu, which launches them, and by tests/support/cuda_emulator.cpp, which runs them on
-// the CPU one (block, thread) at a time so that the suite checks their bits without a GPU.
+// The CUDA kernels themselves (forward and backward), the forward's variant choice and launch shape:
+// included by noisy_embedding.cu, which launches them, and by tests/support/cuda_emulator.cpp, which
+// runs them on the CPU one (block, thread) at a time so that the suite checks their bits without a
+// GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 
 #include <cstdint>
 
+#include "../dtype.h"
 #include "../gaussian.h"
 #include "../philox.h"
 
@@ -149,6 +151,35 @@ inline int forward_lanes(int64_t d, int64_t w_stride, const void* weight, const 
 }
 
 constexpr int64_t kForwardThreads = 256;  // per block; the grid covers n_tokens * lane groups flat
+
+// The forward kernel a launch runs, as a type: storage type, noise stream, lanes per thread.
+template <typename T, bool Gaussian, int Vec>
+struct ForwardVariant {
+  using type = T;
+  static constexpr bool kGaussian = Gaussian;
+  static constexpr int kVec = Vec;
+};
+
+// Calls fn(TypeTag<T>{}) with T the storage type of dtype on the GPU: bfloat16 as raw words,
+// rounded by integer ops.
+template <typename Fn>
+decltype(auto) dispatch_storage(DType dtype, Fn&& fn) {
+  return dispatch_dtype<float, uint16_t, __half>(dtype, fn);
+}
+
+// Calls fn(ForwardVariant<...>{}) for the variant that serves these arguments: the launcher and the
+// CPU emulation both choose through it.
+template <typename Fn>
+decltype(auto) dispatch_forward(DType dtype, bool gaussian, int64_t d, int64_t w_stride, const void* weight,
+                                const void* out, Fn&& fn) {
+  return dispatch_storage(dtype, [&](auto tag) -> decltype(auto) {
+    using T = typename decltype(tag)::type;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vector = forward_lanes<T>(d, w_stride, weight, out) > 1;
+    if (gaussian) return vector ? fn(ForwardVariant<T, true, kVec>{}) : fn(ForwardVariant<T, true, 1>{});
+    return vector ? fn(ForwardVariant<T, false, kVec>{}) : fn(ForwardVariant<T, false, 1>{});
+  });
+}
 
 // Forward threads in all: one per (token, group of kVec lanes).
 inline int64_t forward_threads(int64_t n_tokens, int64_t d, int kVec) {
