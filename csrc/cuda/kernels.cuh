@@ -140,14 +140,14 @@ __global__ void backward_kernel(const void* __restrict__ grad, const int64_t* __
   static_cast<T*>(grad_weight)[id * d + j] = Io<T>::from_f32(acc);
 }
 
-// Lanes per forward thread: 16 bytes' worth where d = 4q with q, the row stride and both pointers
-// aligned for it, else one.
+// Whether a forward thread moves 16 bytes (kVec lanes): where d = 4q with q, the row stride and both
+// pointers aligned for it; else one lane.
 template <typename T>
-inline int forward_lanes(int64_t d, int64_t w_stride, const void* weight, const void* out) {
+inline bool forward_vectorised(int64_t d, int64_t w_stride, const void* weight, const void* out) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t q = (d + 3) / 4;
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return d == 4 * q && q % kVec == 0 && w_stride % kVec == 0 && aligned(weight) && aligned(out) ? kVec : 1;
+  return d == 4 * q && q % kVec == 0 && w_stride % kVec == 0 && aligned(weight) && aligned(out);
 }
 
 constexpr int64_t kForwardThreads = 256;  // per block; the grid covers n_tokens * lane groups flat
@@ -175,7 +175,7 @@ decltype(auto) dispatch_forward(DType dtype, bool gaussian, int64_t d, int64_t w
   return dispatch_storage(dtype, [&](auto tag) -> decltype(auto) {
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(T);
-    const bool vector = forward_lanes<T>(d, w_stride, weight, out) > 1;
+    const bool vector = forward_vectorised<T>(d, w_stride, weight, out);
     if (gaussian) return vector ? fn(ForwardVariant<T, true, kVec>{}) : fn(ForwardVariant<T, true, 1>{});
     return vector ? fn(ForwardVariant<T, false, kVec>{}) : fn(ForwardVariant<T, false, 1>{});
   });

@@ -18,13 +18,32 @@ from . import measure
 from .impls import ALPHA, hf_hook
 
 
-def run(device: torch.device, shape: tuple[int, int, int, int], reps: int = 15, calls: int = 300) -> list[dict]:
+def _inputs(device: torch.device, shape: tuple[int, int, int, int]):
+    """A weight requiring grad, ids and a mask with half of the first row padded."""
     b, length, d, vocab = shape
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(vocab, d, generator=gen).to(device).requires_grad_()
     ids = torch.randint(0, vocab, (b, length), generator=gen).to(device)
     mask = torch.ones(b, length, dtype=torch.long, device=device)
     mask[0, length // 2:] = 0
+    return weight, ids, mask
+
+
+def _median_host_us(fns: dict, device: torch.device, reps: int, calls: int) -> dict[str, float]:
+    """Each call's median host us over ``reps`` samples of ``calls`` calls, samples interleaved."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up: compiles, allocations, the id flag
+        for _ in range(5):
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(measure.host_us(fn, device, calls))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(device: torch.device, shape: tuple[int, int, int, int], reps: int = 15, calls: int = 300) -> list[dict]:
+    b, length, d, vocab = shape
+    weight, ids, mask = _inputs(device, shape)
     pos = torch.arange(length, device=device).repeat(b, 1)
     pos[:, length // 2:] -= length // 2
     cu = torch.arange(0, b * length + 1, length // 2, dtype=torch.int32, device=device)
@@ -38,17 +57,9 @@ def run(device: torch.device, shape: tuple[int, int, int, int], reps: int = 15, 
         "neft, cu_seqlens": lambda: noisy_embedding(ids, weight, ALPHA, seed=1, cu_seqlens=cu),
         "NoisyEmbedding (train), attention_mask": lambda: emb(ids, attention_mask=mask),
     }
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up: compiles, allocations
-        for _ in range(5):
-            fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(measure.host_us(fn, device, calls))
-    base = statistics.median(samples["F.embedding"])
+    medians = _median_host_us(fns, device, reps, calls)
     return [{"kind": "host", "call": name, "device": device.type, "shape": list(shape),
-             "host_us": statistics.median(s), "vs_f_embedding": statistics.median(s) / base}
-            for name, s in samples.items()]
+             "host_us": us, "vs_f_embedding": us / medians["F.embedding"]} for name, us in medians.items()]
 
 
 def table(records: list[dict]) -> str:
@@ -64,15 +75,12 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
     launches (scales, rows), the C++ launch, the sync-free id check's steps, the autograd
     Function's entry, an allocation; on a CPU: the checks, the one C++ call, the seed draw."""
     from .. import validation
-    from ..backends import available_backends, draw_seed, module, resolve
+    from ..backends import SEED_HIGH, SEED_LOW, available_backends, draw_seed, module, resolve
     from ..compat import function_c_apply
     from ..id_check import device_id_flag
 
     b, length, d, vocab = shape
-    weight = torch.randn(vocab, d, device=device, requires_grad=True)
-    ids = torch.randint(0, vocab, (b, length), device=device)
-    mask = torch.ones_like(ids)
-    mask[0, length // 2:] = 0
+    weight, ids, mask = _inputs(device, shape)
     emb = NoisyEmbedding(vocab, d, device=device, noise_alpha=ALPHA).train()
 
     class _Nothing(torch.autograd.Function):
@@ -92,7 +100,7 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         "checks + backend resolution": lambda: (
             validation.check_call(ids, weight, 0, mask, None, None, None), resolve("auto", device)),
         "seed: draw_seed": draw_seed,
-        "seed: torch.randint().item()": lambda: torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64).item(),
+        "seed: torch.randint().item()": lambda: torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64).item(),
         "torch.empty (output)": lambda: torch.empty(b, length, d, device=device),
         "autograd.Function entry (C), no work": lambda: nothing(weight),
     }
@@ -123,15 +131,8 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
 
             fns["cuda: _C_cuda.forward (1 launch)"] = lambda: _C_cuda.forward(
                 ids, plain, None, 0.1, 1, 0, None, None, False)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up: compiles, allocations, the id flag
-        for _ in range(5):
-            fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(measure.host_us(fn, device, calls))
-    return [{"kind": "host_breakdown", "call": name, "device": device.type, "shape": list(shape),
-             "host_us": statistics.median(s)} for name, s in samples.items()]
+    return [{"kind": "host_breakdown", "call": name, "device": device.type, "shape": list(shape), "host_us": us}
+            for name, us in _median_host_us(fns, device, reps, calls).items()]
 
 
 def breakdown_table(records: list[dict]) -> str:
