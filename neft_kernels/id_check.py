@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .compat import assume_constant_result
+
 _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 _enabled = os.environ.get("NEFT_KERNELS_CHECK_IDS", "1") != "0"
 _flags: dict[torch.device, "DeviceIdFlag"] = {}
@@ -99,6 +101,16 @@ def raise_pending(device: torch.device) -> None:
     flag = _flags.get(device)
     if flag is not None and not torch.cuda.is_current_stream_capturing():
         flag.raise_pending()
+
+
+@assume_constant_result
+def prepare_flag(device: torch.device) -> None:
+    """Make ``device``'s flag now, while a graph is traced: made at a compiled graph's first run, its
+    buffer would come from that graph's CUDA-graph memory pool (``mode="reduce-overhead"``'s warm-up
+    run), which refuses tensors that outlive the run. (A constant result: dynamo runs this eagerly
+    at trace time and leaves it out of the graph.)"""
+    if device.type == "cuda" and device not in _flags and not torch.cuda.is_current_stream_capturing():
+        _flags[device] = DeviceIdFlag(device)
 
 
 def device_id_flag(ids: torch.Tensor) -> DeviceIdFlag | None:

@@ -22,7 +22,7 @@ import torch
 from . import validation
 from .backends import module, resolve
 from .compat import function_c_apply, functorch_transforms_active, native_autograd_unseen
-from .id_check import check_id_range, device_id_flag, raise_pending
+from .id_check import check_id_range, device_id_flag, prepare_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
 from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES
 
@@ -258,6 +258,8 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
                          gaussian, padding_idx, bool(scale_grad_by_freq))
     args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
     if traced:
+        if check_ids and weight.is_cuda:
+            prepare_flag(weight.device)
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)
 

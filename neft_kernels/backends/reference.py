@@ -13,17 +13,24 @@ from ..spec import noise
 _CHUNK_ELEMENTS = 1 << 22
 
 
+def record_bad_ids(ids: torch.Tensor, num_embeddings: int, bad_ids: torch.Tensor) -> None:
+    """Fold ids outside ``[0, num_embeddings)`` into the (min, max, V) record, as the kernels do,
+    without a sync."""
+    ids = ids.long()  # int32 ids would turn the record's int64 sentinels into -1 and 0 (a false alarm)
+    bad = (ids < 0) | (ids >= num_embeddings)
+    bad_ids[0] = torch.minimum(bad_ids[0], torch.where(bad, ids, bad_ids[0]).min())
+    bad_ids[1] = torch.maximum(bad_ids[1], torch.where(bad, ids, bad_ids[1]).max())
+    bad_ids[2] = torch.where(bad.any(), torch.clamp(bad_ids[2], min=num_embeddings), bad_ids[2])
+
+
 def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
             alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
             position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
             gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
     if ids.device.type == "cpu":
         check_id_range(ids, weight.shape[0])
-    elif bad_ids is not None and ids.numel():  # record (min, max, V), as the kernels do, without a sync
-        bad = (ids < 0) | (ids >= weight.shape[0])
-        bad_ids[0] = torch.minimum(bad_ids[0], torch.where(bad, ids, bad_ids[0]).min())
-        bad_ids[1] = torch.maximum(bad_ids[1], torch.where(bad, ids, bad_ids[1]).max())
-        bad_ids[2] = torch.where(bad.any(), torch.clamp(bad_ids[2], min=weight.shape[0]), bad_ids[2])
+    elif bad_ids is not None and ids.numel():
+        record_bad_ids(ids, weight.shape[0], bad_ids)
     if scale is None:
         scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
                              noise_mask, ids.device)

@@ -3,6 +3,9 @@
 sync, bad ids, CUDA graphs and reduce-overhead compile."""
 
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,11 +268,34 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
     step = torch.compile(lambda i, m: model(input_ids=i, attention_mask=m, labels=i).loss, mode="reduce-overhead")
     losses = []
     for _ in range(4):
-        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: its graphs' outputs may be reused
+        # As a training loop does: without it, gradients accumulated into a graph's output fail in torch
+        # itself (the unpatched model fails the same way at its second step).
+        model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
         loss = step(ids, mask)
         loss.backward()
         losses.append(float(loss))
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
+
+
+def test_reduce_overhead_compile_as_the_first_use_of_the_op_on_a_device_runs():
+    """The id check's device buffer is made while the graph is traced: made at the first run, it would
+    come from the CUDA-graph pool, which refuses tensors that outlive the run. A fresh process, so that
+    no earlier test has made it."""
+    code = """
+import torch
+from neft_kernels import noisy_embedding
+weight = torch.randn(64, 32, device="cuda", requires_grad=True)
+ids = torch.randint(0, 64, (2, 16), device="cuda")
+step = torch.compile(lambda i, s: noisy_embedding(i, weight, 5.0, seed=s).square().sum(), mode="reduce-overhead")
+for s in range(3):
+    weight.grad = None
+    torch.compiler.cudagraph_mark_step_begin()
+    step(ids, torch.tensor(s, device="cuda")).backward()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 @on_backends("triton", "cuda", device="cuda")

@@ -58,6 +58,21 @@ def test_the_reference_never_reads_out_of_range_rows():
     assert torch.equal(grad, torch.tensor([[0.0] * 3, [2.0] * 3, [0.0] * 3, [0.0] * 3]))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_references_bad_id_record_matches_the_kernels(dtype):
+    """The (min, max, V) record the reference keeps for accelerator ids, checked on CPU tensors: good
+    ids of either width leave it empty, bad ones widen it."""
+    from neft_kernels.backends.reference import record_bad_ids
+    from neft_kernels.id_check import _EMPTY
+
+    record = torch.tensor(_EMPTY)
+    record_bad_ids(torch.tensor([0, 3, 10], dtype=dtype), 11, record)
+    assert record.tolist() == list(_EMPTY)
+    record_bad_ids(torch.tensor([[4, 11], [-2, 0]], dtype=dtype), 11, record)
+    record_bad_ids(torch.tensor([1 << 30, 5], dtype=dtype), 7, record)
+    assert record.tolist() == [-2, 1 << 30, 11]
+
+
 @on_backends()
 def test_edge_shapes_and_dtypes(backend, device):
     weight = make_weight(11, 6, torch.float32, device)  # d not a multiple of 4
