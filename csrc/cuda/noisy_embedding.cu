@@ -1,5 +1,6 @@
-// Launchers of the CUDA kernels (kernels.cuh): fused NEFTune forward (spec v2, uniform or Gaussian,
-// bit-exact) and the deterministic embedding backward with float32 accumulation. Raw pointers and a
+// Launchers of the CUDA kernels (kernels.cuh, scales.cuh): per-token scales, fused NEFTune forward
+// (spec v2, uniform or Gaussian, bit-exact) and the deterministic embedding backward with float32
+// accumulation. Raw pointers and a
 // cudaStream_t only: no torch headers, so nvcc compiles this file alone (tests compile it for
 // sm_80/sm_90 with -Xptxas -v, and check its PTX for FMA). Every float operation goes through an
 // explicit round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without
@@ -8,6 +9,7 @@
 
 #include "kernels.cuh"
 #include "noisy_embedding.h"
+#include "scales.cuh"
 
 namespace {
 
@@ -42,6 +44,21 @@ cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const 
         ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
     return cudaGetLastError();
   });
+}
+
+int64_t token_scales_workspace(int64_t rows, int64_t width) { return cuda::scale_workspace(rows, width); }
+
+cudaError_t token_scales_cuda(const ScaleArgs& args, int64_t* workspace, float* out, cudaStream_t stream) {
+  const int64_t tiles = cuda::scale_tiles_per_row(args.width), blocks = args.rows * tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
+  if (tiles > 1) {
+    cuda::tile_summary_kernel<<<static_cast<unsigned>(blocks), cuda::kScaleThreads, 0, stream>>>(args, tiles,
+                                                                                                 workspace);
+  }
+  cuda::token_scales_kernel<<<static_cast<unsigned>(blocks), cuda::kScaleThreads, 0, stream>>>(
+      args, tiles, tiles > 1 ? workspace : nullptr, out);
+  return cudaGetLastError();
 }
 
 cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,

@@ -19,6 +19,30 @@ cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const 
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
                                          int64_t num_rows, long long* bad_ids, bool gaussian, cudaStream_t stream);
 
+// An integer or bool side input as a (rows, width) view (stride 0 along a broadcast dim) of elements
+// of ``bytes`` bytes; data nullptr where absent. cu_seqlens: 1-D, its stride in s1.
+struct SideView {
+  const void* data = nullptr;
+  int64_t s0 = 0, s1 = 0;
+  int bytes = 8;
+};
+
+// What the per-token scales of rows * width tokens depend on; alpha_ptr: alpha in device memory (a
+// graph's alpha tensor), else alpha.
+struct ScaleArgs {
+  SideView mask, positions, noise_mask, cu_seqlens;
+  int64_t n_cu = 0, rows = 0, width = 0, d = 0;
+  double alpha = 0.0;
+  const double* alpha_ptr = nullptr;
+};
+
+// int64 elements of workspace token_scales_cuda needs (0: none, the nullptr it then takes).
+int64_t token_scales_workspace(int64_t rows, int64_t width);
+
+// Spec v2's per-token scales (scales.cuh) into out (rows * width float32): one launch where rows fit
+// in a tile, else two.
+cudaError_t token_scales_cuda(const ScaleArgs& args, int64_t* workspace, float* out, cudaStream_t stream);
+
 // grad (n_tokens, d) -> grad_weight (V, d), zero-initialised by the caller; ids sorted stably with
 // their order and the end of each id's run (searchsorted right). Ids outside [0, num_weights) are
 // skipped.

@@ -27,12 +27,12 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)'", res.stderr)
-    # forward (uniform and Gaussian; one lane or 16 bytes a thread) and backward for fp32, bf16, fp16
-    assert len(kernels) == 15
+    # forward (uniform and Gaussian; one lane or 16 bytes a thread) and backward for fp32, bf16, fp16; the scales
+    assert len(kernels) == 17
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)]
-    assert len(spills) == 30 and not any(spills), res.stderr
+    assert len(spills) == 34 and not any(spills), res.stderr
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", res.stderr)]
-    assert len(registers) == 15 and max(registers) <= 128, registers
+    assert len(registers) == 17 and max(registers) <= 128, registers
 
 
 def _ptx_entries(ptx: str) -> dict[str, str]:
@@ -46,7 +46,7 @@ def _ptx_entries(ptx: str) -> dict[str, str]:
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize("fmad", [False, True])
 def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
-    """The spec rounds every float32 step: no fma, no .ftz, no approximate div/sqrt/lg2 in any kernel's
+    """The spec rounds every float step: no fma, no .ftz, no approximate div/sqrt/lg2 in any kernel's
     PTX, even with nvcc's default --fmad=true (the kernels use explicit _rn intrinsics throughout).
     The Gaussian forwards divide and take roots with the IEEE instructions and truncate the quadrant."""
     res = subprocess.run(
@@ -55,7 +55,7 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     entries = _ptx_entries((tmp_path / "k.ptx").read_text())
-    assert len(entries) == 15, list(entries)
+    assert len(entries) == 17, list(entries)
     for name, body in entries.items():
         assert not re.search(r"\bfma\.|\.ftz\b|\.approx\b|\b(?:lg2|ex2|sin|cos|rsqrt|rcp)\.", body), name
     gaussian = [body for name, body in entries.items() if "forward_kernel" in name and "Lb1E" in name]
@@ -66,6 +66,9 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
             assert instruction in body, instruction
     for body in uniform:
         assert not re.search(r"\b(?:div|sqrt)\.[a-z.]*f(?:32|64)\b", body)  # integer division only (token, lanes)
+    (scales,) = [body for name, body in entries.items() if "token_scales_kernel" in name]
+    for instruction in ("mul.rn.f64", "sqrt.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"):  # scale_of, rounded once
+        assert instruction in scales, instruction
 
 
 @pytest.mark.slow

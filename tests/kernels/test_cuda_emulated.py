@@ -15,22 +15,28 @@ from neft_kernels.backends.reference import reference_backward, reference_forwar
 
 from support import ROOT, cuda_include
 from support.asserts import assert_bits_equal
+from support.cases import scale_cases
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
 
-@pytest.fixture(scope="module")
-def emulator_lib(tmp_path_factory) -> str:
+def _build_emulator(tmp_path_factory, *defines: str) -> str:
     include, compiler = cuda_include(), shutil.which("c++") or shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("cuda_emulator") / "emulator.so"
-    res = subprocess.run([compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{include}",
+    res = subprocess.run([compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                          f"-I{include}", *(f"-D{d}" for d in defines),
                           str(ROOT / "tests" / "support" / "cuda_emulator.cpp"), "-o", str(lib)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return str(lib)
+
+
+@pytest.fixture(scope="module")
+def emulator_lib(tmp_path_factory) -> str:
+    return _build_emulator(tmp_path_factory)
 
 
 def load_emulator(lib: str) -> ctypes.CDLL:
@@ -41,6 +47,8 @@ def load_emulator(lib: str) -> ctypes.CDLL:
                                      ctypes.c_bool]
     emu.emulated_backward.restype = None
     emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
+    emu.emulated_token_scales.restype = None
+    emu.emulated_token_scales.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p]
     return emu
 
 
@@ -147,3 +155,63 @@ def test_backward_sums_each_ids_rows_in_token_order(emulator, dtype, d, padding_
                                _ptr(grad_weight), ids.numel(), d, vocab,
                                -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
     assert_bits_equal(grad_weight, reference_backward(grad, ids, vocab, padding_idx, scale_grad_by_freq))
+
+
+def _token_scales(emu, width: int, alpha: float, d: int, mask, pos, cu, noise_mask, alpha_in_memory=False):
+    """The emulated token_scales_cuda: side inputs as the binding passes them ((rows, width) strides,
+    0 along broadcast dims; element sizes)."""
+    rows = 3
+    data, strides, sizes = [], [], []
+    for t in (mask, pos, noise_mask):
+        data.append(_ptr(t))
+        strides += [0, 0] if t is None else [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)]
+        sizes.append(8 if t is None else t.element_size())
+    data.append(_ptr(cu))
+    strides += [0, 0 if cu is None else cu.stride(0)]
+    sizes.append(8 if cu is None else cu.element_size())
+    alpha_tensor = torch.tensor(alpha, dtype=torch.float64) if alpha_in_memory else None
+    out = torch.full((rows * width,), float("nan"))
+    emu.emulated_token_scales((ctypes.c_void_p * 4)(*data), (ctypes.c_int64 * 8)(*strides), (ctypes.c_int * 4)(*sizes),
+                              0 if cu is None else cu.numel(), rows, width, d, 0.0 if alpha_in_memory else alpha,
+                              _ptr(alpha_tensor), _ptr(out))
+    return out
+
+
+def _check_scales(emu, width: int, alphas=((5.0, 4096), (3.4641022345673926, 16), (0.0, 7))):
+    from neft_kernels.lengths import token_scales
+
+    g = torch.Generator().manual_seed(width + 2)
+    noise_masks = (None, torch.randint(0, 2, (3, width), generator=g).bool(),
+                   (torch.arange(width) % 3 == 0)[None].expand(3, width))
+    for i, (mask, pos, cu) in enumerate(scale_cases(width)):
+        noise_mask = noise_masks[i % len(noise_masks)]
+        for alpha, d in alphas:
+            got = _token_scales(emu, width, alpha, d, mask, pos, cu, noise_mask, alpha_in_memory=i % 2 == 1)
+            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu,
+                                noise_mask=noise_mask)
+            assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
+
+
+@pytest.mark.parametrize("width", [1, 7, 37, 1500, 2 * 2048 + 37])
+def test_token_scales_match_the_reference(emulator, width):
+    """Masks of every width, broadcast strides, packed rows, cu_seqlens (int32, int64, repeats, past the
+    end), noise masks, alpha as a value or in memory; rows of one tile and of three."""
+    _check_scales(emulator, width, *([((5.0, 4096), (0.0, 7))] if width > 2048 else []))
+
+
+@pytest.fixture(scope="module")
+def small_tile_emulator(tmp_path_factory) -> ctypes.CDLL:
+    return load_emulator(_build_emulator(tmp_path_factory, "NEFT_SCALE_THREADS=4"))
+
+
+@pytest.mark.parametrize("width", [9, 37, 300])
+def test_token_scales_across_tiles_and_windows(small_tile_emulator, width):
+    """Tiles of 32 tokens, summaries read 4 tiles at a time: sub-sequences cross many tiles and
+    windows, as long packed rows do at full size."""
+    _check_scales(small_tile_emulator, width)
+
+
+def test_token_scales_with_no_side_input_use_the_row_width(emulator):
+    """A tensor alpha alone makes the scales per token: L is the row width."""
+    got = _token_scales(emulator, 11, 5.0, 64, None, None, None, None, alpha_in_memory=True)
+    assert_bits_equal(got, torch.full((33,), 5.0 / (11 * 64) ** 0.5, dtype=torch.float32))

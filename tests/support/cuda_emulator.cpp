@@ -8,9 +8,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <ucontext.h>
 #include <algorithm>
+
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <vector>
 
 // The CUDA built-ins the kernels use, for the host.
 #undef __global__
@@ -18,10 +22,25 @@
 #undef __device__
 #define __device__
 #define __restrict__ __restrict
+#undef __shared__
+#define __shared__ static  // one block runs at a time: a static is its shared memory
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 static EmulatedDim3 blockIdx, blockDim, threadIdx;
+
+// A block whose threads cooperate runs them as fibers on this thread (run_block_grid): each runs
+// until its next __syncthreads or its end, then the next one; a round of all of them passes a barrier.
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  bool done = false;
+};
+static ucontext_t scheduler;
+static std::vector<Fiber> fibers;
+static size_t current_fiber = 0;
+static const std::function<void()>* fiber_kernel = nullptr;
+static inline void __syncthreads() { swapcontext(&fibers[current_fiber].context, &scheduler); }
 static inline float __int_as_float(int bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -39,6 +58,7 @@ static inline long long atomicMax(long long* p, long long v) {
 }
 
 #include "../../csrc/cuda/kernels.cuh"
+#include "../../csrc/cuda/scales.cuh"
 
 namespace {
 
@@ -52,6 +72,40 @@ void run_grid(int64_t blocks_x, int64_t blocks_y, int64_t threads, Kernel&& kern
         blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y), 0};
         threadIdx = {static_cast<unsigned>(t), 0, 0};
         kernel();
+      }
+    }
+  }
+}
+
+void fiber_main() {
+  (*fiber_kernel)();
+  fibers[current_fiber].done = true;
+}
+
+// Blocks in turn, each block's threads as fibers: for kernels that cooperate through __syncthreads
+// and shared memory (a static: one block runs at a time).
+void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>& kernel) {
+  fiber_kernel = &kernel;
+  fibers.resize(static_cast<size_t>(threads));
+  blockDim = {static_cast<unsigned>(threads), 1, 1};
+  for (int64_t x = 0; x < blocks; ++x) {
+    blockIdx = {static_cast<unsigned>(x), 0, 0};
+    for (Fiber& f : fibers) {
+      f.stack.resize(1 << 16);
+      f.done = false;
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.data();
+      f.context.uc_stack.ss_size = f.stack.size();
+      f.context.uc_link = &scheduler;
+      makecontext(&f.context, fiber_main, 0);
+    }
+    for (bool running = true; running;) {  // one round: every live thread to its next barrier
+      running = false;
+      for (current_fiber = 0; current_fiber < fibers.size(); ++current_fiber) {
+        if (fibers[current_fiber].done) continue;
+        threadIdx = {static_cast<unsigned>(current_fiber), 0, 0};
+        swapcontext(&scheduler, &fibers[current_fiber].context);
+        running = running || !fibers[current_fiber].done;
       }
     }
   }
@@ -91,4 +145,28 @@ extern "C" void emulated_backward(int dtype, const void* grad, const int64_t* so
                                      padding_idx, scale_by_freq);
     });
   });
+}
+
+// token_scales_cuda's launches. Side inputs: data[i] with strides[2 i], strides[2 i + 1] and
+// bytes[i] for mask, positions, noise_mask, cu_seqlens (nullptr where absent).
+extern "C" void emulated_token_scales(const void* const* data, const int64_t* strides, const int* bytes, int64_t n_cu,
+                                      int64_t rows, int64_t width, int64_t d, double alpha, const double* alpha_ptr,
+                                      float* out) {
+  neft::ScaleArgs args;
+  neft::SideView* views[] = {&args.mask, &args.positions, &args.noise_mask, &args.cu_seqlens};
+  for (int i = 0; i < 4; ++i) *views[i] = {data[i], strides[2 * i], strides[2 * i + 1], bytes[i]};
+  args.n_cu = n_cu;
+  args.rows = rows;
+  args.width = width;
+  args.d = d;
+  args.alpha = alpha;
+  args.alpha_ptr = alpha_ptr;
+  const int64_t tiles = neft::cuda::scale_tiles_per_row(width);
+  std::vector<int64_t> workspace(neft::cuda::scale_workspace(rows, width));
+  if (tiles > 1) {
+    run_block_grid(rows * tiles, neft::cuda::kScaleThreads,
+                   [&] { neft::cuda::tile_summary_kernel(args, tiles, workspace.data()); });
+  }
+  run_block_grid(rows * tiles, neft::cuda::kScaleThreads,
+                 [&] { neft::cuda::token_scales_kernel(args, tiles, tiles > 1 ? workspace.data() : nullptr, out); });
 }

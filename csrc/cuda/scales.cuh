@@ -1,0 +1,252 @@
+// Per-token scales on the GPU, spec v2's scale_n = float32(alpha / sqrt(L d)): L counts the real
+// (attention_mask != 0) tokens of the token's sub-sequence, which starts at its row's start, where
+// position_ids is 0 and at each cu_seqlens entry; 0 where a token gets no noise. Included by
+// noisy_embedding.cu (launches) and tests/support/cuda_emulator.cpp (which runs each block's
+// threads concurrently, so that __syncthreads and shared memory mean what they mean on a GPU).
+//
+// A block takes a tile of kScaleTile tokens of one row, kScaleTokens consecutive tokens per thread.
+// Per thread a Span summarises its tokens; block scans of Spans give each thread the real tokens
+// before and after it up to the nearest starts. A sub-sequence that crosses the tile's edge adds
+// what the neighbouring tiles' summaries (tile_summary_kernel, a launch before) count, read a
+// block's width of tiles at a time: a long packed row is spread over many blocks, none serialised.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../philox.h"        // NEFT_HD
+#include "noisy_embedding.h"  // SideView, ScaleArgs
+
+namespace neft::cuda {
+
+using neft::ScaleArgs;
+using neft::SideView;
+
+#ifndef NEFT_SCALE_THREADS  // the emulated tests build with fewer, so that short rows cross tiles and windows
+#define NEFT_SCALE_THREADS 256
+#endif
+constexpr int kScaleThreads = NEFT_SCALE_THREADS;
+constexpr int kScaleTokens = 8;                               // consecutive tokens per thread (at most 32: bit masks)
+constexpr int64_t kScaleTile = kScaleThreads * kScaleTokens;  // tokens of a row per block
+
+// float64 operations rounded to nearest, as the spec computes a scale (host branches: the emulator).
+NEFT_HD double dmul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+NEFT_HD float scale_of(double alpha, int64_t length, int64_t d) {  // float32(alpha / sqrt(L d)), rounded once
+  const double ld = dmul_rn(static_cast<double>(length > 1 ? length : 1), static_cast<double>(d));
+#if defined(__CUDA_ARCH__)
+  return __double2float_rn(__ddiv_rn(alpha, __dsqrt_rn(ld)));
+#else
+  return static_cast<float>(alpha / std::sqrt(ld));
+#endif
+}
+
+// A side input's element i, read by element size: only == 0 / != 0 matters, and cu_seqlens' int32
+// or int64 values, which the size alone decides.
+__device__ inline int64_t side_at(const SideView& v, int64_t i) {
+  switch (v.bytes) {
+    case 1:
+      return static_cast<const int8_t*>(v.data)[i];
+    case 2:
+      return static_cast<const int16_t*>(v.data)[i];
+    case 4:
+      return static_cast<const int32_t*>(v.data)[i];
+    default:
+      return static_cast<const int64_t*>(v.data)[i];
+  }
+}
+
+__device__ inline int64_t side_at(const SideView& v, int64_t r, int64_t c) { return side_at(v, r * v.s0 + c * v.s1); }
+
+// Real tokens of a span of a row: head = before its first sub-sequence start (all of them where
+// none starts in it), tail = from its last start on. join is associative, with {0, 0, false} as
+// identity: scans and reductions over spans in token order.
+struct Span {
+  int64_t head = 0, tail = 0;
+  bool has_start = false;
+};
+
+__device__ inline Span join(const Span& a, const Span& b) {
+  Span s;
+  s.head = a.has_start ? a.head : a.head + b.head;
+  s.tail = b.has_start ? b.tail : (a.has_start ? a.tail + b.head : 0);
+  s.has_start = a.has_start || b.has_start;
+  return s;
+}
+
+// Tile summaries in global memory: (head, tail), tail = -1 where no sub-sequence starts in the tile.
+__device__ inline Span load_span(const int64_t* p) { return {p[0], p[1] < 0 ? 0 : p[1], p[1] >= 0}; }
+
+// Whether each token starts a sub-sequence, asked in ascending column order from first_col on.
+struct StartFinder {
+  const ScaleArgs& a;
+  int64_t row, k = 0;  // k: first cu_seqlens entry not below the last flat index asked
+  __device__ StartFinder(const ScaleArgs& args, int64_t r, int64_t first_col) : a(args), row(r) {
+    if (!a.cu_seqlens.data) return;
+    const int64_t flat = r * a.width + first_col;
+    int64_t lo = 0, hi = a.n_cu;  // entries ascend: binary search
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (side_at(a.cu_seqlens, mid * a.cu_seqlens.s1) < flat)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    k = lo;
+  }
+  __device__ bool operator()(int64_t c) {
+    bool start = c == 0 || (a.positions.data && side_at(a.positions, row, c) == 0);
+    if (a.cu_seqlens.data) {
+      const int64_t flat = row * a.width + c;
+      while (k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) < flat) ++k;
+      start = start || (k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) == flat);
+    }
+    return start;
+  }
+};
+
+__device__ inline bool is_real(const ScaleArgs& a, int64_t r, int64_t c) {
+  return !a.mask.data || side_at(a.mask, r, c) != 0;
+}
+
+// This thread's tokens of the block's tile: [c0, c1) of row r (empty past the row's end).
+struct ThreadTokens {
+  int64_t r, tile, c0, c1;
+};
+
+__device__ inline ThreadTokens thread_tokens(const ScaleArgs& a, int64_t tiles_per_row) {
+  ThreadTokens t;
+  t.r = blockIdx.x / tiles_per_row;
+  t.tile = blockIdx.x - t.r * tiles_per_row;
+  t.c0 = t.tile * kScaleTile + static_cast<int64_t>(threadIdx.x) * kScaleTokens;
+  t.c1 = t.c0 + kScaleTokens < a.width ? t.c0 + kScaleTokens : a.width;
+  if (t.c0 > t.c1) t.c0 = t.c1;
+  return t;
+}
+
+__device__ inline Span span_of(const ScaleArgs& a, const ThreadTokens& t) {
+  Span s;
+  if (t.c0 >= t.c1) return s;
+  StartFinder starts(a, t.r, t.c0);
+  for (int64_t c = t.c0; c < t.c1; ++c) {
+    if (starts(c)) {
+      s.has_start = true;
+      s.tail = 0;
+    }
+    const int64_t real = is_real(a, t.r, c);
+    if (s.has_start)
+      s.tail += real;
+    else
+      s.head += real;
+  }
+  return s;
+}
+
+// In place over the block: s[t] becomes the join of s[0..t] (forward) or of s[t..] (backward).
+__device__ inline void block_scan(Span* s, bool forward) {
+  const int t = threadIdx.x;
+  for (int step = 1; step < kScaleThreads; step *= 2) {
+    Span v = s[t];
+    if (forward && t >= step) v = join(s[t - step], v);
+    if (!forward && t + step < kScaleThreads) v = join(v, s[t + step]);
+    __syncthreads();
+    s[t] = v;
+    __syncthreads();
+  }
+}
+
+// Launch 1 of 2, for rows longer than a tile: one block per (row, tile), tiles[row, tile] = the tile's Span.
+__global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t* tiles) {
+  __shared__ Span spans[kScaleThreads];
+  const ThreadTokens t = thread_tokens(a, tiles_per_row);
+  spans[threadIdx.x] = span_of(a, t);
+  __syncthreads();
+  block_scan(spans, true);
+  if (threadIdx.x == kScaleThreads - 1) {
+    const Span& s = spans[threadIdx.x];
+    int64_t* out = tiles + 2 * static_cast<int64_t>(blockIdx.x);
+    out[0] = s.head;
+    out[1] = s.has_start ? s.tail : -1;
+  }
+}
+
+// The join of tiles [lo, hi) of a row, in token order, a block's width of tiles per step. Block-uniform.
+__device__ inline Span join_tiles(const int64_t* row_tiles, int64_t lo, int64_t hi, Span* scratch) {
+  const int64_t i = lo + threadIdx.x;
+  scratch[threadIdx.x] = i < hi ? load_span(row_tiles + 2 * i) : Span{};
+  __syncthreads();
+  block_scan(scratch, true);
+  const Span s = scratch[kScaleThreads - 1];
+  __syncthreads();  // scratch is reused
+  return s;
+}
+
+// One block per (row, tile): out[n] = the scale of each token. tiles: launch 1's summaries, or
+// nullptr where a row fits in one tile.
+__global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const int64_t* tiles, float* out) {
+  __shared__ Span before[kScaleThreads], after[kScaleThreads], scratch[kScaleThreads];
+  const ThreadTokens t = thread_tokens(a, tiles_per_row);
+  const Span mine = span_of(a, t);
+  before[threadIdx.x] = after[threadIdx.x] = mine;
+  __syncthreads();
+  block_scan(before, true);
+  block_scan(after, false);
+  // Real tokens since the last start before the tile, and until the next start after it.
+  int64_t carry_in = 0, carry_out = 0;
+  if (tiles != nullptr) {
+    const int64_t* row_tiles = tiles + 2 * t.r * tiles_per_row;
+    Span left;  // tiles before this one, nearest first, until one holds a start
+    for (int64_t hi = t.tile; hi > 0 && !left.has_start; hi -= kScaleThreads)
+      left = join(join_tiles(row_tiles, hi > kScaleThreads ? hi - kScaleThreads : 0, hi, scratch), left);
+    carry_in = left.has_start ? left.tail : left.head;
+    Span right;
+    for (int64_t lo = t.tile + 1; lo < tiles_per_row && !right.has_start; lo += kScaleThreads)
+      right = join(right, join_tiles(row_tiles, lo,
+                                     lo + kScaleThreads < tiles_per_row ? lo + kScaleThreads : tiles_per_row, scratch));
+    carry_out = right.head;
+  }
+  if (t.c0 >= t.c1) return;
+  // Around this thread's tokens: the spans before and after it, tile edges included.
+  const Span left = threadIdx.x > 0 ? before[threadIdx.x - 1] : Span{};
+  const Span right = threadIdx.x + 1 < kScaleThreads ? after[threadIdx.x + 1] : Span{};
+  const int64_t real_before = left.has_start ? left.tail : carry_in + left.head;
+  const int64_t real_after = right.has_start ? right.head : right.head + carry_out;
+
+  uint32_t start = 0, real = 0;  // bit j: token c0 + j (bits, not arrays: registers, not local memory)
+  StartFinder starts(a, t.r, t.c0);
+  const int n = static_cast<int>(t.c1 - t.c0);
+  for (int j = 0; j < n; ++j) {
+    start |= static_cast<uint32_t>(starts(t.c0 + j)) << j;
+    real |= static_cast<uint32_t>(is_real(a, t.r, t.c0 + j)) << j;
+  }
+  const double alpha = a.alpha_ptr ? *a.alpha_ptr : a.alpha;
+  for (int p = 0; p < n;) {  // each piece [p, q) of a sub-sequence among this thread's tokens
+    int q = p + 1;
+    while (q < n && !(start >> q & 1u)) ++q;
+    int64_t count = 0;
+    for (int j = p; j < q; ++j) count += real >> j & 1u;
+    if (p == 0 && !(start & 1u)) count += real_before;
+    if (q == n) count += real_after;
+    const float scale = a.d > 0 ? scale_of(alpha, count, a.d) : 0.0f;
+    for (int j = p; j < q; ++j) {
+      const bool noised = (real >> j & 1u) && (!a.noise_mask.data || side_at(a.noise_mask, t.r, t.c0 + j) != 0);
+      out[t.r * a.width + t.c0 + j] = noised ? scale : 0.0f;
+    }
+    p = q;
+  }
+}
+
+// Launch shape: blocks per row; rows of several tiles need launch 1 first, and its workspace.
+inline int64_t scale_tiles_per_row(int64_t width) { return (width + kScaleTile - 1) / kScaleTile; }
+inline int64_t scale_workspace(int64_t rows, int64_t width) {
+  const int64_t tiles = scale_tiles_per_row(width);
+  return tiles > 1 ? 2 * rows * tiles : 0;
+}
+
+}  // namespace neft::cuda
