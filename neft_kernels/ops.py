@@ -205,7 +205,7 @@ def noisy_embedding(
         padding_idx: row that receives no gradient, as in ``nn.Embedding``.
         scale_grad_by_freq: divide each row's gradient by its id's count in the batch.
         backend: ``"triton"``, ``"cpu"``, ``"cuda"`` (compiled ``csrc/``), ``"torch"`` (the
-            reference) or ``"auto"`` (CUDA: triton, else cuda; CPU: cpu, else torch).
+            reference) or ``"auto"`` (CUDA: cuda, else triton; CPU: cpu, else torch).
 
     Returns:
         ``input_ids.shape + (embedding_dim,)`` tensor in ``weight``'s dtype, differentiable

@@ -1,5 +1,5 @@
-// Torch binding of the CUDA kernels (noisy_embedding.h): checks, the stable sort for the backward,
-// stream and dtype.
+// Torch binding of the CUDA kernels (noisy_embedding.h): checks, side-input views, the stable sort
+// for the backward, stream and dtype.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -14,34 +14,115 @@ void check(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "neft_kernels CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// A side input as a (rows, width) view: 0-, 1- or 2-D, each dim of its size or 1 (broadcast, read
+// with stride 0); any strides, any integer or bool dtype, on the weight's device.
+neft::SideView side_view(const c10::optional<torch::Tensor>& t, int64_t rows, int64_t width, const char* name,
+                         const torch::Device& device) {
+  neft::SideView view;
+  if (!t) return view;
+  TORCH_CHECK(t->device() == device, name, " must be on the weight's device (", device, "), got ", t->device());
+  TORCH_CHECK(!t->is_floating_point() && !t->is_complex(), name, " must be an integer or bool tensor, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->dim() <= 2, name, " reaches the kernel as (rows, width), got shape ", t->sizes());
+  if (t->dim() >= 1) {
+    const int64_t size = t->size(-1);
+    TORCH_CHECK(size == width || size == 1, name, " of shape ", t->sizes(), " does not fit rows of width ", width);
+    view.s1 = size == 1 ? 0 : t->stride(-1);
+  }
+  if (t->dim() == 2) {
+    const int64_t size = t->size(0);
+    TORCH_CHECK(size == rows || size == 1, name, " of shape ", t->sizes(), " does not fit ", rows, " rows");
+    view.s0 = size == 1 ? 0 : t->stride(0);
+  }
+  view.data = t->data_ptr();
+  view.bytes = static_cast<int>(t->element_size());
+  return view;
+}
+
+// Spec v2's per-token scales of n tokens in rows of ``width`` into ``out`` (n float32 on the device):
+// from the side inputs, alpha (or alpha_tensor, a 0-d tensor on the device that the kernel reads).
+void fill_scales(torch::Tensor& out, int64_t width, double alpha, const c10::optional<torch::Tensor>& alpha_tensor,
+                 int64_t d, const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& positions,
+                 const c10::optional<torch::Tensor>& cu_seqlens, const c10::optional<torch::Tensor>& noise_mask) {
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  TORCH_CHECK(width > 0 && n % width == 0, "width must divide the number of tokens");
+  const torch::Device device = out.device();
+  neft::ScaleArgs args;
+  args.rows = n / width;
+  args.width = width;
+  args.d = d;
+  args.alpha = alpha;
+  args.mask = side_view(mask, args.rows, width, "attention_mask", device);
+  args.positions = side_view(positions, args.rows, width, "position_ids", device);
+  args.noise_mask = side_view(noise_mask, args.rows, width, "noise_mask", device);
+  if (cu_seqlens) {
+    TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
+    args.n_cu = cu_seqlens->numel();
+    if (args.n_cu) args.cu_seqlens = side_view(cu_seqlens, 1, args.n_cu, "cu_seqlens", device);
+  }
+  torch::Tensor alpha_value;
+  if (alpha_tensor) {
+    TORCH_CHECK(alpha_tensor->device() == device && alpha_tensor->numel() == 1,
+                "alpha: a one-element tensor on the weight's device");
+    alpha_value = alpha_tensor->to(torch::kDouble);  // no copy when it is float64 already
+    args.alpha_ptr = alpha_value.data_ptr<double>();
+  }
+  const int64_t workspace_size = neft::token_scales_workspace(args.rows, width);
+  torch::Tensor workspace;
+  if (workspace_size) workspace = torch::empty({workspace_size}, out.options().dtype(torch::kLong));
+  check(neft::token_scales_cuda(args, workspace_size ? workspace.data_ptr<int64_t>() : nullptr, out.data_ptr<float>(),
+                                c10::cuda::getCurrentCUDAStream().stream()));
+}
+
 }  // namespace
 
 // ids of any shape into a (V, d) weight -> ids.shape + (d,) noisy rows, spec v2: uniform noise, or
-// Gaussian with ``gaussian``. scales: (N,) per-token scales, else ``scale_value`` for every token.
-// seed_tensor: a 0-d int64 CUDA tensor read by the kernel (graph-safe), else ``seed``. bad_ids: a
-// (3,) int64 CUDA tensor {min, max, V} that records out-of-range ids, or none.
-torch::Tensor noisy_embedding_forward(const torch::Tensor& ids_in, const torch::Tensor& weight_in,
-                                      const c10::optional<torch::Tensor>& scales_in, double scale_value, int64_t seed,
-                                      int64_t offset, const c10::optional<torch::Tensor>& seed_tensor,
-                                      const c10::optional<torch::Tensor>& bad_ids, bool gaussian) {
+// Gaussian with ``gaussian``. Scales: with ``per_token`` the kernels derive each token's scale from
+// alpha (or ``alpha_tensor``, read on the device) and the side inputs (``mask`` / ``positions`` /
+// ``noise_mask`` as (rows, width) views, ``cu_seqlens`` 1-D; rows * width = N); otherwise every
+// token takes ``scale_value``. seed_tensor: a 0-d int64 CUDA tensor read by the kernel
+// (graph-safe), else ``seed``. bad_ids: a (3,) int64 CUDA tensor {min, max, V} that records
+// out-of-range ids, or none. One C++ call: two or three launches, no sync.
+torch::Tensor noisy_embedding_forward(
+    const torch::Tensor& ids_in, const torch::Tensor& weight_in, int64_t seed, int64_t offset, double scale_value,
+    bool per_token, double alpha, const c10::optional<torch::Tensor>& alpha_tensor, int64_t width,
+    const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& positions,
+    const c10::optional<torch::Tensor>& cu_seqlens, const c10::optional<torch::Tensor>& noise_mask,
+    const c10::optional<torch::Tensor>& seed_tensor, const c10::optional<torch::Tensor>& bad_ids, bool gaussian) {
   TORCH_CHECK(weight_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
   const neft::DType dtype = neft::dtype_of(weight);
-  if (scales_in) TORCH_CHECK(scales_in->is_cuda() && scales_in->numel() == ids.numel(), "scales: one per token");
-  const c10::optional<torch::Tensor> scales =
-      scales_in ? c10::optional<torch::Tensor>(neft::float_contiguous(*scales_in)) : c10::nullopt;
   torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
   if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
   if (bad_ids)
     TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 3, "bad_ids");
+  torch::Tensor scales;
+  if (per_token) {
+    scales = torch::empty({ids.numel()}, weight.options().dtype(torch::kFloat));
+    fill_scales(scales, width, alpha, alpha_tensor, weight.size(1), mask, positions, cu_seqlens, noise_mask);
+  }
   check(neft::noisy_embedding_forward_cuda(
-      dtype, ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(), scales ? scales->data_ptr<float>() : nullptr,
+      dtype, ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(), per_token ? scales.data_ptr<float>() : nullptr,
       static_cast<float>(scale_value), seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr,
       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
       weight.size(0), bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr, gaussian,
       c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+// The per-token scales alone (the backend's token_scales): n float32 on ``device``.
+torch::Tensor token_scales(int64_t n, double alpha, const c10::optional<torch::Tensor>& alpha_tensor, int64_t d,
+                           int64_t width, const c10::optional<torch::Tensor>& mask,
+                           const c10::optional<torch::Tensor>& positions,
+                           const c10::optional<torch::Tensor>& cu_seqlens,
+                           const c10::optional<torch::Tensor>& noise_mask, const torch::Device& device) {
+  TORCH_CHECK(device.is_cuda(), "backend='cuda' needs a CUDA device");
+  const c10::cuda::CUDAGuard guard(device);
+  torch::Tensor out = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat).device(device));
+  fill_scales(out, width, alpha, alpha_tensor, d, mask, positions, cu_seqlens, noise_mask);
   return out;
 }
 
@@ -64,7 +145,9 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 4;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 5;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
+  m.def("token_scales", &token_scales,
+        "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");
 }

@@ -58,7 +58,7 @@ class Backend(Protocol):
         :func:`neft_kernels.lengths.token_scales`."""
 
 
-_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"torch": "reference", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
 _DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 

@@ -9,7 +9,7 @@ import torch
 
 from ..id_check import raise_out_of_range
 
-ABI_VERSION = 4  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+ABI_VERSION = 5  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
 
 
 def check_abi(ext: ModuleType) -> None:
@@ -56,27 +56,30 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callab
 
 
 def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
-    """``forward``, ``backward`` and ``token_scales`` over ``_C_cuda``; the per-token scales are the
-    Triton backend's where Triton is installed, else the reference's tensor ops (no sync either
-    way). ``alpha``: a float, or a 0-d float64 CUDA tensor (alpha as data, for CUDA graphs)."""
-    from . import _load
-
-    def token_scales(*args) -> torch.Tensor | float:
-        triton_backend = _load("triton")
-        return (_load("torch") if isinstance(triton_backend, ImportError) else triton_backend).token_scales(*args)
+    """``forward``, ``backward`` and ``token_scales`` over ``_C_cuda``: one C++ call derives the scales
+    on the device and writes the rows (two or three launches). ``alpha``: a float, or a 0-d float64
+    CUDA tensor the kernels read (alpha as data, for CUDA graphs)."""
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
                 alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None,
                 gaussian: bool, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
-        scales, scale_value = None, 0.0 if scale is None else scale
-        if scale is None and width:
-            scales = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
-                                  noise_mask, ids.device)
-            if not isinstance(scales, torch.Tensor):  # the reference's one shared scale (float alpha, no side input)
-                scales, scale_value = None, scales
-        seed_tensor = seed if isinstance(seed, torch.Tensor) else None
-        return ext.forward(ids, weight, scales, scale_value, 0 if seed_tensor is not None else seed, offset,
-                           seed_tensor, bad_ids, gaussian)
+        tensor_alpha, tensor_seed = isinstance(alpha, torch.Tensor), isinstance(seed, torch.Tensor)
+        return ext.forward(ids, weight, 0 if tensor_seed else seed, offset, 0.0 if scale is None else scale,
+                           scale is None, 0.0 if tensor_alpha else alpha, alpha if tensor_alpha else None, width,
+                           attention_mask, position_ids, cu_seqlens, noise_mask, seed if tensor_seed else None,
+                           bad_ids, gaussian)
+
+    def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
+                     attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+        tensor_alpha = isinstance(alpha, torch.Tensor)
+        if device is None:
+            device = next(t.device for t in (attention_mask, position_ids, cu_seqlens, noise_mask, alpha)
+                          if isinstance(t, torch.Tensor))
+        return ext.token_scales(n_tokens, 0.0 if tensor_alpha else alpha, alpha if tensor_alpha else None,
+                                embedding_dim, width, attention_mask, position_ids, cu_seqlens, noise_mask,
+                                torch.device(device))
 
     return forward, _backward(ext), token_scales

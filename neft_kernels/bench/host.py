@@ -130,7 +130,9 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
             from .. import _C_cuda
 
             fns["cuda: _C_cuda.forward (1 launch)"] = lambda: _C_cuda.forward(
-                ids, plain, None, 0.1, 1, 0, None, None, False)
+                ids, plain, 1, 0, 0.1, False, 0.0, None, length, None, None, None, None, None, None, False)
+            fns["cuda: _C_cuda.forward, mask (2 launches)"] = lambda: _C_cuda.forward(
+                ids, plain, 1, 0, 0.0, True, ALPHA, None, length, mask, None, None, None, None, None, False)
     return [{"kind": "host_breakdown", "call": name, "device": device.type, "shape": list(shape), "host_us": us}
             for name, us in _median_host_us(fns, device, reps, calls).items()]
 

@@ -179,26 +179,23 @@ def test_an_extension_built_from_other_sources_is_refused_at_import():
         check_abi(types.SimpleNamespace(__name__="neft_kernels._C_cpu"))  # no ABI_VERSION: an older build
 
 
-def test_cuda_wrapper_passes_the_reference_scales_and_the_forward_arguments(monkeypatch):
-    """The CUDA backend's Python side, on the CPU with a stand-in extension: without Triton the scales
-    come from lengths.token_scales (noise_mask included, a shared float as scale_value), and the call
-    follows _C_cuda.forward's argument order (..., seed_tensor, bad_ids, gaussian)."""
+def test_cuda_wrapper_follows_the_extensions_argument_order():
+    """The CUDA backend's Python side, on the CPU with a stand-in extension: the call follows
+    _C_cuda.forward's argument order (ids, weight, seed, offset, scale_value, per_token, alpha,
+    alpha_tensor, width, side inputs, seed_tensor, bad_ids, gaussian), with tensor seeds and alphas
+    passed as tensors and the host values zeroed."""
     import types
 
-    from neft_kernels import backends
     from neft_kernels.backends._extension import cuda_functions
 
-    load = backends._load
-    monkeypatch.setattr(backends, "_load", lambda name: ImportError("no triton") if name == "triton" else load(name))
     calls = []
-    forward, _, _ = cuda_functions(types.SimpleNamespace(forward=lambda *args: calls.append(args), backward=None))
-    ids, weight, noise_mask = torch.zeros(3, 11, dtype=torch.int64), torch.zeros(4, 8), noise_mask_for((3, 11))
-    forward(ids, weight, 3, 5, None, 5.0, 11, None, None, None, noise_mask, True)
-    scales, scale_value, seed, offset, seed_tensor, bad_ids, gaussian = calls[-1][2:]
-    assert_bits_equal(scales, token_scales((3, 11), 5.0, 8, noise_mask=noise_mask))
-    assert (scale_value, seed, offset, seed_tensor, bad_ids, gaussian) == (0.0, 3, 5, None, None, True)
-    forward(ids, weight, 3, 5, None, 5.0, 11, None, None, None, None, False)  # one scale for all
-    assert calls[-1][2] is None and calls[-1][3] == token_scales((3, 11), 5.0, 8)
-    seed_tensor = torch.tensor(3)
-    forward(ids, weight, seed_tensor, 5, 0.25, 5.0, 11, None, None, None, None, False, "bad ids")
-    assert calls[-1][2:] == (None, 0.25, 0, 5, seed_tensor, "bad ids", False)
+    forward, _, token_scales_fn = cuda_functions(types.SimpleNamespace(
+        forward=lambda *args: calls.append(args), token_scales=lambda *args: calls.append(args), backward=None))
+    ids, weight, mask = torch.zeros(3, 11, dtype=torch.int64), torch.zeros(4, 8), torch.ones(3, 11)
+    forward(ids, weight, 3, 5, None, 5.0, 11, mask, None, None, None, True)
+    assert calls[-1][2:] == (3, 5, 0.0, True, 5.0, None, 11, mask, None, None, None, None, None, True)
+    seed, alpha = torch.tensor(3), torch.tensor(2.0, dtype=torch.float64)
+    forward(ids, weight, seed, 5, 0.25, alpha, 11, None, None, None, mask, False, "bad ids")
+    assert calls[-1][2:] == (0, 5, 0.25, False, 0.0, alpha, 11, None, None, None, mask, seed, "bad ids", False)
+    token_scales_fn(11, 33, alpha, 8, mask, None, None, None)
+    assert calls[-1] == (33, 0.0, alpha, 8, 11, mask, None, None, None, torch.device("cpu"))

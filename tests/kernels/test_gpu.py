@@ -15,7 +15,7 @@ from neft_kernels.backends import module
 
 from support.asserts import DTYPES, assert_bits_equal, assert_uniform_noise_of_alpha
 from support.backends import kernel_alone, on_backends, requires
-from support.cases import SEEDS, expected, make_weight, side_inputs
+from support.cases import SEEDS, expected, make_weight, scale_cases, side_inputs
 from support.devices import requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -276,6 +276,22 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
         loss.backward()
         losses.append(float(loss))
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
+
+
+@pytest.mark.parametrize("width", [1, 7, 1500, 2 * 2048 + 37])
+def test_cuda_token_scales_match_the_reference(width):
+    """The CUDA scales kernels (rows of one tile and of three) against lengths.token_scales."""
+    from neft_kernels.lengths import token_scales
+
+    backend = pytest.importorskip("neft_kernels.backends.cuda")
+    for mask, pos, cu in scale_cases(width):
+        mask, pos, cu = (None if t is None else t.cuda() for t in (mask, pos, cu))
+        noise_mask = None if mask is None else (torch.arange(width, device="cuda") % 3 == 0)[None].expand(3, width)
+        for alpha in (5.0, torch.tensor(3.25, dtype=torch.float64, device="cuda")):
+            got = backend.token_scales(width, 3 * width, alpha, 64, mask, pos, cu, noise_mask, torch.device("cuda"))
+            want = token_scales((3, width), alpha, 64, attention_mask=mask, position_ids=pos, cu_seqlens=cu,
+                                noise_mask=noise_mask, device=torch.device("cuda"))
+            assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
 
 
 def test_reduce_overhead_compile_as_the_first_use_of_the_op_on_a_device_runs():

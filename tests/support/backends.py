@@ -121,4 +121,5 @@ def kernel_alone(backend: str, ids: torch.Tensor, weight: torch.Tensor) -> torch
         from neft_kernels import _C_cpu
         return _C_cpu.forward(ids, weight, 3, 0, 0.25, False, 0.0, ids.numel(), None, None, None, None, False)[0]
     from neft_kernels import _C_cuda
-    return _C_cuda.forward(ids, weight, None, 0.25, 3, 0, None, None, False)
+    return _C_cuda.forward(ids, weight, 3, 0, 0.25, False, 0.0, None, ids.numel(), None, None, None, None, None, None,
+                           False)
