@@ -164,7 +164,7 @@ def _token_scales(emu, width: int, alpha: float, d: int, mask, pos, cu, noise_ma
     data, strides, sizes = [], [], []
     for t in (mask, pos, noise_mask):
         data.append(_ptr(t))
-        strides += [0, 0] if t is None else [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)]
+        strides += [0, 0] if t is None else [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True)]
         sizes.append(8 if t is None else t.element_size())
     data.append(_ptr(cu))
     strides += [0, 0 if cu is None else cu.stride(0)]
