@@ -16,9 +16,9 @@ t0=$SECONDS
 ls build/wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps build/wheels/*.whl >>"$log" 2>&1
 python3 -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1 || { tail -50 "$log"; exit 1; }
 echo "install: $((SECONDS - t0)) s"; t0=$SECONDS
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS:-6}" || echo "")
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS:-8}" || echo "")
 # the gpu-marked set is large (the spec grid on every CUDA backend): the quick part first, then the slow
-timeout ${GPU_TESTS_TIMEOUT:-150} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and not slow" \
+timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and not slow" \
   -p no:cacheprovider >"$out/tests-gpu.log" 2>&1
 echo "gpu tests: rc=$? $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)| passed| failed" "$out/tests-gpu.log" | tail -25
 t0=$SECONDS
