@@ -20,7 +20,7 @@ neft::SideView side_view(const c10::optional<torch::Tensor>& t, int64_t rows, in
                          const torch::Device& device) {
   neft::SideView view;
   if (!t) return view;
-  TORCH_CHECK(t->device() == device, name, " must be on the weight's device (", device, "), got ", t->device());
+  TORCH_CHECK(t->device() == device, name, " must be on ", device, ", got ", t->device());
   TORCH_CHECK(!t->is_floating_point() && !t->is_complex(), name, " must be an integer or bool tensor, got ",
               t->scalar_type());
   TORCH_CHECK(t->dim() <= 2, name, " reaches the kernel as (rows, width), got shape ", t->sizes());
@@ -57,14 +57,19 @@ void fill_scales(torch::Tensor& out, int64_t width, double alpha, const c10::opt
   args.positions = side_view(positions, args.rows, width, "position_ids", device);
   args.noise_mask = side_view(noise_mask, args.rows, width, "noise_mask", device);
   if (cu_seqlens) {
-    TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
+    // Its values are compared, not only tested against 0: read by size as signed, unsigned ones would not ascend.
+    TORCH_CHECK(cu_seqlens->dim() == 1 &&
+                    (cu_seqlens->scalar_type() == torch::kInt || cu_seqlens->scalar_type() == torch::kLong),
+                "cu_seqlens must be a 1-D int32 or int64 tensor, got ", cu_seqlens->scalar_type(), " of shape ",
+                cu_seqlens->sizes());
     args.n_cu = cu_seqlens->numel();
     if (args.n_cu) args.cu_seqlens = side_view(cu_seqlens, 1, args.n_cu, "cu_seqlens", device);
   }
   torch::Tensor alpha_value;
   if (alpha_tensor) {
-    TORCH_CHECK(alpha_tensor->device() == device && alpha_tensor->numel() == 1,
-                "alpha: a one-element tensor on the weight's device");
+    TORCH_CHECK(alpha_tensor->device() == device && alpha_tensor->numel() == 1 && alpha_tensor->is_floating_point(),
+                "alpha: a one-element floating tensor on ", device, ", got ", alpha_tensor->scalar_type(), " on ",
+                alpha_tensor->device());
     alpha_value = alpha_tensor->to(torch::kDouble);  // no copy when it is float64 already
     args.alpha_ptr = alpha_value.data_ptr<double>();
   }
@@ -144,9 +149,19 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   return grad_weight;
 }
 
+// Whether this build has kernels for ``device`` (a CUDA device index): false on GPUs older than the
+// architectures setup.py compiles for, where every launch would fail.
+bool runs_on(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t status = neft::kernel_image_status();
+  if (status != cudaSuccess) cudaGetLastError();  // a non-sticky error: cleared, so later calls do not see it
+  return status == cudaSuccess;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI_VERSION") = 5;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
+  m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");

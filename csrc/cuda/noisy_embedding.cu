@@ -46,6 +46,11 @@ cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const 
   });
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, cuda::forward_kernel<float, false, 1>);
+}
+
 int64_t token_scales_workspace(int64_t rows, int64_t width) { return cuda::scale_workspace(rows, width); }
 
 cudaError_t token_scales_cuda(const ScaleArgs& args, int64_t* workspace, float* out, cudaStream_t stream) {

@@ -36,6 +36,10 @@ struct ScaleArgs {
   const double* alpha_ptr = nullptr;
 };
 
+// cudaSuccess where this build has kernels for the current device (setup.py's architectures), else
+// the error a launch would give (cudaErrorNoKernelImageForDevice).
+cudaError_t kernel_image_status();
+
 // int64 elements of workspace token_scales_cuda needs (0: none, the nullptr it then takes).
 int64_t token_scales_workspace(int64_t rows, int64_t width);
 

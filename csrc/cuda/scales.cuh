@@ -162,6 +162,8 @@ __device__ inline void block_scan(Span* s, bool forward) {
 }
 
 // Launch 1 of 2, for rows longer than a tile: one block per (row, tile), tiles[row, tile] = the tile's Span.
+// (Shared Spans are not initialised on a GPU, whatever Span's member initialisers say: every slot
+// is written before it is read.)
 __global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t* tiles) {
   __shared__ Span spans[kScaleThreads];
   const ThreadTokens t = thread_tokens(a, tiles_per_row);

@@ -104,22 +104,38 @@ def resolve(name: str, device: torch.device) -> str:
     return found
 
 
+def _why_not(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device``, or None."""
+    loaded = _load(name)
+    if isinstance(loaded, ImportError):
+        return str(loaded)
+    if name == "cuda" and device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not loaded.runs_on(index):  # built for other architectures (setup.py): every launch would fail
+            major, minor = torch.cuda.get_device_capability(index)
+            return f"the extension has no kernels for this GPU (sm_{major}{minor}); rebuild it for this GPU"
+    return None
+
+
 def _resolve(name: str, device: torch.device) -> str:
     if name not in _MODULES and name != "auto":
         raise ValueError(f"backend must be one of {('auto', *_MODULES)}, got {name!r}")
     if name == "auto":
         candidates = _AUTO.get(device.type, ("torch",))
         for candidate in candidates:
-            if not isinstance(_load(candidate), ImportError):
+            if _why_not(candidate, device) is None:
                 if candidate != candidates[0]:
-                    _warn_fallback(candidates[0], candidate, str(_load(candidates[0])))
+                    _warn_fallback(candidates[0], candidate, _why_not(candidates[0], device))
                 return candidate
-    loaded = _load(name)
-    if isinstance(loaded, ImportError):
-        raise RuntimeError(f"backend={name!r} is unavailable: {loaded}. The compiled backends are built by "
-                           "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)") from loaded
+    reason = _why_not(name, device)
+    if isinstance(_load(name), ImportError):
+        raise RuntimeError(f"backend={name!r} is unavailable: {reason}. The compiled backends are built by "
+                           "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)"
+                           ) from _load(name)
     if name in _DEVICES and device.type != _DEVICES[name]:
         raise ValueError(f"backend={name!r} runs on {_DEVICES[name]} tensors, got tensors on {device}")
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
     return name
 
 

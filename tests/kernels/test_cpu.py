@@ -82,6 +82,28 @@ def test_cpu_backend_refuses_other_devices():
         resolve("cpu", torch.device("cuda"))
 
 
+def test_a_cuda_extension_without_kernels_for_the_gpu_is_passed_over(monkeypatch):
+    """An extension built for newer architectures than the GPU (setup.py: sm_80 and up) imports but
+    cannot launch: auto takes the next backend with a warning naming the GPU, and asking for it by
+    name is a clear error. (A stand-in extension and capability: no GPU needed.)"""
+    import types
+
+    from neft_kernels import backends
+
+    loaded = {"cuda": types.SimpleNamespace(runs_on=lambda index: index != 0),
+              "triton": types.SimpleNamespace()}
+    monkeypatch.setattr(backends, "_load", lambda name: loaded.get(name, ImportError(name)))
+    monkeypatch.setattr(backends, "_resolved", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    backends._warn_fallback.cache_clear()
+    with pytest.warns(UserWarning, match=r"'cuda' is unavailable \(the extension has no kernels for this GPU \(sm_75\)"):
+        assert resolve("auto", torch.device("cuda", 0)) == "triton"
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cuda:0: .*sm_75"):
+        resolve("cuda", torch.device("cuda", 0))
+    assert resolve("auto", torch.device("cuda", 1)) == "cuda"  # a GPU it was built for
+    backends._warn_fallback.cache_clear()
+
+
 def test_missing_backend_is_a_clear_error_and_auto_warns_once(monkeypatch):
     from neft_kernels import backends
 

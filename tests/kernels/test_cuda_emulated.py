@@ -49,6 +49,8 @@ def load_emulator(lib: str) -> ctypes.CDLL:
     emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
     emu.emulated_token_scales.restype = None
     emu.emulated_token_scales.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p]
+    emu.emulated_set_reverse_order.argtypes = [ctypes.c_bool]
+    emu.emulated_divergent_blocks.restype = i64
     return emu
 
 
@@ -178,18 +180,24 @@ def _token_scales(emu, width: int, alpha: float, d: int, mask, pos, cu, noise_ma
 
 
 def _check_scales(emu, width: int, alphas=((5.0, 4096), (3.4641022345673926, 16), (0.0, 7))):
+    """Every scale case, with each block's threads run in ascending and in descending order (a missing
+    barrier shows in one of them), and no block whose threads pass different numbers of barriers."""
     from neft_kernels.lengths import token_scales
 
     g = torch.Generator().manual_seed(width + 2)
     noise_masks = (None, torch.randint(0, 2, (3, width), generator=g).bool(),
                    (torch.arange(width) % 3 == 0)[None].expand(3, width))
-    for i, (mask, pos, cu) in enumerate(scale_cases(width)):
-        noise_mask = noise_masks[i % len(noise_masks)]
-        for alpha, d in alphas:
-            got = _token_scales(emu, width, alpha, d, mask, pos, cu, noise_mask, alpha_in_memory=i % 2 == 1)
-            want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu,
-                                noise_mask=noise_mask)
-            assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
+    for reverse in (False, True):
+        emu.emulated_set_reverse_order(reverse)
+        for i, (mask, pos, cu) in enumerate(scale_cases(width)):
+            noise_mask = noise_masks[i % len(noise_masks)]
+            for alpha, d in alphas:
+                got = _token_scales(emu, width, alpha, d, mask, pos, cu, noise_mask, alpha_in_memory=i % 2 == 1)
+                want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu,
+                                    noise_mask=noise_mask)
+                assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
+    emu.emulated_set_reverse_order(False)
+    assert emu.emulated_divergent_blocks() == 0
 
 
 @pytest.mark.parametrize("width", [1, 7, 37, 1500, 2 * 2048 + 37])

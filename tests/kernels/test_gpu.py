@@ -278,9 +278,10 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
 
 
-@pytest.mark.parametrize("width", [1, 7, 1500, 2 * 2048 + 37])
+@pytest.mark.parametrize("width", [1, 7, 1500, 2 * 2048 + 37, 300 * 2048 + 5])
 def test_cuda_token_scales_match_the_reference(width):
-    """The CUDA scales kernels (rows of one tile and of three) against lengths.token_scales."""
+    """The CUDA scales kernels against lengths.token_scales: rows of one tile, of three, and of 301
+    (their neighbours' summaries read in two windows of 256 tiles)."""
     from neft_kernels.lengths import token_scales
 
     backend = pytest.importorskip("neft_kernels.backends.cuda")

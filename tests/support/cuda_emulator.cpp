@@ -35,12 +35,18 @@ struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
   bool done = false;
+  int64_t barriers = 0;  // __syncthreads calls: every thread of a block must make the same number
 };
 static ucontext_t scheduler;
 static std::vector<Fiber> fibers;
 static size_t current_fiber = 0;
 static const std::function<void()>* fiber_kernel = nullptr;
-static inline void __syncthreads() { swapcontext(&fibers[current_fiber].context, &scheduler); }
+static bool reverse_order = false;    // threads in descending order within a round
+static int64_t divergent_blocks = 0;  // blocks whose threads passed different numbers of barriers
+static inline void __syncthreads() {
+  ++fibers[current_fiber].barriers;
+  swapcontext(&fibers[current_fiber].context, &scheduler);
+}
 static inline float __int_as_float(int bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -83,7 +89,9 @@ void fiber_main() {
 }
 
 // Blocks in turn, each block's threads as fibers: for kernels that cooperate through __syncthreads
-// and shared memory (a static: one block runs at a time).
+// and shared memory (a static: one block runs at a time). Within a round every thread sees the
+// writes of the threads run before it: a missing barrier shows in ascending or in descending
+// order, so the tests run both.
 void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>& kernel) {
   fiber_kernel = &kernel;
   fibers.resize(static_cast<size_t>(threads));
@@ -93,6 +101,7 @@ void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>
     for (Fiber& f : fibers) {
       f.stack.resize(1 << 16);
       f.done = false;
+      f.barriers = 0;
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack.data();
       f.context.uc_stack.ss_size = f.stack.size();
@@ -101,11 +110,18 @@ void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>
     }
     for (bool running = true; running;) {  // one round: every live thread to its next barrier
       running = false;
-      for (current_fiber = 0; current_fiber < fibers.size(); ++current_fiber) {
+      for (size_t i = 0; i < fibers.size(); ++i) {
+        current_fiber = reverse_order ? fibers.size() - 1 - i : i;
         if (fibers[current_fiber].done) continue;
         threadIdx = {static_cast<unsigned>(current_fiber), 0, 0};
         swapcontext(&scheduler, &fibers[current_fiber].context);
         running = running || !fibers[current_fiber].done;
+      }
+    }
+    for (const Fiber& f : fibers) {
+      if (f.barriers != fibers[0].barriers) {
+        ++divergent_blocks;
+        break;
       }
     }
   }
@@ -169,4 +185,15 @@ extern "C" void emulated_token_scales(const void* const* data, const int64_t* st
   }
   run_block_grid(rows * tiles, neft::cuda::kScaleThreads,
                  [&] { neft::cuda::token_scales_kernel(args, tiles, tiles > 1 ? workspace.data() : nullptr, out); });
+}
+
+// The order of threads within a round (descending where ``reverse``).
+extern "C" void emulated_set_reverse_order(bool reverse) { reverse_order = reverse; }
+
+// Blocks since the last call whose threads passed different numbers of __syncthreads (undefined
+// behaviour on a GPU, where it may hang).
+extern "C" int64_t emulated_divergent_blocks() {
+  const int64_t n = divergent_blocks;
+  divergent_blocks = 0;
+  return n;
 }
