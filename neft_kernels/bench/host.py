@@ -95,7 +95,8 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
     nothing = function_c_apply(_Nothing)
     fns = {
         "F.embedding": lambda: F.embedding(ids, weight),
-        "noisy_embedding (auto)": lambda: noisy_embedding(ids, weight, ALPHA, seed=1, attention_mask=mask),
+        f"noisy_embedding (auto: {resolve('auto', device)})": lambda: noisy_embedding(
+            ids, weight, ALPHA, seed=1, attention_mask=mask),
         "NoisyEmbedding (train)": lambda: emb(ids, attention_mask=mask),
         "checks + backend resolution": lambda: (
             validation.check_call(ids, weight, 0, mask, None, None, None), resolve("auto", device)),
@@ -109,6 +110,9 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         fns["cpu: forward_with_grad (C++)"] = lambda: cpu.forward_with_grad(
             ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False)
     plain = weight.detach()  # the kernels alone, outside autograd
+    if device.type == "cuda" and "triton" in available_backends("cuda") and resolve("auto", device) != "triton":
+        fns["noisy_embedding (triton)"] = lambda: noisy_embedding(ids, weight, ALPHA, seed=1, attention_mask=mask,
+                                                                  backend="triton")
     if "triton" in available_backends(device.type):  # on a CPU: the interpreter (tests)
         triton_backend = module("triton")
         fns["triton: token_scales (1 launch)"] = lambda: triton_backend.token_scales(

@@ -32,12 +32,13 @@ def test_interleaved_times_and_summary():
 
 
 def test_host_breakdown_times_each_piece_of_an_eager_call():
-    from neft_kernels.backends import available_backends
+    from neft_kernels.backends import available_backends, resolve
     from neft_kernels.bench import host
 
     records = host.breakdown(torch.device("cpu"), (2, 16, 64, 1000), reps=2, calls=5)
     pieces = {r["call"]: r["host_us"] for r in records}
-    expected = {"F.embedding", "noisy_embedding (auto)", "NoisyEmbedding (train)", "checks + backend resolution",
+    auto = f"noisy_embedding (auto: {resolve('auto', torch.device('cpu'))})"
+    expected = {"F.embedding", auto, "NoisyEmbedding (train)", "checks + backend resolution",
                 "seed: draw_seed", "seed: torch.randint().item()", "torch.empty (output)",
                 "autograd.Function entry (C), no work"}
     if "cpu" in available_backends("cpu"):
