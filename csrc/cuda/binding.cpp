@@ -149,6 +149,20 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   return grad_weight;
 }
 
+// The id check's read-back (neft_kernels/id_check.py): the (3,) int64 record copied to pinned host
+// memory, then ``event`` (a cudaEvent_t, already created) recorded, both on the record's device's
+// current stream, where the kernels that fold into it run. No sync; ATen's copy_ spends several
+// times the copy's own host time on dispatch and the host allocator's bookkeeping.
+void read_back(const torch::Tensor& host, const torch::Tensor& record, int64_t event) {
+  TORCH_CHECK(record.is_cuda() && host.device().is_cpu() && record.is_contiguous() && host.is_contiguous() &&
+                  host.nbytes() >= record.nbytes() && event != 0,
+              "read_back: a contiguous CUDA record, a pinned host tensor at least as large, a created event");
+  const c10::cuda::CUDAGuard guard(record.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(record.device().index()).stream();
+  check(cudaMemcpyAsync(host.data_ptr(), record.data_ptr(), record.nbytes(), cudaMemcpyDeviceToHost, stream));
+  check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
+}
+
 // Whether this build has kernels for ``device`` (a CUDA device index): false on GPUs older than the
 // architectures setup.py compiles for, where every launch would fail.
 bool runs_on(int64_t device) {
@@ -162,6 +176,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ABI_VERSION") = 5;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
+  m.def("read_back", &read_back, "copy the id check's record to pinned memory and record an event after it");
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");

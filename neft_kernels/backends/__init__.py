@@ -13,7 +13,7 @@ import os
 import warnings
 from functools import cache
 from types import ModuleType
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -137,6 +137,12 @@ def _resolve(name: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
     return name
+
+
+def cuda_read_back(device: torch.device) -> Callable | None:
+    """The CUDA extension's ``read_back`` (the id check's native copy of its record), where the
+    extension is built for ``device``'s GPU; else None."""
+    return module("cuda").read_back if _why_not("cuda", device) is None else None
 
 
 def module(name: str) -> Backend | ModuleType:

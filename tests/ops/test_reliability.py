@@ -228,3 +228,39 @@ def test_max_norm_refuses_bad_ids_before_renormalizing_anything():
         with pytest.raises(IndexError, match="input_ids must lie in"):
             emb(torch.tensor(bad))
     assert torch.equal(emb.weight, before)
+
+
+def test_the_device_flags_read_back_and_late_raise(monkeypatch):
+    """DeviceIdFlag's states on the CPU, with a stand-in event and native copy: one read-back in
+    flight at a time, nothing raised before the copy lands, then the recorded range once, and the
+    native copy given the pinned record, the device record and the event's handle."""
+    import contextlib
+
+    from neft_kernels.id_check import _EMPTY, DeviceIdFlag
+
+    class Event:
+        landed, cuda_event = False, 1234
+
+        def query(self):
+            return self.landed
+
+    copies = []
+    flag = object.__new__(DeviceIdFlag)  # its __init__ allocates on a GPU
+    flag.device, flag.buffer, flag._host = torch.device("cpu"), torch.tensor([-3, 70, 50]), torch.tensor(_EMPTY)
+    flag._event, flag._pending = Event(), False
+    flag._native_read_back = lambda host, record, event: copies.append((host, record, event))
+    flag._clear = lambda: flag.buffer.copy_(torch.tensor(_EMPTY))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    flag.read_back()
+    flag.read_back()  # a copy in flight: no second one
+    assert len(copies) == 1 and copies[0][0] is flag._host and copies[0][1] is flag.buffer and copies[0][2] == 1234
+    flag.raise_pending()  # not landed: nothing yet
+    flag._host.copy_(flag.buffer)  # the copy lands
+    Event.landed = True
+    with pytest.raises(IndexError, match=r"must lie in \[0, 50\), got values in \[-3, 70\] \(recorded by an earlier"):
+        flag.raise_pending()
+    flag.raise_pending()  # raised once
+    assert flag.buffer.tolist() == list(_EMPTY)
+    flag.read_back()
+    assert len(copies) == 2
