@@ -3,6 +3,7 @@
 
 #include <torch/extension.h>
 
+#include <utility>
 #include <vector>
 
 #include "dtype.h"
@@ -26,6 +27,26 @@ inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor
 // A float32 contiguous view of t, or t itself where it is one already.
 inline torch::Tensor float_contiguous(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
+}
+
+// A side input's strides as a (rows, width) view: 0-, 1- or 2-D, each dim of its size or 1
+// (broadcast: stride 0); an integer or bool tensor. Returns {row stride, column stride}.
+inline std::pair<int64_t, int64_t> side_strides(const torch::Tensor& t, int64_t rows, int64_t width, const char* name) {
+  TORCH_CHECK(!t.is_floating_point() && !t.is_complex(), name, " must be an integer or bool tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() <= 2, name, " reaches the kernel as (rows, width), got shape ", t.sizes());
+  int64_t s0 = 0, s1 = 0;
+  if (t.dim() >= 1) {
+    const int64_t size = t.size(-1);
+    TORCH_CHECK(size == width || size == 1, name, " of shape ", t.sizes(), " does not fit rows of width ", width);
+    s1 = size == 1 ? 0 : t.stride(-1);
+  }
+  if (t.dim() == 2) {
+    const int64_t size = t.size(0);
+    TORCH_CHECK(size == rows || size == 1, name, " of shape ", t.sizes(), " does not fit ", rows, " rows");
+    s0 = size == 1 ? 0 : t.stride(0);
+  }
+  return {s0, s1};
 }
 
 // The forward's output shape: the ids' shape plus the embedding dim.

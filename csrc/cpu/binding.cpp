@@ -26,17 +26,7 @@ neft::cpu::IntView row_view(const c10::optional<torch::Tensor>& t, int64_t rows,
   TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got one on ", t->device());
   TORCH_CHECK(neft::cpu::IntView::supports(t->scalar_type()), name, " must be an integer or bool tensor, got ",
               t->scalar_type());
-  TORCH_CHECK(t->dim() <= 2, name, " reaches the kernel as (rows, width), got shape ", t->sizes());
-  if (t->dim() >= 1) {
-    const int64_t size = t->size(-1);
-    TORCH_CHECK(size == width || size == 1, name, " of shape ", t->sizes(), " does not fit rows of width ", width);
-    view.stride1 = size == 1 ? 0 : t->stride(-1);
-  }
-  if (t->dim() == 2) {
-    const int64_t size = t->size(0);
-    TORCH_CHECK(size == rows || size == 1, name, " of shape ", t->sizes(), " does not fit ", rows, " rows");
-    view.stride0 = size == 1 ? 0 : t->stride(0);
-  }
+  std::tie(view.stride0, view.stride1) = neft::side_strides(*t, rows, width, name);
   view.data = t->data_ptr();
   view.dtype = t->scalar_type();
   return view;

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <tuple>
+
 #include "../binding_utils.h"
 #include "noisy_embedding.h"
 
@@ -21,19 +23,7 @@ neft::SideView side_view(const c10::optional<torch::Tensor>& t, int64_t rows, in
   neft::SideView view;
   if (!t) return view;
   TORCH_CHECK(t->device() == device, name, " must be on ", device, ", got ", t->device());
-  TORCH_CHECK(!t->is_floating_point() && !t->is_complex(), name, " must be an integer or bool tensor, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->dim() <= 2, name, " reaches the kernel as (rows, width), got shape ", t->sizes());
-  if (t->dim() >= 1) {
-    const int64_t size = t->size(-1);
-    TORCH_CHECK(size == width || size == 1, name, " of shape ", t->sizes(), " does not fit rows of width ", width);
-    view.s1 = size == 1 ? 0 : t->stride(-1);
-  }
-  if (t->dim() == 2) {
-    const int64_t size = t->size(0);
-    TORCH_CHECK(size == rows || size == 1, name, " of shape ", t->sizes(), " does not fit ", rows, " rows");
-    view.s0 = size == 1 ? 0 : t->stride(0);
-  }
+  std::tie(view.s0, view.s1) = neft::side_strides(*t, rows, width, name);
   view.data = t->data_ptr();
   view.bytes = static_cast<int>(t->element_size());
   return view;

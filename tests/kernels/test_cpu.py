@@ -221,3 +221,18 @@ def test_cuda_wrapper_follows_the_extensions_argument_order():
     assert calls[-1][2:] == (0, 5, 0.25, False, 0.0, alpha, 11, None, None, None, mask, seed, "bad ids", False)
     token_scales_fn(11, 33, alpha, 8, mask, None, None, None)
     assert calls[-1] == (33, 0.0, alpha, 8, 11, mask, None, None, None, torch.device("cpu"))
+
+
+def test_the_bindings_side_input_views_refuse_what_they_cannot_read():
+    """binding_utils.h's side_strides (shared by the CPU and CUDA bindings): shapes that are not a
+    (rows, width) view or a broadcast of one, and non-integer dtypes, are refused by name."""
+    from neft_kernels import _C_cpu
+
+    ok = torch.ones(3, 11, dtype=torch.int64)
+    assert _C_cpu.token_scales(33, 5.0, 64, 11, ok[:1], None, None, None).shape == (33,)  # broadcast row
+    for bad, message in ((torch.ones(3, 10, dtype=torch.int64), "attention_mask of shape .* rows of width 11"),
+                         (torch.ones(2, 11, dtype=torch.int64), "attention_mask of shape .* does not fit 3 rows"),
+                         (torch.ones(1, 3, 11, dtype=torch.int64), r"reaches the kernel as \(rows, width\)"),
+                         (torch.ones(3, 11), "attention_mask must be an integer or bool tensor")):
+        with pytest.raises(RuntimeError, match=message):
+            _C_cpu.token_scales(33, 5.0, 64, 11, bad, None, None, None)
