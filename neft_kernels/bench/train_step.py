@@ -71,7 +71,8 @@ class _Variant:
 
 def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length: int, steps: int,
         rounds: int) -> list[dict]:
-    """``rounds`` x (``steps`` steps of each variant, in turn); median seconds per step and peak bytes."""
+    """``rounds`` x (one untimed and ``steps`` timed steps of each variant, in turn); median seconds per
+    step and peak bytes."""
     model = build(name, device, dtype)
     ids, mask, labels = _batch(model.config.vocab_size, batch, length, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
@@ -94,6 +95,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
         # Each round rotates the order, so that no variant always runs first (or after the same one).
         for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             switch.set(variant)
+            step()  # untimed: the first step after a switch pays for it (new modules, their tensors)
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
