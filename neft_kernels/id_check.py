@@ -35,9 +35,13 @@ def set_id_check(enabled: bool) -> bool:
     return previous
 
 
-def raise_out_of_range(lo: int, hi: int, num_embeddings: int, *, late: bool = False) -> None:
+def out_of_range_message(lo: int, hi: int, num_embeddings: int, *, late: bool = False) -> str:
     where = " (recorded by an earlier call's kernel, whose rows for them were NaN)" if late else ""
-    raise IndexError(f"input_ids must lie in [0, {num_embeddings}), got values in [{lo}, {hi}]{where}")
+    return f"input_ids must lie in [0, {num_embeddings}), got values in [{lo}, {hi}]{where}"
+
+
+def raise_out_of_range(lo: int, hi: int, num_embeddings: int, *, late: bool = False) -> None:
+    raise IndexError(out_of_range_message(lo, hi, num_embeddings, late=late))
 
 
 _EMPTY = (_INT64_MAX, _INT64_MIN, 0)  # (min bad id, max bad id, V): nothing recorded
@@ -80,16 +84,24 @@ class DeviceIdFlag:
         for i, value in enumerate(_EMPTY):
             self.buffer[i].fill_(value)
 
-    def raise_pending(self) -> None:
-        """Raise for bad ids an earlier launch recorded, if its copy has landed (never waits)."""
+    def pending_error(self) -> str | None:
+        """The error for bad ids an earlier launch recorded, if its copy has landed (never waits); the
+        record is then cleared, so each is reported once."""
         if not self._pending or not self._event.query():
-            return
+            return None
         self._pending = False
         lo, hi, num_embeddings = self._host.tolist()
-        if lo <= hi:
-            with torch.cuda.device(self.device):
-                self._clear()
-            raise_out_of_range(lo, hi, num_embeddings, late=True)
+        if lo > hi:
+            return None
+        with torch.cuda.device(self.device):
+            self._clear()
+        return out_of_range_message(lo, hi, num_embeddings, late=True)
+
+    def raise_pending(self) -> None:
+        """Raise :meth:`pending_error`'s error, if there is one."""
+        message = self.pending_error()
+        if message is not None:
+            raise IndexError(message)
 
     def read_back(self) -> None:
         """After a launch: start copying the record to the host, unless a copy is in flight. The copy
@@ -105,11 +117,20 @@ class DeviceIdFlag:
         self._pending = True
 
 
-def raise_pending(device: torch.device) -> None:
-    """Raise what earlier launches on ``device`` recorded, if it has reached the host (the backward's check)."""
+def pending_error(device: torch.device) -> str | None:
+    """The error for what earlier launches on ``device`` recorded, if it has reached the host (the
+    backward's check; the CUDA extension's autograd node raises it as an IndexError)."""
     flag = _flags.get(device)
-    if flag is not None and not torch.cuda.is_current_stream_capturing():
-        flag.raise_pending()
+    if flag is None or torch.cuda.is_current_stream_capturing():
+        return None
+    return flag.pending_error()
+
+
+def raise_pending(device: torch.device) -> None:
+    """Raise :func:`pending_error`'s error, if there is one."""
+    message = pending_error(device)
+    if message is not None:
+        raise IndexError(message)
 
 
 @assume_constant_result

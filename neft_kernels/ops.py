@@ -252,10 +252,16 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
     traced = torch.compiler.is_compiling() or functorch_transforms_active()
-    with_grad = None if traced or tensor_alpha or native_autograd_unseen() else _with_grad(name)
+    # A seed tensor on an accelerator stays there (int() would sync): the Function reads it on the device.
+    device_seed = type(seed) is not int and not seed.is_cpu
+    with_grad = None if traced or tensor_alpha or device_seed or native_autograd_unseen() else _with_grad(name)
     if with_grad is not None:  # the backend's own autograd node, native code
-        return with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
-                         gaussian, padding_idx, bool(scale_grad_by_freq))
+        flag = device_id_flag(input_ids) if check_ids and input_ids.is_cuda else None  # CPU ids: checked in C++
+        out = with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
+                        gaussian, padding_idx, bool(scale_grad_by_freq), None if flag is None else flag.buffer)
+        if flag is not None:
+            flag.read_back()
+        return out
     args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
     if traced:
         if check_ids and weight.is_cuda:

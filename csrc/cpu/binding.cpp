@@ -2,17 +2,15 @@
 #include <torch/extension.h>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
 
 #include <algorithm>
 #include <limits>
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
+#include "../autograd_node.h"
 #include "../binding_utils.h"
 #include "noisy_embedding_cpu.h"
 
@@ -116,57 +114,6 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
   return grad_weight;
 }
 
-namespace {
-
-// A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, older releases (2.11) by
-// std::shared_ptr with their iterative deleter (found by argument-dependent lookup: 2.13 has none).
-// The one torch-version-sensitive point of the C++ sources.
-template <class T>
-auto make_node() {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
-    return c10::make_intrusive<T>();
-  } else {
-    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
-  }
-}
-
-// The eager path's autograd node: the rule of neft_kernels/ops.py's _NoisyEmbeddingFunction (the
-// weight's gradient is the backward kernel of the output gradient's rows; nothing else gets one;
-// differentiable once), native because a Python autograd.Function alone costs about as much host
-// time as F.embedding's whole call. Built the way ATen's generated nodes are (EmbeddingBackward0).
-struct NoisyEmbeddingBackward : torch::autograd::Node {
-  torch::autograd::SavedVariable ids;
-  int64_t num_weights = 0, padding_idx = -1;
-  bool scale_grad_by_freq = false;
-
-  std::string name() const override { return "NoisyEmbeddingBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ids.reset_data();
-  }
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const torch::Tensor flat_ids = ids.unpack().reshape(-1);
-    // An absent output gradient counts as zeros, as a Python Function's materialised grads do.
-    const torch::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
-    torch::Tensor grad_weight;
-    {
-      const at::NoGradGuard no_grad;  // a kernel, not differentiable ops (once_differentiable runs it so)
-      grad_weight = embedding_backward(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights,
-                                       padding_idx, scale_grad_by_freq);
-    }
-    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
-      // create_graph: differentiating this gradient again raises, as once_differentiable has it.
-      torch::autograd::DelayedError error(
-          "trying to differentiate twice a function that was marked with @once_differentiable", 1);
-      grad_weight = error.apply({grad_weight.detach().requires_grad_()})[0];
-    }
-    return {grad_weight};
-  }
-};
-
-}  // namespace
-
 // The eager call: noisy_embedding_forward's rows, differentiable with respect to the weight through
 // NoisyEmbeddingBackward; ids outside the table raise IndexError (no graph is traced here). No
 // scale: per-token scales from alpha and the side inputs.
@@ -176,24 +123,16 @@ torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const 
                                                 const c10::optional<torch::Tensor>& positions,
                                                 const c10::optional<torch::Tensor>& cu_seqlens,
                                                 const c10::optional<torch::Tensor>& noise_mask, bool gaussian,
-                                                c10::optional<int64_t> padding_idx, bool scale_grad_by_freq) {
-  // As a Python autograd.Function without a jvp: forward-mode AD is refused, not silently dropped.
-  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(weight),
-                              "neft_kernels: forward-mode AD (a dual weight) is not supported by the noisy embedding");
+                                                c10::optional<int64_t> padding_idx, bool scale_grad_by_freq,
+                                                const c10::optional<torch::Tensor>& bad_ids) {
+  (void)bad_ids;  // the CUDA binding's argument; CPU ids are refused here, synchronously
+  neft::refuse_forward_ad(weight);
   auto [out, lo, hi] = noisy_embedding_forward(ids, weight, seed, offset, scale.value_or(0.0), !scale.has_value(),
                                                alpha, width, mask, positions, cu_seqlens, noise_mask, gaussian);
   // The message of neft_kernels.id_check.raise_out_of_range.
   TORCH_CHECK_INDEX(lo >= 0 && hi < weight.size(0), "input_ids must lie in [0, ", weight.size(0), "), got values in [",
                     lo, ", ", hi, "]");
-  if (torch::autograd::compute_requires_grad(weight)) {
-    auto node = make_node<NoisyEmbeddingBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(weight));
-    node->ids = torch::autograd::SavedVariable(ids, /*is_output=*/false);
-    node->num_weights = weight.size(0);
-    node->padding_idx = padding_idx.value_or(-1);
-    node->scale_grad_by_freq = scale_grad_by_freq;
-    torch::autograd::set_history(out, node);
-  }
+  neft::attach_node(out, weight, ids, padding_idx, scale_grad_by_freq, &embedding_backward);
   return out;
 }
 
@@ -220,7 +159,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 5;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 6;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");

@@ -7,6 +7,7 @@
 
 #include <tuple>
 
+#include "../autograd_node.h"
 #include "../binding_utils.h"
 #include "noisy_embedding.h"
 
@@ -108,19 +109,6 @@ torch::Tensor noisy_embedding_forward(
   return out;
 }
 
-// The per-token scales alone (the backend's token_scales): n float32 on ``device``.
-torch::Tensor token_scales(int64_t n, double alpha, const c10::optional<torch::Tensor>& alpha_tensor, int64_t d,
-                           int64_t width, const c10::optional<torch::Tensor>& mask,
-                           const c10::optional<torch::Tensor>& positions,
-                           const c10::optional<torch::Tensor>& cu_seqlens,
-                           const c10::optional<torch::Tensor>& noise_mask, const torch::Device& device) {
-  TORCH_CHECK(device.is_cuda(), "backend='cuda' needs a CUDA device");
-  const c10::cuda::CUDAGuard guard(device);
-  torch::Tensor out = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat).device(device));
-  fill_scales(out, width, alpha, alpha_tensor, d, mask, positions, cu_seqlens, noise_mask);
-  return out;
-}
-
 torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tensor& ids_in, int64_t num_weights,
                                  int64_t padding_idx, bool scale_grad_by_freq) {
   TORCH_CHECK(grad_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
@@ -137,6 +125,55 @@ torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tens
                                       num_weights, padding_idx, scale_grad_by_freq,
                                       c10::cuda::getCurrentCUDAStream().stream()));
   return grad_weight;
+}
+
+namespace {
+
+// The backward's id check: neft_kernels.id_check.pending_error for the gradient's device, raised
+// here as the IndexError the Python Function's backward raises (the engine runs this off the
+// Python thread: the GIL is taken).
+void raise_recorded_bad_ids(const torch::Tensor& grad) {
+  const pybind11::gil_scoped_acquire gil;
+  // Leaked on purpose: a static py::object would be destroyed after the interpreter.
+  static const auto* pending_error =
+      new pybind11::object(pybind11::module_::import("neft_kernels.id_check").attr("pending_error"));
+  const pybind11::object message = (*pending_error)(grad.device());
+  TORCH_CHECK_INDEX(message.is_none(), message.is_none() ? std::string() : message.cast<std::string>());
+}
+
+}  // namespace
+
+// The eager call: noisy_embedding_forward's rows (an int seed, a float alpha), differentiable with
+// respect to the weight through NoisyEmbeddingBackward (csrc/autograd_node.h), whose backward first
+// raises bad ids recorded by earlier launches, as the Python Function's does. No scale: per-token
+// scales from alpha and the side inputs. bad_ids: the id check's record, or none (check off).
+torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const torch::Tensor& weight, int64_t seed,
+                                                int64_t offset, c10::optional<double> scale, double alpha,
+                                                int64_t width, const c10::optional<torch::Tensor>& mask,
+                                                const c10::optional<torch::Tensor>& positions,
+                                                const c10::optional<torch::Tensor>& cu_seqlens,
+                                                const c10::optional<torch::Tensor>& noise_mask, bool gaussian,
+                                                c10::optional<int64_t> padding_idx, bool scale_grad_by_freq,
+                                                const c10::optional<torch::Tensor>& bad_ids) {
+  neft::refuse_forward_ad(weight);
+  torch::Tensor out =
+      noisy_embedding_forward(ids, weight, seed, offset, scale.value_or(0.0), !scale.has_value(), alpha, c10::nullopt,
+                              width, mask, positions, cu_seqlens, noise_mask, c10::nullopt, bad_ids, gaussian);
+  neft::attach_node(out, weight, ids, padding_idx, scale_grad_by_freq, &embedding_backward, &raise_recorded_bad_ids);
+  return out;
+}
+
+// The per-token scales alone (the backend's token_scales): n float32 on ``device``.
+torch::Tensor token_scales(int64_t n, double alpha, const c10::optional<torch::Tensor>& alpha_tensor, int64_t d,
+                           int64_t width, const c10::optional<torch::Tensor>& mask,
+                           const c10::optional<torch::Tensor>& positions,
+                           const c10::optional<torch::Tensor>& cu_seqlens,
+                           const c10::optional<torch::Tensor>& noise_mask, const torch::Device& device) {
+  TORCH_CHECK(device.is_cuda(), "backend='cuda' needs a CUDA device");
+  const c10::cuda::CUDAGuard guard(device);
+  torch::Tensor out = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat).device(device));
+  fill_scales(out, width, alpha, alpha_tensor, d, mask, positions, cu_seqlens, noise_mask);
+  return out;
 }
 
 // The id check's read-back (neft_kernels/id_check.py): the (3,) int64 record copied to pinned host
@@ -163,10 +200,12 @@ bool runs_on(int64_t device) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 5;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 6;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
   m.def("read_back", &read_back, "copy the id check's record to pinned memory and record an event after it");
+  m.def("forward_with_grad", &noisy_embedding_forward_with_grad,
+        "forward's rows, differentiable with respect to the weight; the backward raises recorded bad ids");
   m.def("token_scales", &token_scales,
         "spec v2 per-token scales from attention_mask / position_ids / cu_seqlens / noise_mask (CUDA)");
   m.def("backward", &embedding_backward, "deterministic embedding backward, float32 accumulation (CUDA)");

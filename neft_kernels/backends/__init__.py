@@ -25,9 +25,10 @@ class Backend(Protocol):
 
     A backend may also provide ``forward_with_grad(ids, weight, seed, offset, scale, alpha, width,
     attention_mask, position_ids, cu_seqlens, noise_mask, gaussian, padding_idx,
-    scale_grad_by_freq)``: :meth:`forward` (an int seed, a float alpha) with the weight's gradient
-    attached by a native autograd node of ``ops._NoisyEmbeddingFunction``'s rule. Eager calls then
-    take it instead of the Python Function (the compiled CPU backend does).
+    scale_grad_by_freq, bad_ids)``: :meth:`forward` (an int seed, a float alpha) with the weight's
+    gradient attached by a native autograd node of ``ops._NoisyEmbeddingFunction``'s rule (whose
+    backward, on an accelerator, first raises bad ids that earlier launches recorded). Eager calls
+    then take it instead of the Python Function (the compiled CPU and CUDA backends do).
     """
 
     def forward(self, ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int,

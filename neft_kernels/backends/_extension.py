@@ -9,7 +9,7 @@ import torch
 
 from ..id_check import raise_out_of_range
 
-ABI_VERSION = 5  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+ABI_VERSION = 6  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
 
 
 def check_abi(ext: ModuleType) -> None:
@@ -51,14 +51,15 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callab
         return ext.token_scales(n_tokens, alpha, embedding_dim, width, attention_mask, position_ids, cu_seqlens,
                                 noise_mask)
 
-    # Backend.forward_with_grad as is: one C++ call (a Python wrapper would add a third of its host time).
+    # Backend.forward_with_grad as is: one C++ call (a Python wrapper would add a third of its host time);
+    # its last argument, the CUDA binding's id check record, is unused (CPU ids raise in the call).
     return forward, _backward(ext), token_scales, ext.forward_with_grad
 
 
-def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
-    """``forward``, ``backward`` and ``token_scales`` over ``_C_cuda``: one C++ call derives the scales
-    on the device and writes the rows (two or three launches). ``alpha``: a float, or a 0-d float64
-    CUDA tensor the kernels read (alpha as data, for CUDA graphs)."""
+def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callable]:
+    """``forward``, ``backward``, ``token_scales`` and ``forward_with_grad`` over ``_C_cuda``: one C++
+    call derives the scales on the device and writes the rows (two or three launches). ``alpha``: a
+    float, or a 0-d float64 CUDA tensor the kernels read (alpha as data, for CUDA graphs)."""
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
                 alpha: float | torch.Tensor, width: int, attention_mask: torch.Tensor | None,
@@ -82,4 +83,5 @@ def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable]:
                                 embedding_dim, width, attention_mask, position_ids, cu_seqlens, noise_mask,
                                 torch.device(device))
 
-    return forward, _backward(ext), token_scales
+    # Backend.forward_with_grad as is (its last argument: the id check's record, or None).
+    return forward, _backward(ext), token_scales, ext.forward_with_grad

@@ -5,5 +5,5 @@ from .. import _C_cuda
 from ._extension import check_abi, cuda_functions
 
 check_abi(_C_cuda)
-forward, backward, token_scales = cuda_functions(_C_cuda)
+forward, backward, token_scales, forward_with_grad = cuda_functions(_C_cuda)
 read_back = _C_cuda.read_back

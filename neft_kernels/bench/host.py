@@ -108,7 +108,7 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
     if device.type == "cpu" and "cpu" in available_backends("cpu"):
         cpu = module("cpu")
         fns["cpu: forward_with_grad (C++)"] = lambda: cpu.forward_with_grad(
-            ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False)
+            ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False, None)
     plain = weight.detach()  # the kernels alone, outside autograd
     if device.type == "cuda" and "triton" in available_backends("cuda") and resolve("auto", device) != "triton":
         fns["noisy_embedding (triton)"] = lambda: noisy_embedding(ids, weight, ALPHA, seed=1, attention_mask=mask,
@@ -137,6 +137,8 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
                 ids, plain, 1, 0, 0.1, False, 0.0, None, length, None, None, None, None, None, None, False)
             fns["cuda: _C_cuda.forward, mask (2 launches)"] = lambda: _C_cuda.forward(
                 ids, plain, 1, 0, 0.0, True, ALPHA, None, length, mask, None, None, None, None, None, False)
+            fns["cuda: forward_with_grad, mask (C++ node)"] = lambda: _C_cuda.forward_with_grad(
+                ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False, None)
     return [{"kind": "host_breakdown", "call": name, "device": device.type, "shape": list(shape), "host_us": us}
             for name, us in _median_host_us(fns, device, reps, calls).items()]
 

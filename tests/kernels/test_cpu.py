@@ -211,8 +211,9 @@ def test_cuda_wrapper_follows_the_extensions_argument_order():
     from neft_kernels.backends._extension import cuda_functions
 
     calls = []
-    forward, _, token_scales_fn = cuda_functions(types.SimpleNamespace(
-        forward=lambda *args: calls.append(args), token_scales=lambda *args: calls.append(args), backward=None))
+    forward, _, token_scales_fn, _ = cuda_functions(types.SimpleNamespace(
+        forward=lambda *args: calls.append(args), token_scales=lambda *args: calls.append(args), backward=None,
+        forward_with_grad=None))
     ids, weight, mask = torch.zeros(3, 11, dtype=torch.int64), torch.zeros(4, 8), torch.ones(3, 11)
     forward(ids, weight, 3, 5, None, 5.0, 11, mask, None, None, None, True)
     assert calls[-1][2:] == (3, 5, 0.0, True, 5.0, None, 11, mask, None, None, None, None, None, True)

@@ -295,6 +295,34 @@ def test_cuda_token_scales_match_the_reference(width):
             assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
 
 
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_cuda_native_node_gives_the_python_functions_gradient(padding_idx):
+    """The CUDA extension's eager calls attach NoisyEmbeddingBackward (csrc/autograd_node.h): the same
+    rows and gradient bits as the Triton backend through the Python Function, a second
+    differentiation refused, and a seed tensor on the GPU taken through the Function (int() would sync)."""
+    pytest.importorskip("neft_kernels.backends.cuda")
+    ids = torch.randint(0, 6, (2, 3, 11), device="cuda", dtype=torch.int32)
+    grad = torch.randn(2, 3, 20, 11, device="cuda").to(torch.bfloat16).transpose(-1, -2)
+    outs, grads = [], []
+    for backend in ("cuda", "triton"):
+        weight = make_weight(9, 20, torch.bfloat16, "cuda").requires_grad_()
+        out = noisy_embedding(ids, weight, 5.0, seed=7, padding_idx=padding_idx, backend=backend)
+        assert out.grad_fn.name() == ("NoisyEmbeddingBackward" if backend == "cuda"
+                                      else "_NoisyEmbeddingFunctionBackward")
+        out.backward(grad)
+        outs.append(out)
+        grads.append(weight.grad)
+    assert_bits_equal(outs[0], outs[1])
+    assert_bits_equal(grads[0], grads[1])
+    weight = make_weight(9, 20, torch.float32, "cuda").requires_grad_()
+    grad_weight, = torch.autograd.grad(noisy_embedding(ids, weight, 5.0, seed=7, backend="cuda").pow(2).sum(),
+                                       weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_weight.sum().backward()
+    seeded = noisy_embedding(ids, weight, 5.0, seed=torch.tensor(7, device="cuda"), backend="cuda")
+    assert seeded.grad_fn.name() == "_NoisyEmbeddingFunctionBackward"
+
+
 def test_reduce_overhead_compile_as_the_first_use_of_the_op_on_a_device_runs():
     """The id check's device buffer is made while the graph is traced: made at the first run, it would
     come from the CUDA-graph pool, which refuses tensors that outlive the run. A fresh process, so that

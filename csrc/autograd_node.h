@@ -1,0 +1,92 @@
+// The eager path's autograd node, shared by the CPU and CUDA bindings (torch side only): the rule of
+// neft_kernels/ops.py's _NoisyEmbeddingFunction (the weight's gradient is the backward kernel of the
+// output gradient's rows; nothing else gets one; differentiable once), native because a Python
+// autograd.Function alone costs about as much host time as F.embedding's whole call. Built the way
+// ATen's generated nodes are (EmbeddingBackward0).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+#include <functional>
+#include <mutex>
+#include <string>
+#include <type_traits>
+
+namespace neft {
+
+// A new autograd node: torch 2.13 holds them by c10::intrusive_ptr, older releases (2.11) by
+// std::shared_ptr with their iterative deleter (found by argument-dependent lookup: 2.13 has none).
+// The one torch-version-sensitive point of the C++ sources.
+template <class T>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  }
+}
+
+// (N, d) grad rows, (N,) ids, V, padding_idx (-1: none), scale_grad_by_freq -> (V, d) weight gradient.
+using BackwardKernel = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, int64_t, int64_t, bool);
+
+struct NoisyEmbeddingBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable ids;
+  int64_t num_weights = 0, padding_idx = -1;
+  bool scale_grad_by_freq = false;
+  BackwardKernel kernel = nullptr;
+  std::function<void(const torch::Tensor&)> before;  // run first with the output gradient, if set
+
+  std::string name() const override { return "NoisyEmbeddingBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids.reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const torch::Tensor flat_ids = ids.unpack().reshape(-1);
+    // An absent output gradient counts as zeros, as a Python Function's materialised grads do.
+    const torch::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
+    if (before) before(grad);
+    torch::Tensor grad_weight;
+    {
+      const at::NoGradGuard no_grad;  // a kernel, not differentiable ops (once_differentiable runs it so)
+      grad_weight = kernel(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights, padding_idx,
+                           scale_grad_by_freq);
+    }
+    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
+      // create_graph: differentiating this gradient again raises, as once_differentiable has it.
+      torch::autograd::DelayedError error(
+          "trying to differentiate twice a function that was marked with @once_differentiable", 1);
+      grad_weight = error.apply({grad_weight.detach().requires_grad_()})[0];
+    }
+    return {grad_weight};
+  }
+};
+
+// As a Python autograd.Function without a jvp: forward-mode AD is refused, not silently dropped.
+inline void refuse_forward_ad(const torch::Tensor& weight) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(weight),
+                              "neft_kernels: forward-mode AD (a dual weight) is not supported by the noisy embedding");
+}
+
+// Makes ``out`` differentiable with respect to ``weight`` through a NoisyEmbeddingBackward (where the
+// weight requires a gradient).
+inline void attach_node(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& ids,
+                        c10::optional<int64_t> padding_idx, bool scale_grad_by_freq, BackwardKernel kernel,
+                        std::function<void(const torch::Tensor&)> before = nullptr) {
+  if (!torch::autograd::compute_requires_grad(weight)) return;
+  auto node = make_node<NoisyEmbeddingBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(weight));
+  node->ids = torch::autograd::SavedVariable(ids, /*is_output=*/false);
+  node->num_weights = weight.size(0);
+  node->padding_idx = padding_idx.value_or(-1);
+  node->scale_grad_by_freq = scale_grad_by_freq;
+  node->kernel = kernel;
+  node->before = std::move(before);
+  torch::autograd::set_history(out, node);
+}
+
+}  // namespace neft
