@@ -6,7 +6,7 @@ graphs share :class:`_NoisyEmbeddingFunction`: eagerly it calls the backend dire
 through ``torch.library`` costs more host time than the kernel takes on a GPU); under
 ``torch.compile`` it calls the custom ops ``neft_kernels::noisy_embedding_fwd`` and
 ``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break. A backend
-with a ``forward_with_grad`` (the compiled CPU one) serves eager calls with the same rule as a
+with a ``forward_with_grad`` (the compiled CPU and CUDA ones) serves eager calls with the same rule as a
 native autograd node instead: a Python ``autograd.Function`` alone costs about what
 ``F.embedding``'s whole call does. Recorders that cannot see into a native call (``torch.jit.trace``,
 compiled autograd) get the Function.
@@ -253,7 +253,7 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
     traced = torch.compiler.is_compiling() or functorch_transforms_active()
     # A seed tensor on an accelerator stays there (int() would sync): the Function reads it on the device.
-    device_seed = type(seed) is not int and not seed.is_cpu
+    device_seed = isinstance(seed, torch.Tensor) and not seed.is_cpu
     with_grad = None if traced or tensor_alpha or device_seed or native_autograd_unseen() else _with_grad(name)
     if with_grad is not None:  # the backend's own autograd node, native code
         flag = device_id_flag(input_ids) if check_ids and input_ids.is_cuda else None  # CPU ids: checked in C++

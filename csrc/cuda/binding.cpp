@@ -4,6 +4,7 @@
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <pybind11/gil_safe_call_once.h>
 
 #include <tuple>
 
@@ -134,10 +135,14 @@ namespace {
 // Python thread: the GIL is taken).
 void raise_recorded_bad_ids(const torch::Tensor& grad) {
   const pybind11::gil_scoped_acquire gil;
-  // Leaked on purpose: a static py::object would be destroyed after the interpreter.
-  static const auto* pending_error =
-      new pybind11::object(pybind11::module_::import("neft_kernels.id_check").attr("pending_error"));
-  const pybind11::object message = (*pending_error)(grad.device());
+  // pybind11's once-only store: no deadlock with another thread's first call, no decref after exit.
+  PYBIND11_CONSTINIT static pybind11::gil_safe_call_once_and_store<pybind11::object> storage;
+  const pybind11::object& pending_error =
+      storage
+          .call_once_and_store_result(
+              [] { return pybind11::module_::import("neft_kernels.id_check").attr("pending_error"); })
+          .get_stored();
+  const pybind11::object message = pending_error(grad.device());
   TORCH_CHECK_INDEX(message.is_none(), message.is_none() ? std::string() : message.cast<std::string>());
 }
 

@@ -165,6 +165,7 @@ def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device
     with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 50\), got values in \[-1, 1099511627776\]"):
         noisy_embedding(good, weight, 5.0, seed=1, backend=backend)
     noisy_embedding(good, weight, 5.0, seed=1, backend=backend)  # raised once, then cleared
+    torch.cuda.synchronize()  # that call's read-back lands first, so the next call's copy is issued
     out = noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)
     torch.cuda.synchronize()
     with pytest.raises(IndexError, match="input_ids must lie in"):
@@ -295,20 +296,21 @@ def test_cuda_token_scales_match_the_reference(width):
             assert_bits_equal(got, want if isinstance(want, torch.Tensor) else torch.full_like(got, want))
 
 
-@pytest.mark.parametrize("padding_idx", [None, 3])
-def test_cuda_native_node_gives_the_python_functions_gradient(padding_idx):
+@requires("cuda", "cuda")
+@pytest.mark.parametrize("padding_idx,scale_grad_by_freq", [(None, False), (3, True)])
+def test_cuda_native_node_gives_the_python_functions_gradient(padding_idx, scale_grad_by_freq):
     """The CUDA extension's eager calls attach NoisyEmbeddingBackward (csrc/autograd_node.h): the same
-    rows and gradient bits as the Triton backend through the Python Function, a second
-    differentiation refused, and a seed tensor on the GPU taken through the Function (int() would sync)."""
-    pytest.importorskip("neft_kernels.backends.cuda")
+    rows and gradient bits as the same backend through the Python Function (taken for a seed tensor
+    on the GPU, which int() would sync), and a second differentiation refused."""
     ids = torch.randint(0, 6, (2, 3, 11), device="cuda", dtype=torch.int32)
     grad = torch.randn(2, 3, 20, 11, device="cuda").to(torch.bfloat16).transpose(-1, -2)
     outs, grads = [], []
-    for backend in ("cuda", "triton"):
+    device_seed = torch.tensor(7, device="cuda")
+    for seed, node in ((7, "NoisyEmbeddingBackward"), (device_seed, "_NoisyEmbeddingFunctionBackward")):
         weight = make_weight(9, 20, torch.bfloat16, "cuda").requires_grad_()
-        out = noisy_embedding(ids, weight, 5.0, seed=7, padding_idx=padding_idx, backend=backend)
-        assert out.grad_fn.name() == ("NoisyEmbeddingBackward" if backend == "cuda"
-                                      else "_NoisyEmbeddingFunctionBackward")
+        out = noisy_embedding(ids, weight, 5.0, seed=seed, padding_idx=padding_idx,
+                              scale_grad_by_freq=scale_grad_by_freq, backend="cuda")
+        assert out.grad_fn.name() == node
         out.backward(grad)
         outs.append(out)
         grads.append(weight.grad)
@@ -319,8 +321,6 @@ def test_cuda_native_node_gives_the_python_functions_gradient(padding_idx):
                                        weight, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_weight.sum().backward()
-    seeded = noisy_embedding(ids, weight, 5.0, seed=torch.tensor(7, device="cuda"), backend="cuda")
-    assert seeded.grad_fn.name() == "_NoisyEmbeddingFunctionBackward"
 
 
 def test_reduce_overhead_compile_as_the_first_use_of_the_op_on_a_device_runs():

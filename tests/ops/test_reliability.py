@@ -236,6 +236,7 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
     native copy given the pinned record, the device record and the event's handle."""
     import contextlib
 
+    from neft_kernels import id_check
     from neft_kernels.id_check import _EMPTY, DeviceIdFlag
 
     class Event:
@@ -264,3 +265,8 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
     assert flag.buffer.tolist() == list(_EMPTY)
     flag.read_back()
     assert len(copies) == 2
+    # What the CUDA extension's autograd node calls back: the message, once, or None.
+    monkeypatch.setitem(id_check._flags, flag.device, flag)
+    flag._host.copy_(torch.tensor([5, 9, 4]))  # the second copy lands with another record
+    assert id_check.pending_error(flag.device) == id_check.out_of_range_message(5, 9, 4, late=True)
+    assert id_check.pending_error(flag.device) is None and id_check.pending_error(torch.device("meta")) is None
