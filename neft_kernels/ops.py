@@ -253,10 +253,10 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
     traced = torch.compiler.is_compiling() or functorch_transforms_active()
     # A seed tensor on an accelerator stays there (int() would sync): the Function reads it on the device.
-    device_seed = isinstance(seed, torch.Tensor) and not seed.is_cpu
+    device_seed = type(seed) is not int and isinstance(seed, torch.Tensor) and not seed.is_cpu
     with_grad = None if traced or tensor_alpha or device_seed or native_autograd_unseen() else _with_grad(name)
     if with_grad is not None:  # the backend's own autograd node, native code
-        flag = device_id_flag(input_ids) if check_ids and input_ids.is_cuda else None  # CPU ids: checked in C++
+        flag = device_id_flag(input_ids) if check_ids and name != "cpu" else None  # CPU ids: checked in C++
         out = with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
                         gaussian, padding_idx, bool(scale_grad_by_freq), None if flag is None else flag.buffer)
         if flag is not None:
