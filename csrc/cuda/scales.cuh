@@ -130,16 +130,33 @@ __device__ inline ThreadTokens thread_tokens(const ScaleArgs& a, int64_t tiles_p
   return t;
 }
 
-__device__ inline Span span_of(const ScaleArgs& a, const ThreadTokens& t) {
-  Span s;
-  if (t.c0 >= t.c1) return s;
+// This thread's tokens, read once: bit j of start / real for token c0 + j (bits, not arrays:
+// registers, not local memory).
+struct TokenFlags {
+  uint32_t start = 0, real = 0;
+  int n = 0;
+};
+
+__device__ inline TokenFlags token_flags(const ScaleArgs& a, const ThreadTokens& t) {
+  TokenFlags f;
+  f.n = static_cast<int>(t.c1 - t.c0);
+  if (f.n == 0) return f;
   StartFinder starts(a, t.r, t.c0);
-  for (int64_t c = t.c0; c < t.c1; ++c) {
-    if (starts(c)) {
+  for (int j = 0; j < f.n; ++j) {
+    f.start |= static_cast<uint32_t>(starts(t.c0 + j)) << j;
+    f.real |= static_cast<uint32_t>(is_real(a, t.r, t.c0 + j)) << j;
+  }
+  return f;
+}
+
+__device__ inline Span span_of(const TokenFlags& f) {
+  Span s;
+  for (int j = 0; j < f.n; ++j) {
+    if (f.start >> j & 1u) {
       s.has_start = true;
       s.tail = 0;
     }
-    const int64_t real = is_real(a, t.r, c);
+    const int64_t real = f.real >> j & 1u;
     if (s.has_start)
       s.tail += real;
     else
@@ -167,7 +184,7 @@ __device__ inline void block_scan(Span* s, bool forward) {
 __global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t* tiles) {
   __shared__ Span spans[kScaleThreads];
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
-  spans[threadIdx.x] = span_of(a, t);
+  spans[threadIdx.x] = span_of(token_flags(a, t));
   __syncthreads();
   block_scan(spans, true);
   if (threadIdx.x == kScaleThreads - 1) {
@@ -194,8 +211,8 @@ __device__ inline Span join_tiles(const int64_t* row_tiles, int64_t lo, int64_t 
 __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const int64_t* tiles, float* out) {
   __shared__ Span before[kScaleThreads], after[kScaleThreads], scratch[kScaleThreads];
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
-  const Span mine = span_of(a, t);
-  before[threadIdx.x] = after[threadIdx.x] = mine;
+  const TokenFlags f = token_flags(a, t);
+  before[threadIdx.x] = after[threadIdx.x] = span_of(f);
   __syncthreads();
   block_scan(before, true);
   block_scan(after, false);
@@ -213,31 +230,24 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
                                      lo + kScaleThreads < tiles_per_row ? lo + kScaleThreads : tiles_per_row, scratch));
     carry_out = right.head;
   }
-  if (t.c0 >= t.c1) return;
+  if (f.n == 0) return;
   // Around this thread's tokens: the spans before and after it, tile edges included.
   const Span left = threadIdx.x > 0 ? before[threadIdx.x - 1] : Span{};
   const Span right = threadIdx.x + 1 < kScaleThreads ? after[threadIdx.x + 1] : Span{};
   const int64_t real_before = left.has_start ? left.tail : carry_in + left.head;
   const int64_t real_after = right.has_start ? right.head : right.head + carry_out;
 
-  uint32_t start = 0, real = 0;  // bit j: token c0 + j (bits, not arrays: registers, not local memory)
-  StartFinder starts(a, t.r, t.c0);
-  const int n = static_cast<int>(t.c1 - t.c0);
-  for (int j = 0; j < n; ++j) {
-    start |= static_cast<uint32_t>(starts(t.c0 + j)) << j;
-    real |= static_cast<uint32_t>(is_real(a, t.r, t.c0 + j)) << j;
-  }
   const double alpha = a.alpha_ptr ? *a.alpha_ptr : a.alpha;
-  for (int p = 0; p < n;) {  // each piece [p, q) of a sub-sequence among this thread's tokens
+  for (int p = 0; p < f.n;) {  // each piece [p, q) of a sub-sequence among this thread's tokens
     int q = p + 1;
-    while (q < n && !(start >> q & 1u)) ++q;
+    while (q < f.n && !(f.start >> q & 1u)) ++q;
     int64_t count = 0;
-    for (int j = p; j < q; ++j) count += real >> j & 1u;
-    if (p == 0 && !(start & 1u)) count += real_before;
-    if (q == n) count += real_after;
+    for (int j = p; j < q; ++j) count += f.real >> j & 1u;
+    if (p == 0 && !(f.start & 1u)) count += real_before;
+    if (q == f.n) count += real_after;
     const float scale = a.d > 0 ? scale_of(alpha, count, a.d) : 0.0f;
     for (int j = p; j < q; ++j) {
-      const bool noised = (real >> j & 1u) && (!a.noise_mask.data || side_at(a.noise_mask, t.r, t.c0 + j) != 0);
+      const bool noised = (f.real >> j & 1u) && (!a.noise_mask.data || side_at(a.noise_mask, t.r, t.c0 + j) != 0);
       out[t.r * a.width + t.c0 + j] = noised ? scale : 0.0f;
     }
     p = q;
