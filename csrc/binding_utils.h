@@ -24,11 +24,6 @@ inline ForwardArgs prepare_forward(const torch::Tensor& ids, const torch::Tensor
   return {ids_ready ? ids : ids.to(torch::kLong).contiguous(), weight.stride(1) == 1 ? weight : weight.contiguous()};
 }
 
-// A float32 contiguous view of t, or t itself where it is one already.
-inline torch::Tensor float_contiguous(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
-}
-
 // A side input's strides as a (rows, width) view: 0-, 1- or 2-D, each dim of its size or 1
 // (broadcast: stride 0); an integer or bool tensor. Returns {row stride, column stride}.
 inline std::pair<int64_t, int64_t> side_strides(const torch::Tensor& t, int64_t rows, int64_t width, const char* name) {
