@@ -21,10 +21,25 @@ constexpr uint32_t kPhiloxMulB = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 constexpr float kUniformScale = 4.6566127342e-10f;  // Triton's uint_to_uniform_float
+// (x * kUniformScale) * 2 == x * kUniformScaleX2 in float32 for every x the uniform map meets: doubling
+// is exact and commutes with rounding there (spec.py UNIFORM_SCALE_X2; checked over every input).
+constexpr float kUniformScaleX2 = 2.0f * kUniformScale;
 
 struct Words4 {
   uint32_t r[4];
 };
+
+// The 64-bit product of two 32-bit words. On the device, PTX's mul.wide.u32 (one IMAD.WIDE.U32):
+// nvcc lowers the C++ product to that plus an add of a zero high word.
+NEFT_HD uint64_t mul_wide(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint64_t p;
+  asm("mul.wide.u32 %0, %1, %2;" : "=l"(p) : "r"(a), "r"(b));
+  return p;
+#else
+  return static_cast<uint64_t>(a) * b;
+#endif
+}
 
 // Philox4x32-10 of counter (c mod 2^32, c >> 32, 0, 0) under key (s mod 2^32, s >> 32).
 NEFT_HD Words4 philox4x32_10(uint64_t counter, uint64_t seed) {
@@ -33,8 +48,8 @@ NEFT_HD Words4 philox4x32_10(uint64_t counter, uint64_t seed) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint64_t pa = static_cast<uint64_t>(kPhiloxMulA) * c0;
-    const uint64_t pb = static_cast<uint64_t>(kPhiloxMulB) * c2;
+    const uint64_t pa = mul_wide(kPhiloxMulA, c0);
+    const uint64_t pb = mul_wide(kPhiloxMulB, c2);
     const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
     const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
     c1 = static_cast<uint32_t>(pb);
@@ -63,12 +78,12 @@ NEFT_HD float add_rn(float a, float b) {
 #endif
 }
 
-// e in [-1, 1) from one Philox word: int32 view, x -> -x - 1 when negative, * 2^-31-ish, * 2 - 1.
+// e in [-1, 1) from one Philox word: int32 view, x -> -x - 1 when negative, * 2^-31-ish, * 2 - 1 (the
+// doubling folded into the scale).
 NEFT_HD float uniform_pm1(uint32_t word) {
   int32_t x = static_cast<int32_t>(word);
   x = x < 0 ? ~x : x;  // -x - 1 without overflow at INT32_MIN
-  const float u = mul_rn(static_cast<float>(x), kUniformScale);
-  return add_rn(mul_rn(u, 2.0f), -1.0f);
+  return add_rn(mul_rn(static_cast<float>(x), kUniformScaleX2), -1.0f);
 }
 
 // The spec's last step before narrowing: w + float32(e * scale), the product rounded first.

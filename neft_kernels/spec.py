@@ -33,6 +33,11 @@ PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 # Triton's uint_to_uniform_float scale: the largest float32 with (2**31 - 1) * scale < 1.
 UNIFORM_SCALE = 4.6566127342e-10
+# Twice that (exact in float32). float32(float32(x * UNIFORM_SCALE) * 2) == float32(x * UNIFORM_SCALE_X2)
+# for every float32 x the map below meets (0 and [1, 2**31]): doubling is exact and commutes with
+# rounding away from overflow and subnormals. The kernels use it to save one operation per element;
+# tests/spec/test_spec.py checks the identity over every input.
+UNIFORM_SCALE_X2 = 2 * UNIFORM_SCALE
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

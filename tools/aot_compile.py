@@ -1,8 +1,9 @@
 """Compile the Triton kernels ahead of time for NVIDIA GPUs, with no GPU present.
 
 Prints one JSON line per (kernel, variant, arch) with registers, stack, shared memory and spills read
-from the cubin by ``cuobjdump --dump-resource-usage``, plus the count of FMA instructions in the
-PTX and SASS and of flush-to-zero instructions in the PTX (spec v1 allows neither), and the float64
+from the cubin by ``cuobjdump --dump-resource-usage``, the kernel's SASS instruction count, the
+count of FMA instructions in the PTX and SASS and of flush-to-zero instructions in the PTX (spec v1
+allows neither), the PTX's float32 -> 16-bit conversions (round to nearest even), and the float64
 division and square-root instructions of the scales kernel (spec v1 needs them rounded to nearest;
 ptxas expands those IEEE instructions with FFMAs of its own, which are exact by construction).
 
@@ -120,12 +121,17 @@ def compile_all(archs: list[int], embedding_dim: int = 4096, keep: Path | None =
                 cubin = out_dir / f"{stem}.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 (out_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+                sass = _cuobjdump("-sass", cubin)
                 reports.append({"kernel": name, "variant": variant, "arch": f"sm_{arch}", "d": embedding_dim,
                                 **_resource_usage(cubin),
                                 # Spec v1 forbids contraction and flushing subnormals: count both.
-                                "sass_ffma": len(re.findall(r"\bFFMA\b", _cuobjdump("-sass", cubin))),
+                                "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
+                                "sass_ffma": len(re.findall(r"\bFFMA\b", sass)),
                                 "ptx_ftz": len(re.findall(r"\.ftz\b", compiled.asm["ptx"])),
                                 "ptx_fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
+                                # Narrowing float32 to 16 bits rounds to nearest even (cvt.rn).
+                                "ptx_narrowing": sorted(set(re.findall(r"\bcvt\.\w+\.(?:bf16|f16)(?:x2)?\.f32\b",
+                                                                       compiled.asm["ptx"]))),
                                 # Every divide and root must be IEEE (round to nearest): the scales'
                                 # float64 ones, the Gaussian stream's float32 ones.
                                 "ptx_div_sqrt": sorted(set(re.findall(r"\b(?:div|sqrt)\.\w+\.f(?:32|64)\b",

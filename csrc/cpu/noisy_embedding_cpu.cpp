@@ -219,16 +219,15 @@ NEFT_AVX2 void philox_block_avx2(uint64_t first_counter, uint64_t seed, int64_t 
 // rounded once, no FMA; round to nearest even by integer ops, NaN to the quiet NaN. The last n % 8
 // dims go through the scalar loop (AVX2 has no 16-bit masked loads), which gives the same bits.
 NEFT_AVX2 void noise_run_bf16_avx2(const uint16_t* row, uint16_t* dst, const uint32_t* words, int64_t n, float scale) {
-  const __m256 v_scale = _mm256_set1_ps(scale), u_scale = _mm256_set1_ps(neft::kUniformScale);
-  const __m256 two = _mm256_set1_ps(2.0f), minus_one = _mm256_set1_ps(-1.0f);
+  const __m256 v_scale = _mm256_set1_ps(scale), u_scale = _mm256_set1_ps(neft::kUniformScaleX2);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f);
   const __m256i one = _mm256_set1_epi32(1), round_bias = _mm256_set1_epi32(0x7FFF),
                 quiet_nan = _mm256_set1_epi32(0x7FC0);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + i));
     x = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));  // ~x where negative
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(x), u_scale);
-    const __m256 e = _mm256_add_ps(_mm256_mul_ps(u, two), minus_one);
+    const __m256 e = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(x), u_scale), minus_one);
     const __m256 w = _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))), 16));
     const __m256 v = _mm256_add_ps(w, _mm256_mul_ps(e, v_scale));
@@ -319,16 +318,15 @@ NEFT_AVX512 void philox_block_avx512(uint64_t first_counter, uint64_t seed, int6
 // as philox.h in the same order, each rounded once, no FMA.
 NEFT_AVX512BW void noise_run_bf16_avx512(const uint16_t* row, uint16_t* dst, const uint32_t* words, int64_t n,
                                          float scale) {
-  const __m512 v_scale = _mm512_set1_ps(scale), u_scale = _mm512_set1_ps(neft::kUniformScale);
-  const __m512 two = _mm512_set1_ps(2.0f), minus_one = _mm512_set1_ps(-1.0f);
+  const __m512 v_scale = _mm512_set1_ps(scale), u_scale = _mm512_set1_ps(neft::kUniformScaleX2);
+  const __m512 minus_one = _mm512_set1_ps(-1.0f);
   const __m512i one = _mm512_set1_epi32(1), round_bias = _mm512_set1_epi32(0x7FFF),
                 quiet_nan = _mm512_set1_epi32(0x7FC0);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
     __m512i x = _mm512_maskz_loadu_epi32(m, words + i);
     x = _mm512_xor_si512(x, _mm512_srai_epi32(x, 31));  // ~x where negative
-    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(x), u_scale);
-    const __m512 e = _mm512_add_ps(_mm512_mul_ps(u, two), minus_one);
+    const __m512 e = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(x), u_scale), minus_one);
     const __m512 w =
         _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, row + i)), 16));
     const __m512 v = _mm512_add_ps(w, _mm512_mul_ps(e, v_scale));

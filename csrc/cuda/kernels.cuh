@@ -15,23 +15,36 @@
 
 namespace neft::cuda {
 
-// Element conversions of each storage type to and from float32.
+// Element conversions of each storage type to and from float32, rounded to nearest even: singly and
+// in pairs (one instruction per pair on sm_80+), and the storage's NaN.
 template <typename T>
 struct Io;
 template <>
 struct Io<float> {
   __device__ static float to_f32(float v) { return v; }
   __device__ static float from_f32(float v) { return v; }
+  __device__ static void from_f32x2(float a, float b, float* out) { out[0] = a, out[1] = b; }
+  __device__ static float nan() { return __int_as_float(0x7FC00000); }
 };
 template <>
-struct Io<uint16_t> {  // bfloat16 as raw words: rounding by integer ops, as everywhere
+struct Io<uint16_t> {  // bfloat16 as raw words
   __device__ static float to_f32(uint16_t v) { return neft::from_bf16_bits(v); }
-  __device__ static uint16_t from_f32(float v) { return neft::to_bf16_bits(v); }
+  __device__ static uint16_t from_f32(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  __device__ static void from_f32x2(float a, float b, uint16_t* out) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+    out[0] = __bfloat16_as_ushort(pair.x), out[1] = __bfloat16_as_ushort(pair.y);
+  }
+  __device__ static uint16_t nan() { return 0x7FC0; }
 };
 template <>
 struct Io<__half> {
   __device__ static float to_f32(__half v) { return __half2float(v); }
   __device__ static __half from_f32(float v) { return __float2half_rn(v); }
+  __device__ static void from_f32x2(float a, float b, __half* out) {
+    const __half2 pair = __floats2half2_rn(a, b);
+    out[0] = pair.x, out[1] = pair.y;
+  }
+  __device__ static __half nan() { return __ushort_as_half(0x7E00); }
 };
 
 // kVec consecutive elements, moved as one aligned access (16 bytes when kVec * sizeof(T) == 16).
@@ -68,13 +81,17 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
-  // One quarter's kVec dims of the row (an out-of-range id reads nothing).
+  // One quarter's kVec dims of the row. An out-of-range id reads nothing and gets NaN, which the
+  // noise's add carries to the output: a select per register here, none per element later.
   const auto load = [&](int w, P& in) {
     const int64_t j = w * q + k0;
-    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
-      if (in_range) in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
-    } else {
-      if (in_range && j < d) in.v[0] = static_cast<const T*>(weight)[row + j];
+    if (!in_range) {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) in.v[v] = Io<T>::nan();
+    } else if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
+      in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
+    } else if (j < d) {
+      in.v[0] = static_cast<const T*>(weight)[row + j];
     }
   };
   // 16-byte accesses of 16-bit rows with uniform noise load all four quarters before the Philox
@@ -108,11 +125,13 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     if constexpr (!kEarlyLoads) load(w, late);
     const P& in = kEarlyLoads ? early[w] : late;
     P result;
+    if constexpr (kVec > 1) {
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const float value =
-          in_range ? neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale) : __int_as_float(0x7FC00000);
-      result.v[v] = Io<T>::from_f32(value);
+      for (int v = 0; v < kVec; v += 2)
+        Io<T>::from_f32x2(neft::add_noise(Io<T>::to_f32(in.v[v]), e[w][v], scale),
+                          neft::add_noise(Io<T>::to_f32(in.v[v + 1]), e[w][v + 1], scale), result.v + v);
+    } else {
+      result.v[0] = Io<T>::from_f32(neft::add_noise(Io<T>::to_f32(in.v[0]), e[w][0], scale));
     }
     static_cast<P*>(out)[static_cast<uint64_t>(dst + j) / kVec] = result;  // kVec == 1: dst + j itself
   }

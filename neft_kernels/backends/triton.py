@@ -27,6 +27,11 @@ _PHILOX_MUL_A = tl.constexpr(spec.PHILOX_MUL_A)
 _PHILOX_MUL_B = tl.constexpr(spec.PHILOX_MUL_B)
 _PHILOX_KEY_A = tl.constexpr(spec.PHILOX_KEY_A)
 _PHILOX_KEY_B = tl.constexpr(spec.PHILOX_KEY_B)
+_UNIFORM_SCALE_X2 = tl.constexpr(spec.UNIFORM_SCALE_X2)
+# Compiled kernels round float32 -> bf16 with the hardware conversion (round to nearest even, one
+# instruction per pair); the interpreter's conversion does not round to nearest even, so there the
+# kernels round with integer ops. Both give spec v1's bits (NaN payloads are not part of the spec).
+_HW_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # Gradient rows of one id loaded per step of the backward's in-order sum.
 _BWD_ROWS = 8
 # Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
@@ -36,44 +41,50 @@ SCALES_LAUNCH_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
 
 
 @triton.jit
-def _load_f32(ptr, offsets, mask, IS_BF16: tl.constexpr):
-    """Load as float32; bf16 arrives as int16 words and widens exactly by a 16-bit shift."""
+def _load_f32(ptr, offsets, mask, IS_BF16: tl.constexpr, OTHER_NAN: tl.constexpr = False):
+    """Load as float32 (masked-off elements 0, or NaN); bf16 arrives as int16 words and widens
+    exactly by a 16-bit shift."""
     if IS_BF16:
-        bits = tl.load(ptr + offsets, mask=mask, other=0).to(tl.uint16, bitcast=True)
+        bits = tl.load(ptr + offsets, mask=mask, other=0x7FC0 if OTHER_NAN else 0).to(tl.uint16, bitcast=True)
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
-        return tl.load(ptr + offsets, mask=mask, other=0).to(tl.float32)
+        return tl.load(ptr + offsets, mask=mask, other=float("nan") if OTHER_NAN else 0).to(tl.float32)
 
 
 @triton.jit
 def _store_f32(ptr, offsets, value, mask, IS_BF16: tl.constexpr):
     """Store float32 rounded to nearest even into the pointer's dtype (bf16: int16 words)."""
     if IS_BF16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(value != value, 0x7FC0, rounded)  # keep NaN a NaN (the carry could make it inf)
-        tl.store(ptr + offsets, rounded.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        if _HW_BF16:
+            rounded = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        else:
+            bits = value.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(value != value, 0x7FC0, rounded)  # keep NaN a NaN (the carry could make it inf)
+            rounded = rounded.to(tl.uint16).to(tl.int16, bitcast=True)
+        tl.store(ptr + offsets, rounded, mask=mask)
     else:
         tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16: tl.constexpr):
-    """One quarter of the dims of each row, widened to float32; an out-of-range id reads nothing."""
-    return _load_f32(w_ptr, w_row + col, valid & (col < d) & in_range, IS_BF16)
+    """One quarter of the dims of each row, widened to float32. An out-of-range id reads nothing and
+    gets NaN, which the noise's add carries to the output: no select per element."""
+    return _load_f32(w_ptr, w_row + col, valid & (col < d) & in_range, IS_BF16, OTHER_NAN=True)
 
 
 @triton.jit
-def _store_quarter(out_ptr, out_row, col, valid, in_range, w, e, scale, d, IS_BF16: tl.constexpr):
-    """``w + e * scale`` (spec rounding) stored; NaN for an out-of-range id."""
-    _store_f32(out_ptr, out_row + col, tl.where(in_range, w + e * scale, float("nan")), valid & (col < d), IS_BF16)
+def _store_quarter(out_ptr, out_row, col, valid, w, e, scale, d, IS_BF16: tl.constexpr):
+    """``w + e * scale`` (spec rounding) stored."""
+    _store_f32(out_ptr, out_row + col, w + e * scale, valid & (col < d), IS_BF16)
 
 
 @triton.jit
 def _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e, scale, d, IS_BF16: tl.constexpr):
     """One quarter loaded, noised and stored."""
     w = _load_quarter(w_ptr, w_row, col, valid, in_range, d, IS_BF16)
-    _store_quarter(out_ptr, out_row, col, valid, in_range, w, e, scale, d, IS_BF16)
+    _store_quarter(out_ptr, out_row, col, valid, w, e, scale, d, IS_BF16)
 
 
 @triton.jit
@@ -111,8 +122,11 @@ def _philox(key, counter):
 
 @triton.jit
 def _uniform(bits):
-    """Spec v1's ``e`` in [-1, 1) from a 32-bit word."""
-    return tl.uint_to_uniform_float(bits) * 2.0 - 1.0
+    """Spec v1's ``e`` in [-1, 1) from a 32-bit word: ``tl.uint_to_uniform_float(bits) * 2 - 1``, with
+    the doubling folded into the scale (the same float32 for every word: see ``spec.UNIFORM_SCALE_X2``)."""
+    x = bits.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x.to(tl.float32) * _UNIFORM_SCALE_X2 - 1.0
 
 
 @triton.jit
@@ -203,10 +217,10 @@ def _noisy_embedding_fwd_kernel(
         e0, e1, e2, e3 = _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3)
     out_row = tok[:, None] * d
     if EARLY_LOADS:
-        _store_quarter(out_ptr, out_row, col, valid, in_range, w0, e0, scale, d, IS_BF16)
-        _store_quarter(out_ptr, out_row, col + n_lanes, valid, in_range, w1, e1, scale, d, IS_BF16)
-        _store_quarter(out_ptr, out_row, col + 2 * n_lanes, valid, in_range, w2, e2, scale, d, IS_BF16)
-        _store_quarter(out_ptr, out_row, col + 3 * n_lanes, valid, in_range, w3, e3, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col, valid, w0, e0, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + n_lanes, valid, w1, e1, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + 2 * n_lanes, valid, w2, e2, scale, d, IS_BF16)
+        _store_quarter(out_ptr, out_row, col + 3 * n_lanes, valid, w3, e3, scale, d, IS_BF16)
     else:  # each quarter loaded just before its store: fewer registers
         _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col, valid, in_range, e0, scale, d, IS_BF16)
         _noisy_quarter(w_ptr, out_ptr, w_row, out_row, col + n_lanes, valid, in_range, e1, scale, d, IS_BF16)

@@ -58,6 +58,11 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
     assert len(entries) == 17, list(entries)
     for name, body in entries.items():
         assert not re.search(r"\bfma\.|\.ftz\b|\.approx\b|\b(?:lg2|ex2|sin|cos|rsqrt|rcp)\.", body), name
+        # float32 -> 16 bits rounds to nearest even, in pairs where a thread moves 16 bytes
+        narrowing = set(re.findall(r"\bcvt\.\w+\.(?:bf16|f16)(?:x2)?\.f32\b", body))
+        assert narrowing <= {"cvt.rn.bf16.f32", "cvt.rn.bf16x2.f32", "cvt.rn.f16.f32", "cvt.rn.f16x2.f32"}, name
+        if "forward_kernel" in name and "Lb0ELi8E" in name:  # uniform noise, 8 16-bit lanes a thread
+            assert narrowing in ({"cvt.rn.bf16x2.f32"}, {"cvt.rn.f16x2.f32"}), name
     gaussian = [body for name, body in entries.items() if "forward_kernel" in name and "Lb1E" in name]
     uniform = [body for name, body in entries.items() if "forward_kernel" in name and "Lb0E" in name]
     assert len(gaussian) == len(uniform) == 6

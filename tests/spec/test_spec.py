@@ -111,3 +111,18 @@ def test_round_to_float32_ties_to_even():
     assert round_to_float32(1 + ulp / 2 + 2**-40) == 1 + ulp
     for x in (0.0, 0.1, 5 / math.sqrt(512 * 4096), 3.4e38):
         assert round_to_float32(x) == float(np.float32(x))
+
+
+@pytest.mark.slow  # 2**31 inputs, ~10 s
+def test_doubling_folds_into_the_uniform_scale_for_every_word():
+    """``(x * UNIFORM_SCALE) * 2 - 1 == x * UNIFORM_SCALE_X2 - 1`` in float32 for every value the
+    map meets (x = float32 of 0 .. 2**31 - 1): the kernels' one multiply gives spec v1's bits."""
+    from neft_kernels.spec import UNIFORM_SCALE, UNIFORM_SCALE_X2
+
+    scale, scale_x2, one = np.float32(UNIFORM_SCALE), np.float32(UNIFORM_SCALE_X2), np.float32(1)
+    assert scale_x2 == scale * 2
+    step = 1 << 25
+    for start in range(0, 1 << 31, step):
+        x = np.arange(start, start + step, dtype=np.int64).astype(np.float32)  # int -> float32 rounds to nearest
+        two_steps = (x * scale) * np.float32(2) - one
+        np.testing.assert_array_equal((x * scale_x2 - one).view(np.int32), two_steps.view(np.int32))
