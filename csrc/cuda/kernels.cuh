@@ -24,7 +24,7 @@ struct Io<float> {
   __device__ static float to_f32(float v) { return v; }
   __device__ static float from_f32(float v) { return v; }
   __device__ static void from_f32x2(float a, float b, float* out) { out[0] = a, out[1] = b; }
-  __device__ static float nan() { return __int_as_float(0x7FC00000); }
+  static constexpr uint32_t kNanWord = 0x7FC00000u;  // 32 bits of NaN elements
 };
 template <>
 struct Io<uint16_t> {  // bfloat16 as raw words
@@ -34,7 +34,7 @@ struct Io<uint16_t> {  // bfloat16 as raw words
     const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
     out[0] = __bfloat16_as_ushort(pair.x), out[1] = __bfloat16_as_ushort(pair.y);
   }
-  __device__ static uint16_t nan() { return 0x7FC0; }
+  static constexpr uint32_t kNanWord = 0x7FC07FC0u;
 };
 template <>
 struct Io<__half> {
@@ -44,8 +44,12 @@ struct Io<__half> {
     const __half2 pair = __floats2half2_rn(a, b);
     out[0] = pair.x, out[1] = pair.y;
   }
-  __device__ static __half nan() { return __ushort_as_half(0x7E00); }
+  static constexpr uint32_t kNanWord = 0x7E007E00u;
 };
+
+// 16 bytes of NaN elements of each storage type: what a thread reads for an out-of-range id.
+template <typename T>
+__device__ alignas(16) const uint32_t kNanRow[4] = {Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord};
 
 // kVec consecutive elements, moved as one aligned access (16 bytes when kVec * sizeof(T) == 16).
 template <typename T, int kVec>
@@ -81,17 +85,15 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
   }
-  // One quarter's kVec dims of the row. An out-of-range id reads nothing and gets NaN, which the
-  // noise's add carries to the output: a select per register here, none per element later.
+  // One quarter's kVec dims of the row. An out-of-range id reads kNanRow instead, never the table:
+  // the noise's add carries its NaN to the output, with no branch or select per element.
+  const T* src = in_range ? static_cast<const T*>(weight) + row + k0 : reinterpret_cast<const T*>(kNanRow<T>);
+  const int64_t quarter = in_range ? q : 0;
   const auto load = [&](int w, P& in) {
-    const int64_t j = w * q + k0;
-    if (!in_range) {
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) in.v[v] = Io<T>::nan();
-    } else if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist
-      in = static_cast<const P*>(weight)[static_cast<uint64_t>(row + j) / kVec];  // exact: aligned
-    } else if (j < d) {
-      in.v[0] = static_cast<const T*>(weight)[row + j];
+    if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist, 16-byte aligned
+      in = *reinterpret_cast<const P*>(src + w * quarter);
+    } else if (w * q + k0 < d) {
+      in.v[0] = src[w * quarter];
     }
   };
   // 16-byte accesses of 16-bit rows with uniform noise load all four quarters before the Philox
