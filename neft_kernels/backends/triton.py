@@ -1,8 +1,9 @@
 """Triton kernels: the fused NEFTune forward, its per-token scales and the deterministic embedding backward.
 
 The kernels run compiled on CUDA and, under ``TRITON_INTERPRET=1``, on CPU tensors. bf16 is moved
-as raw 16-bit words and widened/rounded with integer ops, so the interpreter (which truncates
-float32 -> bf16) and GPUs (round to nearest even) give the same bits.
+as raw 16-bit words, widened by a shift and rounded to nearest even: by the GPU's conversion when
+compiled, by integer ops under the interpreter (whose own conversion does not round to nearest
+even), so both give the same bits.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ _PHILOX_MUL_B = tl.constexpr(spec.PHILOX_MUL_B)
 _PHILOX_KEY_A = tl.constexpr(spec.PHILOX_KEY_A)
 _PHILOX_KEY_B = tl.constexpr(spec.PHILOX_KEY_B)
 _UNIFORM_SCALE_X2 = tl.constexpr(spec.UNIFORM_SCALE_X2)
-# Compiled kernels round float32 -> bf16 with the hardware conversion (round to nearest even, one
-# instruction per pair); the interpreter's conversion does not round to nearest even, so there the
-# kernels round with integer ops. Both give spec v1's bits (NaN payloads are not part of the spec).
+# Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
+# elements, where integer rounding took about six per element); under the interpreter, integer ops.
+# The same bits (NaN payloads are not part of the spec).
 _HW_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # Gradient rows of one id loaded per step of the backward's in-order sum.
 _BWD_ROWS = 8
