@@ -62,8 +62,6 @@ __device__ inline int64_t side_at(const SideView& v, int64_t i) {
   }
 }
 
-__device__ inline int64_t side_at(const SideView& v, int64_t r, int64_t c) { return side_at(v, r * v.s0 + c * v.s1); }
-
 // Real tokens of a span of a row: head = before its first sub-sequence start (all of them where
 // none starts in it), tail = from its last start on. join is associative, with {0, 0, false} as
 // identity: scans and reductions over spans in token order.
@@ -83,12 +81,12 @@ __device__ inline Span join(const Span& a, const Span& b) {
 // Tile summaries in global memory: (head, tail), tail = -1 where no sub-sequence starts in the tile.
 __device__ inline Span load_span(const int64_t* p) { return {p[0], p[1] < 0 ? 0 : p[1], p[1] >= 0}; }
 
-// Whether each token starts a sub-sequence, asked in ascending column order from first_col on.
-struct StartFinder {
+// Whether each token starts a sub-sequence at a cu_seqlens entry, asked in ascending column order
+// from first_col on.
+struct CuStarts {
   const ScaleArgs& a;
   int64_t row, k = 0;  // k: first cu_seqlens entry not below the last flat index asked
-  __device__ StartFinder(const ScaleArgs& args, int64_t r, int64_t first_col) : a(args), row(r) {
-    if (!a.cu_seqlens.data) return;
+  __device__ CuStarts(const ScaleArgs& args, int64_t r, int64_t first_col) : a(args), row(r) {
     const int64_t flat = r * a.width + first_col;
     int64_t lo = 0, hi = a.n_cu;  // entries ascend: binary search
     while (lo < hi) {
@@ -101,19 +99,11 @@ struct StartFinder {
     k = lo;
   }
   __device__ bool operator()(int64_t c) {
-    bool start = c == 0 || (a.positions.data && side_at(a.positions, row, c) == 0);
-    if (a.cu_seqlens.data) {
-      const int64_t flat = row * a.width + c;
-      while (k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) < flat) ++k;
-      start = start || (k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) == flat);
-    }
-    return start;
+    const int64_t flat = row * a.width + c;
+    while (k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) < flat) ++k;
+    return k < a.n_cu && side_at(a.cu_seqlens, k * a.cu_seqlens.s1) == flat;
   }
 };
-
-__device__ inline bool is_real(const ScaleArgs& a, int64_t r, int64_t c) {
-  return !a.mask.data || side_at(a.mask, r, c) != 0;
-}
 
 // This thread's tokens of the block's tile: [c0, c1) of row r (empty past the row's end).
 struct ThreadTokens {
@@ -130,10 +120,37 @@ __device__ inline ThreadTokens thread_tokens(const ScaleArgs& a, int64_t tiles_p
   return t;
 }
 
-// This thread's tokens, read once: bit j of start / real for token c0 + j (bits, not arrays:
-// registers, not local memory).
+// Bit j set where element (r, c0 + j) of a side input is nonzero, for j < n. The element type is
+// chosen once and all n loads issue before any is tested: one memory latency per thread, not n.
+__device__ inline uint32_t nonzero_bits(const SideView& v, int64_t r, int64_t c0, int n) {
+  const auto bits = [&](auto zero) {
+    using T = decltype(zero);
+    const T* p = static_cast<const T*>(v.data) + r * v.s0 + c0 * v.s1;
+    T x[kScaleTokens];
+#pragma unroll
+    for (int j = 0; j < kScaleTokens; ++j) x[j] = j < n ? p[j * v.s1] : T(0);
+    uint32_t b = 0;
+#pragma unroll
+    for (int j = 0; j < kScaleTokens; ++j) b |= static_cast<uint32_t>(x[j] != 0) << j;
+    return b;
+  };
+  switch (v.bytes) {
+    case 1:
+      return bits(int8_t{});
+    case 2:
+      return bits(int16_t{});
+    case 4:
+      return bits(int32_t{});
+    default:
+      return bits(int64_t{});
+  }
+}
+
+// This thread's tokens, read once: bit j of start / real / noised for token c0 + j (bits, not
+// arrays: registers, not local memory). noised: the noise mask's bits (real ones still count
+// towards L).
 struct TokenFlags {
-  uint32_t start = 0, real = 0;
+  uint32_t start = 0, real = 0, noised = 0;
   int n = 0;
 };
 
@@ -141,10 +158,14 @@ __device__ inline TokenFlags token_flags(const ScaleArgs& a, const ThreadTokens&
   TokenFlags f;
   f.n = static_cast<int>(t.c1 - t.c0);
   if (f.n == 0) return f;
-  StartFinder starts(a, t.r, t.c0);
-  for (int j = 0; j < f.n; ++j) {
-    f.start |= static_cast<uint32_t>(starts(t.c0 + j)) << j;
-    f.real |= static_cast<uint32_t>(is_real(a, t.r, t.c0 + j)) << j;
+  const uint32_t all = (1u << f.n) - 1u;  // f.n <= kScaleTokens < 32
+  f.real = a.mask.data ? nonzero_bits(a.mask, t.r, t.c0, f.n) : all;
+  f.noised = a.noise_mask.data ? nonzero_bits(a.noise_mask, t.r, t.c0, f.n) : all;
+  f.start = t.c0 == 0 ? 1u : 0u;
+  if (a.positions.data) f.start |= ~nonzero_bits(a.positions, t.r, t.c0, f.n) & all;  // position 0 starts one
+  if (a.cu_seqlens.data) {
+    CuStarts starts(a, t.r, t.c0);
+    for (int j = 0; j < f.n; ++j) f.start |= static_cast<uint32_t>(starts(t.c0 + j)) << j;
   }
   return f;
 }
@@ -246,10 +267,7 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
     if (p == 0 && !(f.start & 1u)) count += real_before;
     if (q == f.n) count += real_after;
     const float scale = a.d > 0 ? scale_of(alpha, count, a.d) : 0.0f;
-    for (int j = p; j < q; ++j) {
-      const bool noised = (f.real >> j & 1u) && (!a.noise_mask.data || side_at(a.noise_mask, t.r, t.c0 + j) != 0);
-      out[t.r * a.width + t.c0 + j] = noised ? scale : 0.0f;
-    }
+    for (int j = p; j < q; ++j) out[t.r * a.width + t.c0 + j] = (f.real & f.noised) >> j & 1u ? scale : 0.0f;
     p = q;
   }
 }
