@@ -234,8 +234,10 @@ def _embedding_bwd_kernel(
     grad_ptr, sorted_ids_ptr, order_ptr, seg_end_ptr, gw_ptr, d, n_rows, padding_idx,
     SCALE_BY_FREQ: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """The program at the first sorted position of each id sums that id's rows in token order (float32),
-    ROWS loads in flight per step, and writes the weight-dtype row once; later positions of a run exit."""
+    """The program at the first sorted position of each id sums that id's rows in token order (float32)
+    and writes the weight-dtype row once; later positions of a run exit. Whole groups of ROWS rows
+    go with all their loads in flight, then the rest one by one (most ids of a large vocabulary
+    occur once: a single row costs a single load)."""
     i = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = col < d
@@ -243,13 +245,13 @@ def _embedding_bwd_kernel(
     prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
     if (idx != prev) & (idx != padding_idx) & (idx >= 0) & (idx < n_rows):
         end = tl.load(seg_end_ptr + i)
+        grouped = i + (end - i) // ROWS * ROWS
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(i, end, ROWS):
-            for r in tl.static_range(ROWS):  # independent loads, then the adds in order
-                ok = (tl.zeros_like(col) + j + r) < end
-                row = tl.load(order_ptr + tl.minimum(j + r, end - 1))  # in bounds; unused past the end
-                g = _load_f32(grad_ptr, row * d + col, col_mask & ok, IS_BF16)
-                acc = tl.where(ok, acc + g, acc)
+        for j in range(i, grouped, ROWS):
+            for r in tl.static_range(ROWS):  # the loads do not wait on the adds: all in flight at once
+                acc += _load_f32(grad_ptr, tl.load(order_ptr + j + r) * d + col, col_mask, IS_BF16)
+        for j in range(grouped, end):
+            acc += _load_f32(grad_ptr, tl.load(order_ptr + j) * d + col, col_mask, IS_BF16)
         if SCALE_BY_FREQ:
             acc = tl.div_rn(acc, (end - i).to(tl.float32))  # IEEE, as the other backends divide
         _store_f32(gw_ptr, idx * d + col, acc, col_mask, IS_BF16)
