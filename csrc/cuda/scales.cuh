@@ -186,15 +186,20 @@ __device__ inline Span span_of(const TokenFlags& f) {
   return s;
 }
 
-// In place over the block: s[t] becomes the join of s[0..t] (forward) or of s[t..] (backward).
-__device__ inline void block_scan(Span* s, bool forward) {
+// Scans over the block, one barrier a step: fwd[0][t] becomes the join of fwd[0][0..t] and, where
+// bwd is given, bwd[0][t] the join of bwd[0][t..]. Each ping-pongs with its [1] buffer, so that a
+// step reads one buffer while it writes the other.
+__device__ inline void block_scan(Span* const fwd[2], Span* const bwd[2] = nullptr) {
   const int t = threadIdx.x;
-  for (int step = 1; step < kScaleThreads; step *= 2) {
-    Span v = s[t];
-    if (forward && t >= step) v = join(s[t - step], v);
-    if (!forward && t + step < kScaleThreads) v = join(v, s[t + step]);
+  int in = 0;
+  for (int step = 1; step < kScaleThreads; step *= 2, in ^= 1) {
+    fwd[in ^ 1][t] = t >= step ? join(fwd[in][t - step], fwd[in][t]) : fwd[in][t];
+    if (bwd) bwd[in ^ 1][t] = t + step < kScaleThreads ? join(bwd[in][t], bwd[in][t + step]) : bwd[in][t];
     __syncthreads();
-    s[t] = v;
+  }
+  if (in) {  // an odd number of steps left the result in [1]
+    fwd[0][t] = fwd[1][t];
+    if (bwd) bwd[0][t] = bwd[1][t];
     __syncthreads();
   }
 }
@@ -203,13 +208,14 @@ __device__ inline void block_scan(Span* s, bool forward) {
 // (Shared Spans are not initialised on a GPU, whatever Span's member initialisers say: every slot
 // is written before it is read.)
 __global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t* tiles) {
-  __shared__ Span spans[kScaleThreads];
+  __shared__ Span spans[2][kScaleThreads];
+  Span* const scan[2] = {spans[0], spans[1]};
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
-  spans[threadIdx.x] = span_of(token_flags(a, t));
+  spans[0][threadIdx.x] = span_of(token_flags(a, t));
   __syncthreads();
-  block_scan(spans, true);
+  block_scan(scan);
   if (threadIdx.x == kScaleThreads - 1) {
-    const Span& s = spans[threadIdx.x];
+    const Span& s = spans[0][threadIdx.x];
     int64_t* out = tiles + 2 * static_cast<int64_t>(blockIdx.x);
     out[0] = s.head;
     out[1] = s.has_start ? s.tail : -1;
@@ -217,12 +223,12 @@ __global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t*
 }
 
 // The join of tiles [lo, hi) of a row, in token order, a block's width of tiles per step. Block-uniform.
-__device__ inline Span join_tiles(const int64_t* row_tiles, int64_t lo, int64_t hi, Span* scratch) {
+__device__ inline Span join_tiles(const int64_t* row_tiles, int64_t lo, int64_t hi, Span* const scratch[2]) {
   const int64_t i = lo + threadIdx.x;
-  scratch[threadIdx.x] = i < hi ? load_span(row_tiles + 2 * i) : Span{};
+  scratch[0][threadIdx.x] = i < hi ? load_span(row_tiles + 2 * i) : Span{};
   __syncthreads();
-  block_scan(scratch, true);
-  const Span s = scratch[kScaleThreads - 1];
+  block_scan(scratch);
+  const Span s = scratch[0][kScaleThreads - 1];
   __syncthreads();  // scratch is reused
   return s;
 }
@@ -230,13 +236,17 @@ __device__ inline Span join_tiles(const int64_t* row_tiles, int64_t lo, int64_t 
 // One block per (row, tile): out[n] = the scale of each token. tiles: launch 1's summaries, or
 // nullptr where a row fits in one tile.
 __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const int64_t* tiles, float* out) {
-  __shared__ Span before[kScaleThreads], after[kScaleThreads], scratch[kScaleThreads];
+  // before[0] / after[0]: the forward / backward scans' results; [1] their ping-pong buffers,
+  // then the tile joins' scratch.
+  __shared__ Span before[2][kScaleThreads], after[2][kScaleThreads];
+  Span* const fwd[2] = {before[0], before[1]};
+  Span* const bwd[2] = {after[0], after[1]};
+  Span* const scratch[2] = {before[1], after[1]};
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
   const TokenFlags f = token_flags(a, t);
-  before[threadIdx.x] = after[threadIdx.x] = span_of(f);
+  before[0][threadIdx.x] = after[0][threadIdx.x] = span_of(f);
   __syncthreads();
-  block_scan(before, true);
-  block_scan(after, false);
+  block_scan(fwd, bwd);
   // Real tokens since the last start before the tile, and until the next start after it.
   int64_t carry_in = 0, carry_out = 0;
   if (tiles != nullptr) {
@@ -253,8 +263,8 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
   }
   if (f.n == 0) return;
   // Around this thread's tokens: the spans before and after it, tile edges included.
-  const Span left = threadIdx.x > 0 ? before[threadIdx.x - 1] : Span{};
-  const Span right = threadIdx.x + 1 < kScaleThreads ? after[threadIdx.x + 1] : Span{};
+  const Span left = threadIdx.x > 0 ? before[0][threadIdx.x - 1] : Span{};
+  const Span right = threadIdx.x + 1 < kScaleThreads ? after[0][threadIdx.x + 1] : Span{};
   const int64_t real_before = left.has_start ? left.tail : carry_in + left.head;
   const int64_t real_after = right.has_start ? right.head : right.head + carry_out;
 

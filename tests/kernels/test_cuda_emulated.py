@@ -207,15 +207,16 @@ def test_token_scales_match_the_reference(emulator, width):
     _check_scales(emulator, width, *([((5.0, 4096), (0.0, 7))] if width > 2048 else []))
 
 
-@pytest.fixture(scope="module")
-def small_tile_emulator(tmp_path_factory) -> ctypes.CDLL:
-    return load_emulator(_build_emulator(tmp_path_factory, "NEFT_SCALE_THREADS=4"))
+@pytest.fixture(scope="module", params=[4, 8], ids=lambda n: f"{n}-threads")
+def small_tile_emulator(tmp_path_factory, request) -> ctypes.CDLL:
+    return load_emulator(_build_emulator(tmp_path_factory, f"NEFT_SCALE_THREADS={request.param}"))
 
 
-@pytest.mark.parametrize("width", [9, 37, 300])
+@pytest.mark.parametrize("width", [9, 37, 300, 600])
 def test_token_scales_across_tiles_and_windows(small_tile_emulator, width):
-    """Tiles of 32 tokens, summaries read 4 tiles at a time: sub-sequences cross many tiles and
-    windows, as long packed rows do at full size."""
+    """Tiles of 32 or 64 tokens, summaries read 4 or 8 tiles at a time: sub-sequences cross many
+    tiles and windows, as long packed rows do at full size. (8 threads scan in an odd number of
+    steps, 4 and 256 in an even one.)"""
     _check_scales(small_tile_emulator, width)
 
 
