@@ -32,15 +32,17 @@ def test_cpu_ids_are_checked_even_with_the_device_check_off():
 
 
 @on_backends(*KERNELS)  # the reference relies on torch's own checks
-def test_kernels_never_read_or_write_out_of_range_rows(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [9, 64])  # one lane a thread; 16 bytes a thread on the CUDA kernels
+def test_kernels_never_read_or_write_out_of_range_rows(backend, device, dtype, d):
     """Called with no check at all, a bad id yields a NaN row and no gradient, never a stray access."""
-    weight = make_weight(6, 9, torch.float32, device)
+    weight = make_weight(6, d, dtype, device)
     ids = torch.tensor([2, 6, -1, 5, -(1 << 40), 1 << 40], device=device)
     out = kernel_alone(backend, ids, weight)
     bad = torch.tensor([False, True, True, False, True, True])
     assert out[bad.to(device)].isnan().all() and not out[~bad.to(device)].isnan().any()
-    grad = module(backend).backward(torch.ones(6, 9, device=device), ids, 6, None, True)
-    want = torch.zeros(6, 9)
+    grad = module(backend).backward(torch.ones(6, d, dtype=dtype, device=device), ids, 6, None, True)
+    want = torch.zeros(6, d, dtype=dtype)
     want[[2, 5]] = 1
     assert torch.equal(grad.cpu(), want)
 
