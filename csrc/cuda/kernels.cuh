@@ -47,9 +47,14 @@ struct Io<__half> {
   static constexpr uint32_t kNanWord = 0x7E007E00u;
 };
 
-// 16 bytes of NaN elements of each storage type: what a thread reads for an out-of-range id.
+// 16 bytes of NaN elements of each storage type: what a thread reads for an out-of-range id, with
+// the 16-byte path's vector load. The alignment is the struct's: nvcc ignores alignas on a
+// __device__ variable template itself (its PTX said .align 4).
+struct alignas(16) NanRow {
+  uint32_t words[4];
+};
 template <typename T>
-__device__ alignas(16) const uint32_t kNanRow[4] = {Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord};
+__device__ const NanRow kNanRow = {{Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord, Io<T>::kNanWord}};
 
 // kVec consecutive elements, moved as one aligned access (16 bytes when kVec * sizeof(T) == 16).
 template <typename T, int kVec>
@@ -87,7 +92,7 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   }
   // One quarter's kVec dims of the row. An out-of-range id reads kNanRow instead, never the table:
   // the noise's add carries its NaN to the output, with no branch or select per element.
-  const T* src = in_range ? static_cast<const T*>(weight) + row + k0 : reinterpret_cast<const T*>(kNanRow<T>);
+  const T* src = in_range ? static_cast<const T*>(weight) + row + k0 : reinterpret_cast<const T*>(kNanRow<T>.words);
   const int64_t quarter = in_range ? q : 0;
   const auto load = [&](int w, P& in) {
     if constexpr (kVec > 1) {  // d == 4q, q % kVec == 0: the kVec dims all exist, 16-byte aligned
@@ -181,8 +186,7 @@ struct ForwardVariant {
   static constexpr int kVec = Vec;
 };
 
-// Calls fn(TypeTag<T>{}) with T the storage type of dtype on the GPU: bfloat16 as raw words,
-// rounded by integer ops.
+// Calls fn(TypeTag<T>{}) with T the storage type of dtype on the GPU: bfloat16 as raw words.
 template <typename Fn>
 decltype(auto) dispatch_storage(DType dtype, Fn&& fn) {
   return dispatch_dtype<float, uint16_t, __half>(dtype, fn);

@@ -9,7 +9,6 @@ one with a single warning.
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from functools import cache
 from types import ModuleType
@@ -86,7 +85,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def _runs_on(name: str) -> tuple[str, ...]:
     if name == "triton":  # CPU tensors only through the interpreter
-        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+        return ("cuda", "cpu") if _load(name).INTERPRETED else ("cuda",)
     return (_DEVICES[name],) if name in _DEVICES else ("cpu", "cuda")
 
 

@@ -8,12 +8,12 @@ even), so both give the same bits.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from .. import spec
 from ..id_check import check_id_range
@@ -29,16 +29,27 @@ _PHILOX_MUL_B = tl.constexpr(spec.PHILOX_MUL_B)
 _PHILOX_KEY_A = tl.constexpr(spec.PHILOX_KEY_A)
 _PHILOX_KEY_B = tl.constexpr(spec.PHILOX_KEY_B)
 _UNIFORM_SCALE_X2 = tl.constexpr(spec.UNIFORM_SCALE_X2)
-# Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
-# elements, where integer rounding took about six per element); under the interpreter, integer ops.
-# The same bits (NaN payloads are not part of the spec).
-_HW_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # Gradient rows of one id loaded per step of the backward's in-order sum.
 _BWD_ROWS = 8
 # Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
 LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 # The scales kernel holds a 1024-token block in several scans: 8 warps keep it out of local memory.
 SCALES_LAUNCH_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
+
+
+@triton.jit
+def _probe():
+    """Never launched: its type tells whether ``@triton.jit`` interprets here."""
+
+
+# Whether the kernels run in Triton's interpreter: triton decides when it decorates them, reading
+# TRITON_INTERPRET as a flag (1, true, on, yes, ...), so ask triton rather than the variable.
+INTERPRETED = isinstance(_probe, InterpretedFunction)
+# Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
+# elements, where integer rounding took about six per element); the interpreter's conversion does
+# not round to nearest even, so there integer ops do. The same bits (NaN payloads are not part of
+# the spec).
+_HW_BF16 = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
@@ -387,7 +398,7 @@ def early_loads(dtype: torch.dtype, gaussian: bool) -> bool:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if t.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is imported to run the kernels on the CPU")
 

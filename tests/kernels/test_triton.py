@@ -112,6 +112,21 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter():
     assert res.returncode != 0 and "TRITON_INTERPRET=1" in res.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and triton
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU present triton would compile for it")
+def test_any_spelling_of_triton_interpret_rounds_like_the_interpreter():
+    """triton reads TRITON_INTERPRET as a flag ("true" interprets as "1" does); the kernels' choice of
+    rounding follows triton's decision, so bf16 keeps the reference's bits."""
+    code = ("import torch; from neft_kernels import noisy_embedding; "
+            "w = torch.randn(50, 64).bfloat16(); ids = torch.randint(0, 50, (4, 32)); "
+            "a, b = (noisy_embedding(ids, w, 5.0, seed=3, backend=k) for k in ('triton', 'torch')); "
+            "print(int((a.view(torch.int16) != b.view(torch.int16)).sum()))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "TRITON_INTERPRET": "true"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "0"
+
+
 @pytest.mark.slow
 def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -34,11 +34,13 @@ def test_cpu_ids_are_checked_even_with_the_device_check_off():
 @on_backends(*KERNELS)  # the reference relies on torch's own checks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [9, 64])  # one lane a thread; 16 bytes a thread on the CUDA kernels
-def test_kernels_never_read_or_write_out_of_range_rows(backend, device, dtype, d):
-    """Called with no check at all, a bad id yields a NaN row and no gradient, never a stray access."""
+@pytest.mark.parametrize("scale,gaussian", [(0.25, False), (0.0, False), (0.25, True)])
+def test_kernels_never_read_or_write_out_of_range_rows(backend, device, dtype, d, scale, gaussian):
+    """Called with no check at all, a bad id yields a NaN row (noised or not, either stream) and no
+    gradient, never a stray access."""
     weight = make_weight(6, d, dtype, device)
     ids = torch.tensor([2, 6, -1, 5, -(1 << 40), 1 << 40], device=device)
-    out = kernel_alone(backend, ids, weight)
+    out = kernel_alone(backend, ids, weight, scale, gaussian)
     bad = torch.tensor([False, True, True, False, True, True])
     assert out[bad.to(device)].isnan().all() and not out[~bad.to(device)].isnan().any()
     grad = module(backend).backward(torch.ones(6, d, dtype=dtype, device=device), ids, 6, None, True)

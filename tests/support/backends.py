@@ -113,13 +113,14 @@ def requires(name: str, device: str | None = None):
     return pytest.mark.skipif(reason is not None, reason=f"backend {name!r} on {device}: {reason}")
 
 
-def kernel_alone(backend: str, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The forward kernel of a compiled backend with no id check in front of it (scale 0.25, seed 3)."""
+def kernel_alone(backend: str, ids: torch.Tensor, weight: torch.Tensor, scale: float = 0.25,
+                 gaussian: bool = False) -> torch.Tensor:
+    """The forward kernel of a compiled backend with no id check in front of it (seed 3)."""
     if backend == "triton":
-        return module("triton").fused_forward(ids, weight, 0.25, 3, 0)
+        return module("triton").fused_forward(ids, weight, scale, 3, 0, gaussian=gaussian)
     if backend == "cpu":
         from neft_kernels import _C_cpu
-        return _C_cpu.forward(ids, weight, 3, 0, 0.25, False, 0.0, ids.numel(), None, None, None, None, False)[0]
+        return _C_cpu.forward(ids, weight, 3, 0, scale, False, 0.0, ids.numel(), None, None, None, None, gaussian)[0]
     from neft_kernels import _C_cuda
-    return _C_cuda.forward(ids, weight, 3, 0, 0.25, False, 0.0, None, ids.numel(), None, None, None, None, None, None,
-                           False)
+    return _C_cuda.forward(ids, weight, 3, 0, scale, False, 0.0, None, ids.numel(), None, None, None, None, None, None,
+                           gaussian)

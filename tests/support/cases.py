@@ -157,8 +157,10 @@ def scale_cases(width: int):
         for start in sorted(torch.randint(0, width, (4,), generator=g).tolist()):
             pos[row, start:] = torch.arange(width - start)
     cu = torch.unique(torch.cat([torch.tensor([0, 3 * width]), torch.randint(0, 3 * width, (5,), generator=g)]))
-    for mask in (rand, rand.bool(), rand.int(), left):
+    strided = torch.randint(0, 2, (3, 2 * width), generator=g, dtype=torch.int8)[:, ::2]  # column stride 2
+    for mask in (rand, rand.bool(), rand.int(), left, strided):
         yield mask, None, None
+    yield None, pos.short().t().contiguous().t(), None  # int16, column-major: column stride 3
     yield None, pos, None
     yield None, None, cu.int()
     yield rand, pos, None
