@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from neft_kernels.backends import triton as kernels
+
+if kernels.INTERPRETED:
     sys.exit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from neft_kernels.backends import triton as kernels  # noqa: E402
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bf16 travels as int16 words
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

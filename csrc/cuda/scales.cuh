@@ -192,6 +192,7 @@ __device__ inline Span span_of(const TokenFlags& f) {
 __device__ inline void block_scan(Span* const fwd[2], Span* const bwd[2] = nullptr) {
   const int t = threadIdx.x;
   int in = 0;
+#pragma unroll  // constant buffer indices: the pointer pairs stay in registers, not on the stack
   for (int step = 1; step < kScaleThreads; step *= 2, in ^= 1) {
     fwd[in ^ 1][t] = t >= step ? join(fwd[in][t - step], fwd[in][t]) : fwd[in][t];
     if (bwd) bwd[in ^ 1][t] = t + step < kScaleThreads ? join(bwd[in][t], bwd[in][t + step]) : bwd[in][t];

@@ -13,7 +13,6 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from .. import spec
 from ..id_check import check_id_range
@@ -44,7 +43,7 @@ def _probe():
 
 # Whether the kernels run in Triton's interpreter: triton decides when it decorates them, reading
 # TRITON_INTERPRET as a flag (1, true, on, yes, ...), so ask triton rather than the variable.
-INTERPRETED = isinstance(_probe, InterpretedFunction)
+INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)  # InterpretedFunction is not one
 # Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
 # elements, where integer rounding took about six per element); the interpreter's conversion does
 # not round to nearest even, so there integer ops do. The same bits (NaN payloads are not part of

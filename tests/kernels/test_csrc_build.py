@@ -31,6 +31,8 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
     assert len(kernels) == 17
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)]
     assert len(spills) == 34 and not any(spills), res.stderr
+    stacks = [int(n) for n in re.findall(r"(\d+) bytes stack frame", res.stderr)]  # no local arrays either
+    assert len(stacks) == 17 and not any(stacks), res.stderr
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", res.stderr)]
     assert len(registers) == 17 and max(registers) <= 128, registers
 
