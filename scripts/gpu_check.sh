@@ -36,8 +36,9 @@ for name in models.MODEL_SHAPES:
     print(models.table(rows), flush=True)
 PY
 echo "models: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
-# where an eager call's host time goes: each piece timed alone, then torch's profiler over 300 calls
-timeout ${PROFILE_TIMEOUT:-90} python3 - <<'PY' >"$out/host-profile.txt" 2>&1
+# where an eager call's host time goes (each piece timed alone, then torch's profiler over 300 calls),
+# and its GPU time by kernel
+timeout ${PROFILE_TIMEOUT:-150} python3 - <<'PY' >"$out/host-profile.txt" 2>&1
 import torch
 from torch.profiler import ProfilerActivity, profile
 from neft_kernels import noisy_embedding
@@ -58,6 +59,28 @@ with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         noisy_embedding(ids, weight, 5.0, seed=1, attention_mask=mask)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 print(prof.key_averages(group_by_stack_n=4).table(sort_by="self_cpu_time_total", row_limit=15))
+# GPU time of each kernel of an eager bf16 forward with a mask, per backend: the scales launch
+# against the rows one (what overlapping or fusing them could save), at a small and a large width
+calls = 50
+for backend in ("cuda", "triton"):
+    for b, l, d, v in ((8, 2048, 576, 49152), (8, 1024, 4096, 32000)):
+        try:
+            w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+            ids = torch.randint(0, v, (b, l), device="cuda")
+            mask = (torch.arange(l, device="cuda")[None] < torch.linspace(l // 2, l, b, device="cuda")[:, None]).long()
+            for _ in range(10):
+                noisy_embedding(ids, w, 5.0, seed=1, attention_mask=mask, backend=backend)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    noisy_embedding(ids, w, 5.0, seed=1, attention_mask=mask, backend=backend)
+                torch.cuda.synchronize()
+            print(f"== {backend} {b},{l},{d},{v} bf16 with a mask: GPU us per call, by kernel", flush=True)
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+                if e.device_time_total > 0:
+                    print(f"{e.key[:90]:<90} {e.device_time_total / calls:9.2f} x{e.count / calls:.0f}", flush=True)
+        except Exception as err:
+            print(f"{backend} {b},{l},{d},{v}: {err!r}", flush=True)
 PY
 echo "host profile: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
 timeout ${GPU_SLOW_TIMEOUT:-120} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and slow" -p no:cacheprovider \
