@@ -26,7 +26,9 @@ using neft::SideView;
 #define NEFT_SCALE_THREADS 256
 #endif
 constexpr int kScaleThreads = NEFT_SCALE_THREADS;
-constexpr int kScaleTokens = 8;                               // consecutive tokens per thread (at most 32: bit masks)
+// Consecutive tokens per thread (at most 32: bit masks): a tile of 4096 tokens, so that rows of up to
+// 4096 need no summary launch.
+constexpr int kScaleTokens = 16;
 constexpr int64_t kScaleTile = kScaleThreads * kScaleTokens;  // tokens of a row per block
 
 // float64 operations rounded to nearest, as the spec computes a scale (host branches: the emulator).

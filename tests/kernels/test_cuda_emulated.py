@@ -200,11 +200,11 @@ def _check_scales(emu, width: int, alphas=((5.0, 4096), (3.4641022345673926, 16)
     assert emu.emulated_divergent_blocks() == 0
 
 
-@pytest.mark.parametrize("width", [1, 7, 37, 1500, 2 * 2048 + 37])
+@pytest.mark.parametrize("width", [1, 7, 37, 1500, 2 * 4096 + 37])
 def test_token_scales_match_the_reference(emulator, width):
     """Masks of every width, broadcast strides, packed rows, cu_seqlens (int32, int64, repeats, past the
     end), noise masks, alpha as a value or in memory; rows of one tile and of three."""
-    _check_scales(emulator, width, *([((5.0, 4096), (0.0, 7))] if width > 2048 else []))
+    _check_scales(emulator, width, *([((5.0, 4096), (0.0, 7))] if width > 4096 else []))
 
 
 @pytest.fixture(scope="module", params=[4, 8], ids=lambda n: f"{n}-threads")
@@ -214,7 +214,7 @@ def small_tile_emulator(tmp_path_factory, request) -> ctypes.CDLL:
 
 @pytest.mark.parametrize("width", [9, 37, 300, 600])
 def test_token_scales_across_tiles_and_windows(small_tile_emulator, width):
-    """Tiles of 32 or 64 tokens, summaries read 4 or 8 tiles at a time: sub-sequences cross many
+    """Tiles of 64 or 128 tokens, summaries read 4 or 8 tiles at a time: sub-sequences cross many
     tiles and windows, as long packed rows do at full size. (8 threads scan in an odd number of
     steps, 4 and 256 in an even one.)"""
     _check_scales(small_tile_emulator, width)

@@ -279,7 +279,7 @@ def test_reduce_overhead_compile_of_a_patched_model_runs_and_draws_new_noise():
     assert len(set(losses)) == 4  # fresh noise each call (no optimizer step: only the noise differs)
 
 
-@pytest.mark.parametrize("width", [1, 7, 1500, 2 * 2048 + 37, 300 * 2048 + 5])
+@pytest.mark.parametrize("width", [1, 7, 1500, 2 * 4096 + 37, 300 * 4096 + 5])
 def test_cuda_token_scales_match_the_reference(width):
     """The CUDA scales kernels against lengths.token_scales: rows of one tile, of three, and of 301
     (their neighbours' summaries read in two windows of 256 tiles)."""
