@@ -28,6 +28,7 @@
 
 #include "../gaussian.h"
 #include "../philox.h"
+#include "../scale.h"
 
 namespace {
 
@@ -527,9 +528,7 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
           if (start) break;
           count += mask.present() ? (mask(r, b) != 0) : 1;
         }
-        const float s = d == 0 ? 0.0f
-                               : static_cast<float>(alpha / std::sqrt(static_cast<double>(std::max<int64_t>(count, 1)) *
-                                                                      static_cast<double>(d)));
+        const float s = d == 0 ? 0.0f : neft::scale_of(alpha, count, d);
         for (int64_t j = a; j < b; ++j) {
           const bool noised = (!mask.present() || mask(r, j) != 0) && (!noise_mask.present() || noise_mask(r, j) != 0);
           scales[base + j] = noised ? s : 0.0f;

@@ -11,10 +11,9 @@
 // block's width of tiles at a time: a long packed row is spread over many blocks, none serialised.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
-#include "../philox.h"        // NEFT_HD
+#include "../scale.h"         // scale_of, NEFT_HD
 #include "noisy_embedding.h"  // SideView, ScaleArgs
 
 namespace neft::cuda {
@@ -31,37 +30,25 @@ constexpr int kScaleThreads = NEFT_SCALE_THREADS;
 constexpr int kScaleTokens = 16;
 constexpr int64_t kScaleTile = kScaleThreads * kScaleTokens;  // tokens of a row per block
 
-// float64 operations rounded to nearest, as the spec computes a scale (host branches: the emulator).
-NEFT_HD double dmul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-NEFT_HD float scale_of(double alpha, int64_t length, int64_t d) {  // float32(alpha / sqrt(L d)), rounded once
-  const double ld = dmul_rn(static_cast<double>(length > 1 ? length : 1), static_cast<double>(d));
-#if defined(__CUDA_ARCH__)
-  return __double2float_rn(__ddiv_rn(alpha, __dsqrt_rn(ld)));
-#else
-  return static_cast<float>(alpha / std::sqrt(ld));
-#endif
-}
-
-// A side input's element i, read by element size: only == 0 / != 0 matters, and cu_seqlens' int32
-// or int64 values, which the size alone decides.
-__device__ inline int64_t side_at(const SideView& v, int64_t i) {
+// fn(T{}) with T the signed integer type of a side input's element size: only == 0 / != 0 matters,
+// and cu_seqlens' int32 or int64 values, which the size alone decides.
+template <typename Fn>
+__device__ inline auto with_side_type(const SideView& v, Fn&& fn) {
   switch (v.bytes) {
     case 1:
-      return static_cast<const int8_t*>(v.data)[i];
+      return fn(int8_t{});
     case 2:
-      return static_cast<const int16_t*>(v.data)[i];
+      return fn(int16_t{});
     case 4:
-      return static_cast<const int32_t*>(v.data)[i];
+      return fn(int32_t{});
     default:
-      return static_cast<const int64_t*>(v.data)[i];
+      return fn(int64_t{});
   }
+}
+
+// A side input's element i.
+__device__ inline int64_t side_at(const SideView& v, int64_t i) {
+  return with_side_type(v, [&](auto zero) -> int64_t { return static_cast<const decltype(zero)*>(v.data)[i]; });
 }
 
 // Real tokens of a span of a row: head = before its first sub-sequence start (all of them where
@@ -125,7 +112,7 @@ __device__ inline ThreadTokens thread_tokens(const ScaleArgs& a, int64_t tiles_p
 // Bit j set where element (r, c0 + j) of a side input is nonzero, for j < n. The element type is
 // chosen once and all n loads issue before any is tested: one memory latency per thread, not n.
 __device__ inline uint32_t nonzero_bits(const SideView& v, int64_t r, int64_t c0, int n) {
-  const auto bits = [&](auto zero) {
+  return with_side_type(v, [&](auto zero) {
     using T = decltype(zero);
     const T* p = static_cast<const T*>(v.data) + r * v.s0 + c0 * v.s1;
     T x[kScaleTokens];
@@ -135,17 +122,7 @@ __device__ inline uint32_t nonzero_bits(const SideView& v, int64_t r, int64_t c0
 #pragma unroll
     for (int j = 0; j < kScaleTokens; ++j) b |= static_cast<uint32_t>(x[j] != 0) << j;
     return b;
-  };
-  switch (v.bytes) {
-    case 1:
-      return bits(int8_t{});
-    case 2:
-      return bits(int16_t{});
-    case 4:
-      return bits(int32_t{});
-    default:
-      return bits(int64_t{});
-  }
+  });
 }
 
 // This thread's tokens, read once: bit j of start / real / noised for token c0 + j (bits, not
@@ -279,7 +256,7 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
     for (int j = p; j < q; ++j) count += f.real >> j & 1u;
     if (p == 0 && !(f.start & 1u)) count += real_before;
     if (q == f.n) count += real_after;
-    const float scale = a.d > 0 ? scale_of(alpha, count, a.d) : 0.0f;
+    const float scale = a.d > 0 ? neft::scale_of(alpha, count, a.d) : 0.0f;
     for (int j = p; j < q; ++j) out[t.r * a.width + t.c0 + j] = (f.real & f.noised) >> j & 1u ? scale : 0.0f;
     p = q;
   }
