@@ -81,6 +81,27 @@ for backend in ("cuda", "triton"):
                     print(f"{e.key[:90]:<90} {e.device_time_total / calls:9.2f} x{e.count / calls:.0f}", flush=True)
         except Exception as err:
             print(f"{backend} {b},{l},{d},{v}: {err!r}", flush=True)
+# GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernel alone and of
+# both (a mask): on sm_90 the rows kernel starts while the scales kernel runs, so "both" should cost
+# less than the sum of the first two
+from neft_kernels.backends import module
+from neft_kernels.bench.measure import graph_ms
+for b, l, d, v in ((8, 2048, 576, 49152), (8, 1024, 4096, 32000), (1, 32768, 1152, 262144)):
+    try:
+        w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+        ids = torch.randint(0, v, (b, l), device="cuda")
+        mask = (torch.arange(l, device="cuda")[None] < torch.linspace(l // 2, l, b, device="cuda")[:, None]).long()
+        pos = (torch.arange(l, device="cuda") % 4096)[None].expand(b, l) if b == 1 else None
+        side = {"position_ids": pos} if b == 1 else {"attention_mask": mask}
+        times = {"rows alone": graph_ms(lambda: noisy_embedding(ids, w, 5.0, seed=1, backend="cuda")),
+                 "scales alone": graph_ms(lambda: module("cuda").token_scales(
+                     l, b * l, 5.0, d, side.get("attention_mask"), side.get("position_ids"), None,
+                     device=torch.device("cuda"))),
+                 "both": graph_ms(lambda: noisy_embedding(ids, w, 5.0, seed=1, backend="cuda", **side))}
+        print(f"== cuda {b},{l},{d},{v} bf16 {next(iter(side))}, graph ms: "
+              + ", ".join(f"{k} {t:.4f}" if t is not None else f"{k} -" for k, t in times.items()), flush=True)
+    except Exception as err:
+        print(f"graph times {b},{l},{d},{v}: {err!r}", flush=True)
 PY
 echo "host profile: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
 timeout ${GPU_SLOW_TIMEOUT:-120} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and slow" -p no:cacheprovider \

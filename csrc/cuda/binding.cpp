@@ -106,7 +106,7 @@ torch::Tensor noisy_embedding_forward(
       static_cast<float>(scale_value), seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr,
       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
       weight.size(0), bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr, gaussian,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      /*after_scales=*/per_token, c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 

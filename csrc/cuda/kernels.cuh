@@ -12,6 +12,7 @@
 #include "../dtype.h"
 #include "../gaussian.h"
 #include "../philox.h"
+#include "dependent_launch.cuh"
 
 namespace neft::cuda {
 
@@ -69,16 +70,15 @@ struct alignas(sizeof(T) * kVec) Pack {
 // over (token, lane group) pairs flat, so no width leaves part of a block idle.
 template <typename T, bool kGaussian, int kVec>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
-                               const float* __restrict__ scales, float scale_value,
-                               const int64_t* __restrict__ seed_ptr, uint64_t seed, uint64_t offset, int64_t n_tokens,
-                               int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids) {
+                               const float* scales, float scale_value, const int64_t* __restrict__ seed_ptr,
+                               uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
+                               int64_t num_rows, long long* bad_ids) {
   using P = Pack<T, kVec>;
   const int64_t q = (d + 3) / 4, groups = (q + kVec - 1) / kVec;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (g >= n_tokens * groups) return;
   const int64_t n = g / groups;  // nvcc divides in 32 bits where the values fit
   const int64_t k0 = (g - n * groups) * kVec;
-  const float scale = scales ? scales[n] : scale_value;
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
@@ -124,6 +124,11 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
       for (int w = 0; w < 4; ++w) e[w][v] = neft::uniform_pm1(r.r[w]);
     }
   }
+  // Launched after the scales kernel, this one may have started while that one runs (sm_90): the
+  // scales are read only after the wait, and with a coherent load (not the read-only path, which
+  // ptxas may move across it); the ids and rows are older.
+  wait_for_prerequisites();
+  const float scale = scales ? scales[n] : scale_value;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     const int64_t j = w * q + k0;

@@ -16,6 +16,32 @@ namespace {
 using neft::cuda::backward_kernel;
 using neft::cuda::forward_kernel;
 
+// kernel<<<blocks, threads, 0, stream>>>(args...), or, where ``dependent`` and the device is sm_90+, a
+// programmatic dependent launch (dependent_launch.cuh): the kernel may start while the stream's
+// previous kernel runs, and must read that kernel's output only after wait_for_prerequisites.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), int64_t blocks, int threads, cudaStream_t stream, bool dependent,
+                   Args... args) {
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
+  int device = 0, major = 0;
+  if (dependent) {
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchAttribute overlap;
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.stream = stream;
+  config.attrs = &overlap;
+  // The sm_90 images wait; sm_80's have no griddepcontrol. CUDA graphs capture such launches from 12.3.
+  config.numAttrs = CUDART_VERSION >= 12030 && dependent && major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 template <typename T>
 cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const int64_t* order, const int64_t* seg_end,
                             void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx,
@@ -34,15 +60,14 @@ namespace neft {
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                                         int64_t num_rows, long long* bad_ids, bool gaussian, cudaStream_t stream) {
+                                         int64_t num_rows, long long* bad_ids, bool gaussian, bool after_scales,
+                                         cudaStream_t stream) {
   return cuda::dispatch_forward(dtype, gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     constexpr int64_t kThreads = cuda::kForwardThreads;
     const int64_t blocks = (cuda::forward_threads(n_tokens, d, V::kVec) + kThreads - 1) / kThreads;
-    if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
-    forward_kernel<typename V::type, V::kGaussian, V::kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
-    return cudaGetLastError();
+    return launch(forward_kernel<typename V::type, V::kGaussian, V::kVec>, blocks, kThreads, stream, after_scales, ids,
+                  weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
   });
 }
 
@@ -56,14 +81,14 @@ int64_t token_scales_workspace(int64_t rows, int64_t width) { return cuda::scale
 cudaError_t token_scales_cuda(const ScaleArgs& args, int64_t* workspace, float* out, cudaStream_t stream) {
   const int64_t tiles = cuda::scale_tiles_per_row(args.width), blocks = args.rows * tiles;
   if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
   if (tiles > 1) {
-    cuda::tile_summary_kernel<<<static_cast<unsigned>(blocks), cuda::kScaleThreads, 0, stream>>>(args, tiles,
-                                                                                                 workspace);
+    const cudaError_t err =
+        launch(cuda::tile_summary_kernel, blocks, cuda::kScaleThreads, stream, false, args, tiles, workspace);
+    if (err != cudaSuccess) return err;
   }
-  cuda::token_scales_kernel<<<static_cast<unsigned>(blocks), cuda::kScaleThreads, 0, stream>>>(
-      args, tiles, tiles > 1 ? workspace : nullptr, out);
-  return cudaGetLastError();
+  // After the summaries' kernel, the scales kernel's own scans overlap it.
+  return launch(cuda::token_scales_kernel, blocks, cuda::kScaleThreads, stream, tiles > 1, args, tiles,
+                tiles > 1 ? workspace : static_cast<int64_t*>(nullptr), out);
 }
 
 cudaError_t embedding_backward_cuda(DType dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,

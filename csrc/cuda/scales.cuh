@@ -13,8 +13,9 @@
 
 #include <cstdint>
 
-#include "../scale.h"         // scale_of, NEFT_HD
-#include "noisy_embedding.h"  // SideView, ScaleArgs
+#include "../scale.h"            // scale_of, NEFT_HD
+#include "dependent_launch.cuh"  // allow_dependents, wait_for_prerequisites
+#include "noisy_embedding.h"     // SideView, ScaleArgs
 
 namespace neft::cuda {
 
@@ -188,6 +189,7 @@ __device__ inline void block_scan(Span* const fwd[2], Span* const bwd[2] = nullp
 // (Shared Spans are not initialised on a GPU, whatever Span's member initialisers say: every slot
 // is written before it is read.)
 __global__ void tile_summary_kernel(ScaleArgs a, int64_t tiles_per_row, int64_t* tiles) {
+  allow_dependents();  // the scales kernel reads the summaries only after its wait
   __shared__ Span spans[2][kScaleThreads];
   Span* const scan[2] = {spans[0], spans[1]};
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
@@ -222,6 +224,7 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
   Span* const fwd[2] = {before[0], before[1]};
   Span* const bwd[2] = {after[0], after[1]};
   Span* const scratch[2] = {before[1], after[1]};
+  allow_dependents();  // the rows kernel reads the scales only after its wait
   const ThreadTokens t = thread_tokens(a, tiles_per_row);
   const TokenFlags f = token_flags(a, t);
   before[0][threadIdx.x] = after[0][threadIdx.x] = span_of(f);
@@ -230,6 +233,7 @@ __global__ void token_scales_kernel(ScaleArgs a, int64_t tiles_per_row, const in
   // Real tokens since the last start before the tile, and until the next start after it.
   int64_t carry_in = 0, carry_out = 0;
   if (tiles != nullptr) {
+    wait_for_prerequisites();  // launched after the summaries' kernel, perhaps while it runs
     const int64_t* row_tiles = tiles + 2 * t.r * tiles_per_row;
     Span left;  // tiles before this one, nearest first, until one holds a start
     for (int64_t hi = t.tile; hi > 0 && !left.has_start; hi -= kScaleThreads)

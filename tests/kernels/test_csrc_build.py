@@ -84,6 +84,41 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_cuda_dependent_launches_read_the_previous_kernels_output_after_the_wait(tmp_path):
+    """Programmatic dependent launch (sm_90): the scales kernels let the next kernel start early; the
+    forward reads the scales, and the scales kernel the tile summaries, only after griddepcontrol.wait
+    and with coherent loads (ptxas may move read-only ``.nc`` loads across the wait; it did move the
+    row loads). Before the wait a forward loads only ids, the seed and (16-bit) rows. The sm_80 images
+    have none of it."""
+    ptx = {}
+    for arch in (80, 90):
+        res = subprocess.run(
+            [NVCC, "-O3", "--fmad=false", "-std=c++17", "-ptx", f"-arch=compute_{arch}",
+             str(ROOT / "csrc" / "cuda" / "noisy_embedding.cu"), "-o", str(tmp_path / f"k{arch}.ptx")],
+            capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        ptx[arch] = (tmp_path / f"k{arch}.ptx").read_text()
+    assert "griddepcontrol" not in ptx[80]
+    entries = _ptx_entries(ptx[90])
+    forwards = {name: body for name, body in entries.items() if "forward_kernel" in name}
+    assert len(forwards) == 12
+    for name, body in forwards.items():
+        before, wait, after = body.partition("griddepcontrol.wait;")
+        assert wait and "griddepcontrol.wait" not in after, name
+        # ids and seed; the 16-bit rows' early loads
+        assert {"ld.global.nc.u64"} <= set(re.findall(r"\bld\.global[\w.]*", before)) <= {
+            "ld.global.nc.u64", "ld.global.nc.v4.u32"}, name
+        assert "ld.global.f32" in after, name  # the scale, not ld.global.nc.f32
+    for kernel in ("tile_summary_kernel", "token_scales_kernel"):
+        (body,) = [body for name, body in entries.items() if kernel in name]
+        assert body.count("griddepcontrol.launch_dependents;") == 1, kernel
+    (scales,) = [body for name, body in entries.items() if "token_scales_kernel" in name]
+    _, wait, after = scales.partition("griddepcontrol.wait;")
+    assert wait and ".nc" not in after  # the summaries and alpha, coherent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     """binding.cpp (torch side) type-checks with g++: the CPU wheel ships the c10/cuda headers but
     not CMake's generated macros header, which an empty stub stands in for."""

@@ -297,6 +297,29 @@ def test_cuda_token_scales_match_the_reference(width):
 
 
 @requires("cuda", "cuda")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,d", [((8, 2048), 576), ((1, 3 * 4096 + 37), 4096), ((2, 2 * 4096 + 5), 9)])
+def test_cuda_forward_overlapping_its_scales_launches_has_the_references_bits(dtype, shape, d):
+    """On sm_90 the rows kernel may start while the scales kernel runs, and the scales kernel while
+    the tile summaries' runs (programmatic dependent launch): padded rows of one tile, packed rows of
+    several, eager and replayed in a CUDA graph, every token's scale read after the wait."""
+    weight = make_weight(5000, d, dtype, "cuda")
+    ids = torch.randint(0, 5000, shape, device="cuda")
+    mask, pos = side_inputs("both", shape, "cuda")
+
+    def call(backend: str) -> torch.Tensor:
+        return noisy_embedding(ids, weight, 5.0, seed=11, attention_mask=mask, position_ids=pos, backend=backend)
+
+    want = call("torch")
+    assert_bits_equal(call("cuda"), want)
+    graph, out = _capture(lambda: call("cuda"))
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        assert_bits_equal(out, want)
+
+
+@requires("cuda", "cuda")
 @pytest.mark.parametrize("padding_idx,scale_grad_by_freq", [(None, False), (3, True)])
 def test_cuda_native_node_gives_the_python_functions_gradient(padding_idx, scale_grad_by_freq):
     """The CUDA extension's eager calls attach NoisyEmbeddingBackward (csrc/autograd_node.h): the same

@@ -63,10 +63,48 @@ static inline long long atomicMax(long long* p, long long v) {
   return old;
 }
 
+// Programmatic dependent launch, modelled (csrc/cuda/dependent_launch.cuh): in a launch that the
+// launcher lets overlap the previous one, each block finds that launch's output overwritten with
+// 0xFF bytes (NaN floats, -1 integers) until one of its threads calls wait_for_prerequisites, so
+// that a read before the wait gives wrong bits.
+struct Prerequisite {
+  void* data = nullptr;  // the previous launch's output, while a launch that may overlap it runs
+  std::vector<char> bytes;
+  bool visible = true;
+};
+static Prerequisite prerequisite;
+static void hide_prerequisite() {
+  if (prerequisite.data == nullptr || prerequisite.bytes.empty()) return;
+  std::memset(prerequisite.data, 0xFF, prerequisite.bytes.size());
+  prerequisite.visible = false;
+}
+namespace neft::cuda {
+static inline void allow_dependents() {}
+static inline void wait_for_prerequisites() {
+  if (prerequisite.visible) return;
+  std::memcpy(prerequisite.data, prerequisite.bytes.data(), prerequisite.bytes.size());
+  prerequisite.visible = true;
+}
+}  // namespace neft::cuda
+#define NEFT_EMULATED_DEPENDENT_LAUNCH
+
 #include "../../csrc/cuda/kernels.cuh"
 #include "../../csrc/cuda/scales.cuh"
 
 namespace {
+
+// While it lives, the launches run as overlapping the one that wrote ``data`` (``size`` bytes).
+struct Overlapping {
+  Overlapping(void* data, size_t size) {
+    const char* p = static_cast<const char*>(data);
+    prerequisite.bytes.assign(p, p + size);
+    prerequisite.data = data;
+  }
+  ~Overlapping() {  // the previous launch's output as it left it, whether or not a block waited
+    if (prerequisite.data) std::memcpy(prerequisite.data, prerequisite.bytes.data(), prerequisite.bytes.size());
+    prerequisite = Prerequisite{};
+  }
+};
 
 // Every (block, thread) of a launch in turn; blockDim as the launcher sets it.
 template <typename Kernel>
@@ -74,6 +112,7 @@ void run_grid(int64_t blocks_x, int64_t blocks_y, int64_t threads, Kernel&& kern
   blockDim = {static_cast<unsigned>(threads), 1, 1};
   for (int64_t x = 0; x < blocks_x; ++x) {
     for (int64_t y = 0; y < blocks_y; ++y) {
+      hide_prerequisite();
       for (int64_t t = 0; t < threads; ++t) {
         blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y), 0};
         threadIdx = {static_cast<unsigned>(t), 0, 0};
@@ -98,6 +137,7 @@ void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>
   blockDim = {static_cast<unsigned>(threads), 1, 1};
   for (int64_t x = 0; x < blocks; ++x) {
     blockIdx = {static_cast<unsigned>(x), 0, 0};
+    hide_prerequisite();
     for (Fiber& f : fibers) {
       f.stack.resize(1 << 16);
       f.done = false;
@@ -142,6 +182,8 @@ extern "C" int emulated_forward(int dtype, const int64_t* ids, const void* weigh
   return neft::cuda::dispatch_forward(dtype_of(dtype), gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     const int64_t threads = neft::cuda::kForwardThreads;
+    // Per-token scales come from the scales kernel just before: the launcher lets this one overlap it.
+    const Overlapping overlap(const_cast<float*>(scales), scales ? n_tokens * sizeof(float) : 0);
     run_grid((neft::cuda::forward_threads(n_tokens, d, V::kVec) + threads - 1) / threads, 1, threads, [&] {
       neft::cuda::forward_kernel<typename V::type, V::kGaussian, V::kVec>(
           ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
@@ -183,6 +225,7 @@ extern "C" void emulated_token_scales(const void* const* data, const int64_t* st
     run_block_grid(rows * tiles, neft::cuda::kScaleThreads,
                    [&] { neft::cuda::tile_summary_kernel(args, tiles, workspace.data()); });
   }
+  const Overlapping overlap(workspace.data(), workspace.size() * sizeof(int64_t));  // after the summaries
   run_block_grid(rows * tiles, neft::cuda::kScaleThreads,
                  [&] { neft::cuda::token_scales_kernel(args, tiles, tiles > 1 ? workspace.data() : nullptr, out); });
 }
