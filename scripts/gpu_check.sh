@@ -81,11 +81,13 @@ for backend in ("cuda", "triton"):
                     print(f"{e.key[:90]:<90} {e.device_time_total / calls:9.2f} x{e.count / calls:.0f}", flush=True)
         except Exception as err:
             print(f"{backend} {b},{l},{d},{v}: {err!r}", flush=True)
-# GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernel alone and of
-# both (a mask): on sm_90 the rows kernel starts while the scales kernel runs, so "both" should cost
-# less than the sum of the first two
+# GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernels alone and
+# of both: on sm_90 the rows kernel starts while the scales kernel runs, so "both" should cost less
+# than the sum of the first two
+from neft_kernels import _C_cuda
 from neft_kernels.backends import module
 from neft_kernels.bench.measure import graph_ms
+print("cuda launches overlap (programmatic dependent launch):", _C_cuda.overlaps_launches(0), flush=True)
 for b, l, d, v in ((8, 2048, 576, 49152), (8, 1024, 4096, 32000), (1, 32768, 1152, 262144)):
     try:
         w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)

@@ -204,10 +204,18 @@ bool runs_on(int64_t device) {
   return status == cudaSuccess;
 }
 
+// Whether the forward's launches overlap on ``device`` (neft::dependent_launches).
+bool overlaps_launches(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return neft::dependent_launches(static_cast<int>(device));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 6;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 7;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
+  m.def("overlaps_launches", &overlaps_launches,
+        "whether a call's launches overlap (programmatic dependent launch) on the CUDA device of this index");
   m.def("read_back", &read_back, "copy the id check's record to pinned memory and record an event after it");
   m.def("forward_with_grad", &noisy_embedding_forward_with_grad,
         "forward's rows, differentiable with respect to the weight; the backward raises recorded bad ids");

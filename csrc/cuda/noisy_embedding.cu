@@ -6,6 +6,8 @@
 // explicit round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without
 // --fmad=false.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.cuh"
 #include "noisy_embedding.h"
@@ -16,17 +18,17 @@ namespace {
 using neft::cuda::backward_kernel;
 using neft::cuda::forward_kernel;
 
-// kernel<<<blocks, threads, 0, stream>>>(args...), or, where ``dependent`` and the device is sm_90+, a
-// programmatic dependent launch (dependent_launch.cuh): the kernel may start while the stream's
-// previous kernel runs, and must read that kernel's output only after wait_for_prerequisites.
+// kernel<<<blocks, threads, 0, stream>>>(args...), or, where ``dependent`` and
+// dependent_launches() allow it, a programmatic dependent launch (dependent_launch.cuh): the kernel
+// may start while the stream's previous kernel runs, and must read that kernel's output only after
+// wait_for_prerequisites.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), int64_t blocks, int threads, cudaStream_t stream, bool dependent,
                    Args... args) {
   if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit
-  int device = 0, major = 0;
+  int device = 0;
   if (dependent) {
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    const cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
   }
   cudaLaunchAttribute overlap;
@@ -37,8 +39,7 @@ cudaError_t launch(void (*kernel)(Params...), int64_t blocks, int threads, cudaS
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.stream = stream;
   config.attrs = &overlap;
-  // The sm_90 images wait; sm_80's have no griddepcontrol. CUDA graphs capture such launches from 12.3.
-  config.numAttrs = CUDART_VERSION >= 12030 && dependent && major >= 9 ? 1 : 0;
+  config.numAttrs = dependent && neft::dependent_launches(device) ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
@@ -69,6 +70,22 @@ cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const 
     return launch(forward_kernel<typename V::type, V::kGaussian, V::kVec>, blocks, kThreads, stream, after_scales, ids,
                   weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
   });
+}
+
+bool dependent_launches(int device) {
+  // Once per process: the switch and the driver (which must capture such launches into graphs:
+  // CUDA 12.3; the headers' version says nothing of the driver's).
+  static const bool allowed = [] {
+    const char* v = std::getenv("NEFT_KERNELS_CUDA_PDL");
+    int driver = 0;
+    return (v == nullptr || std::strcmp(v, "0") != 0) && CUDART_VERSION >= 12030 &&
+           cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12030;
+  }();
+  // Hopper only: its images wait (sm_80's have no griddepcontrol), and it is what the GPU tests run
+  // on; later architectures stay in order until they are tested.
+  int major = 0;
+  return allowed && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major == 9;
 }
 
 cudaError_t kernel_image_status() {

@@ -15,7 +15,8 @@ namespace neft {
 // device memory (graph-safe), or nullptr to use seed. num_rows = V: an id outside [0, V) is never
 // read, its output row is NaN, and bad_ids (device, {min, max, V}; may be nullptr) records it.
 // after_scales: the stream's last launch was token_scales_cuda's, writing scales, and nothing the
-// forward reads but scales: the forward may then start while it runs (sm_90+).
+// forward reads but scales: the forward may then start while it runs (dependent_launches). The
+// stream must be the current device's (as for token_scales_cuda).
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
@@ -38,6 +39,10 @@ struct ScaleArgs {
   double alpha = 0.0;
   const double* alpha_ptr = nullptr;
 };
+
+// Whether launches that follow one of ours on ``device`` may overlap it (programmatic dependent
+// launch): on Hopper (sm_90) GPUs, with a CUDA 12.3+ driver, unless NEFT_KERNELS_CUDA_PDL=0.
+bool dependent_launches(int device);
 
 // cudaSuccess where this build has kernels for the current device (setup.py's architectures), else
 // the error a launch would give (cudaErrorNoKernelImageForDevice).

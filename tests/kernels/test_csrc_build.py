@@ -82,14 +82,37 @@ def test_cuda_ptx_has_only_ieee_rounded_float_math(fmad, tmp_path):
         assert instruction in scales, instruction
 
 
+def _cuobjdump() -> Path | None:
+    """cuobjdump from the triton wheel's CUDA tools, where triton is installed."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return path if path.exists() else None
+
+
+def _sass_functions(sass: str) -> dict[str, list[str]]:
+    """Each function's SASS instructions (opcode and operands) by its mangled name."""
+    functions: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\w+)", line):
+            current = functions.setdefault(m.group(1), [])
+        elif m := re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line):
+            current.append(m.group(1))
+    return functions
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_cuda_dependent_launches_read_the_previous_kernels_output_after_the_wait(tmp_path):
     """Programmatic dependent launch (sm_90): the scales kernels let the next kernel start early; the
     forward reads the scales, and the scales kernel the tile summaries, only after griddepcontrol.wait
-    and with coherent loads (ptxas may move read-only ``.nc`` loads across the wait; it did move the
-    row loads). Before the wait a forward loads only ids, the seed and (16-bit) rows. The sm_80 images
-    have none of it."""
+    and with coherent loads (``.nc`` promises data that no one writes while the kernel runs, which
+    the scales kernel does). In the sm_90 SASS no coherent load of a forward precedes the wait
+    (``ACQBULK``); ptxas places the wait before the Philox rounds, so only the launch, the ids and
+    the seed overlap the scales kernel. The sm_80 images have none of it."""
     ptx = {}
     for arch in (80, 90):
         res = subprocess.run(
@@ -115,6 +138,24 @@ def test_cuda_dependent_launches_read_the_previous_kernels_output_after_the_wait
     (scales,) = [body for name, body in entries.items() if "token_scales_kernel" in name]
     _, wait, after = scales.partition("griddepcontrol.wait;")
     assert wait and ".nc" not in after  # the summaries and alpha, coherent
+
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+    res = subprocess.run(
+        [NVCC, "-O3", "--fmad=false", "-std=c++17", "-cubin", "-gencode=arch=compute_90,code=sm_90",
+         str(ROOT / "csrc" / "cuda" / "noisy_embedding.cu"), "-o", str(tmp_path / "k90.cubin")],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    sass = subprocess.run([str(cuobjdump), "-sass", str(tmp_path / "k90.cubin")], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    functions = {name: code for name, code in _sass_functions(sass).items() if "forward_kernel" in name}
+    assert len(functions) == 12
+    for name, code in functions.items():
+        waits = [i for i, instruction in enumerate(code) if instruction.split()[0] == "ACQBULK"]
+        assert len(waits) == 1, name
+        early = [op for op in code[:waits[0]] if re.match(r"(?:@!?P\d )?LDG", op) and ".CONSTANT" not in op]
+        assert not early, (name, early)
 
 
 @pytest.mark.slow

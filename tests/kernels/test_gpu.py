@@ -3,6 +3,7 @@
 sync, bad ids, CUDA graphs and reduce-overhead compile."""
 
 
+import os
 import subprocess
 import sys
 
@@ -300,9 +301,13 @@ def test_cuda_token_scales_match_the_reference(width):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,d", [((8, 2048), 576), ((1, 3 * 4096 + 37), 4096), ((2, 2 * 4096 + 5), 9)])
 def test_cuda_forward_overlapping_its_scales_launches_has_the_references_bits(dtype, shape, d):
-    """On sm_90 the rows kernel may start while the scales kernel runs, and the scales kernel while
-    the tile summaries' runs (programmatic dependent launch): padded rows of one tile, packed rows of
-    several, eager and replayed in a CUDA graph, every token's scale read after the wait."""
+    """On Hopper the rows kernel may start while the scales kernel runs, and the scales kernel while
+    the tile summaries' runs (programmatic dependent launch; other GPUs launch in order): padded rows
+    of one tile, packed rows of several, eager and replayed in a CUDA graph."""
+    from neft_kernels import _C_cuda
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert _C_cuda.overlaps_launches(torch.cuda.current_device()) == hopper
     weight = make_weight(5000, d, dtype, "cuda")
     ids = torch.randint(0, 5000, shape, device="cuda")
     mask, pos = side_inputs("both", shape, "cuda")
@@ -317,6 +322,14 @@ def test_cuda_forward_overlapping_its_scales_launches_has_the_references_bits(dt
         out.zero_()
         graph.replay()
         assert_bits_equal(out, want)
+
+
+@requires("cuda", "cuda")
+def test_neft_kernels_cuda_pdl_0_launches_in_order():
+    code = "import torch; from neft_kernels import _C_cuda; print(_C_cuda.overlaps_launches(0))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NEFT_KERNELS_CUDA_PDL": "0"})
+    assert res.returncode == 0 and res.stdout.split() == ["False"], res.stderr
 
 
 @requires("cuda", "cuda")

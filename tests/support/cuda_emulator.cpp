@@ -36,6 +36,7 @@ struct Fiber {
   std::vector<char> stack;
   bool done = false;
   int64_t barriers = 0;  // __syncthreads calls: every thread of a block must make the same number
+  bool waited = false;   // wait_for_prerequisites called (the emulated dependent launch)
 };
 static ucontext_t scheduler;
 static std::vector<Fiber> fibers;
@@ -64,26 +65,34 @@ static inline long long atomicMax(long long* p, long long v) {
 }
 
 // Programmatic dependent launch, modelled (csrc/cuda/dependent_launch.cuh): in a launch that the
-// launcher lets overlap the previous one, each block finds that launch's output overwritten with
-// 0xFF bytes (NaN floats, -1 integers) until one of its threads calls wait_for_prerequisites, so
-// that a read before the wait gives wrong bits.
+// launcher lets overlap the previous one, each thread finds that launch's output overwritten with
+// 0xFF bytes (NaN floats, -1 integers) until it has called wait_for_prerequisites itself, so that a
+// read before its own wait gives wrong bits. (The memory shows the running thread's view: swapped
+// with the thread, or the fiber.)
 struct Prerequisite {
   void* data = nullptr;  // the previous launch's output, while a launch that may overlap it runs
   std::vector<char> bytes;
-  bool visible = true;
+  bool shown = true;       // whether data holds bytes (else 0xFF)
+  bool* waited = nullptr;  // the running thread's: whether it has waited
 };
 static Prerequisite prerequisite;
-static void hide_prerequisite() {
-  if (prerequisite.data == nullptr || prerequisite.bytes.empty()) return;
-  std::memset(prerequisite.data, 0xFF, prerequisite.bytes.size());
-  prerequisite.visible = false;
+static void show_prerequisite(bool shown) {  // as the running thread sees it
+  if (prerequisite.data == nullptr || prerequisite.bytes.empty() || prerequisite.shown == shown) return;
+  if (shown)
+    std::memcpy(prerequisite.data, prerequisite.bytes.data(), prerequisite.bytes.size());
+  else
+    std::memset(prerequisite.data, 0xFF, prerequisite.bytes.size());
+  prerequisite.shown = shown;
+}
+static void run_as(bool* waited) {  // before a thread (or fiber) runs
+  prerequisite.waited = waited;
+  show_prerequisite(*waited);
 }
 namespace neft::cuda {
 static inline void allow_dependents() {}
 static inline void wait_for_prerequisites() {
-  if (prerequisite.visible) return;
-  std::memcpy(prerequisite.data, prerequisite.bytes.data(), prerequisite.bytes.size());
-  prerequisite.visible = true;
+  if (prerequisite.waited) *prerequisite.waited = true;
+  show_prerequisite(true);
 }
 }  // namespace neft::cuda
 #define NEFT_EMULATED_DEPENDENT_LAUNCH
@@ -100,8 +109,8 @@ struct Overlapping {
     prerequisite.bytes.assign(p, p + size);
     prerequisite.data = data;
   }
-  ~Overlapping() {  // the previous launch's output as it left it, whether or not a block waited
-    if (prerequisite.data) std::memcpy(prerequisite.data, prerequisite.bytes.data(), prerequisite.bytes.size());
+  ~Overlapping() {  // the previous launch's output as it left it, whether or not a thread waited
+    show_prerequisite(true);
     prerequisite = Prerequisite{};
   }
 };
@@ -110,16 +119,19 @@ struct Overlapping {
 template <typename Kernel>
 void run_grid(int64_t blocks_x, int64_t blocks_y, int64_t threads, Kernel&& kernel) {
   blockDim = {static_cast<unsigned>(threads), 1, 1};
+  bool waited = false;  // the running thread's
   for (int64_t x = 0; x < blocks_x; ++x) {
     for (int64_t y = 0; y < blocks_y; ++y) {
-      hide_prerequisite();
       for (int64_t t = 0; t < threads; ++t) {
+        waited = false;
+        run_as(&waited);
         blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y), 0};
         threadIdx = {static_cast<unsigned>(t), 0, 0};
         kernel();
       }
     }
   }
+  prerequisite.waited = nullptr;
 }
 
 void fiber_main() {
@@ -137,11 +149,11 @@ void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>
   blockDim = {static_cast<unsigned>(threads), 1, 1};
   for (int64_t x = 0; x < blocks; ++x) {
     blockIdx = {static_cast<unsigned>(x), 0, 0};
-    hide_prerequisite();
     for (Fiber& f : fibers) {
       f.stack.resize(1 << 16);
       f.done = false;
       f.barriers = 0;
+      f.waited = false;
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack.data();
       f.context.uc_stack.ss_size = f.stack.size();
@@ -154,10 +166,12 @@ void run_block_grid(int64_t blocks, int64_t threads, const std::function<void()>
         current_fiber = reverse_order ? fibers.size() - 1 - i : i;
         if (fibers[current_fiber].done) continue;
         threadIdx = {static_cast<unsigned>(current_fiber), 0, 0};
+        run_as(&fibers[current_fiber].waited);
         swapcontext(&scheduler, &fibers[current_fiber].context);
         running = running || !fibers[current_fiber].done;
       }
     }
+    prerequisite.waited = nullptr;
     for (const Fiber& f : fibers) {
       if (f.barriers != fibers[0].barriers) {
         ++divergent_blocks;
