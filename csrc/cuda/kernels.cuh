@@ -63,6 +63,34 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// A forward launch's threads, laid out once on the host: one per (token, group of kVec lanes), q
+// lanes a token. A thread finds its token with a multiply and a shift (exact for fewer than 2^31
+// threads: the multiplier is ceil(2^(31 + k) / groups), 2^k >= groups), else by a 64-bit division.
+struct LaneGroups {
+  int64_t q = 0, groups = 0, threads = 0;
+  uint32_t magic = 0, shift = 0;  // magic 0: divide
+};
+
+inline LaneGroups lane_groups(int64_t n_tokens, int64_t d, int kVec) {
+  LaneGroups s;
+  s.q = (d + 3) / 4;
+  s.groups = (s.q + kVec - 1) / kVec;
+  s.threads = n_tokens * s.groups;
+  if (s.groups > 1 && s.threads < (int64_t{1} << 31)) {
+    uint32_t k = 1;
+    while ((int64_t{1} << k) < s.groups) ++k;
+    s.magic = static_cast<uint32_t>(((uint64_t{1} << (31 + k)) + s.groups - 1) / s.groups);
+    s.shift = k - 1;
+  }
+  return s;
+}
+
+// The token of thread g < s.threads.
+__device__ inline int64_t token_of(const LaneGroups& s, int64_t g) {
+  if (s.magic) return __umulhi(static_cast<uint32_t>(g), s.magic) >> s.shift;
+  return s.groups == 1 ? g : g / s.groups;
+}
+
 // One thread per (token, kVec consecutive lanes): a Philox call per lane feeds the lane's dim in each
 // of the 4 quarters (Gaussian: words (r0, r1) give quarters 0 and 1, (r2, r3) quarters 2 and 3). The
 // kVec lanes' dims of a quarter are contiguous, so each quarter is one vector load and store; the
@@ -71,14 +99,14 @@ struct alignas(sizeof(T) * kVec) Pack {
 template <typename T, bool kGaussian, int kVec>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* scales, float scale_value, const int64_t* __restrict__ seed_ptr,
-                               uint64_t seed, uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
+                               uint64_t seed, uint64_t offset, LaneGroups lanes, int64_t d, int64_t w_stride,
                                int64_t num_rows, long long* bad_ids) {
   using P = Pack<T, kVec>;
-  const int64_t q = (d + 3) / 4, groups = (q + kVec - 1) / kVec;
+  const int64_t q = lanes.q;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (g >= n_tokens * groups) return;
-  const int64_t n = g / groups;  // nvcc divides in 32 bits where the values fit
-  const int64_t k0 = (g - n * groups) * kVec;
+  if (g >= lanes.threads) return;
+  const int64_t n = token_of(lanes, g);
+  const int64_t k0 = (g - n * lanes.groups) * kVec;
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
@@ -209,11 +237,6 @@ decltype(auto) dispatch_forward(DType dtype, bool gaussian, int64_t d, int64_t w
     if (gaussian) return vector ? fn(ForwardVariant<T, true, kVec>{}) : fn(ForwardVariant<T, true, 1>{});
     return vector ? fn(ForwardVariant<T, false, kVec>{}) : fn(ForwardVariant<T, false, 1>{});
   });
-}
-
-// Forward threads in all: one per (token, group of kVec lanes).
-inline int64_t forward_threads(int64_t n_tokens, int64_t d, int kVec) {
-  return n_tokens * (((d + 3) / 4 + kVec - 1) / kVec);
 }
 
 constexpr int kBackwardThreads = 128;  // dims per backward block; grid: (sorted positions, d / 128)

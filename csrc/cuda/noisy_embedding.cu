@@ -66,9 +66,10 @@ cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const 
   return cuda::dispatch_forward(dtype, gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     constexpr int64_t kThreads = cuda::kForwardThreads;
-    const int64_t blocks = (cuda::forward_threads(n_tokens, d, V::kVec) + kThreads - 1) / kThreads;
-    return launch(forward_kernel<typename V::type, V::kGaussian, V::kVec>, blocks, kThreads, stream, after_scales, ids,
-                  weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
+    const cuda::LaneGroups lanes = cuda::lane_groups(n_tokens, d, V::kVec);
+    return launch(forward_kernel<typename V::type, V::kGaussian, V::kVec>, (lanes.threads + kThreads - 1) / kThreads,
+                  kThreads, stream, after_scales, ids, weight, out, scales, scale_value, seed_ptr, seed, offset, lanes,
+                  d, w_stride, num_rows, bad_ids);
   });
 }
 

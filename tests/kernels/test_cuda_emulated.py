@@ -49,6 +49,8 @@ def load_emulator(lib: str) -> ctypes.CDLL:
     emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
     emu.emulated_token_scales.restype = None
     emu.emulated_token_scales.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p]
+    emu.emulated_token_of.restype = i64
+    emu.emulated_token_of.argtypes = [i64, i64, ctypes.c_int, i64]
     emu.emulated_set_reverse_order.argtypes = [ctypes.c_bool]
     emu.emulated_divergent_blocks.restype = i64
     return emu
@@ -157,6 +159,23 @@ def test_backward_sums_each_ids_rows_in_token_order(emulator, dtype, d, padding_
                                _ptr(grad_weight), ids.numel(), d, vocab,
                                -1 if padding_idx is None else padding_idx, scale_grad_by_freq)
     assert_bits_equal(grad_weight, reference_backward(grad, ids, vocab, padding_idx, scale_grad_by_freq))
+
+
+def test_forward_threads_find_their_token_by_multiply_and_shift(emulator):
+    """lane_groups' multiplier gives g // groups for every thread of launches of fewer than 2^31
+    threads (the edges of every token near the top of that range, every width's lane count up to
+    4096 lanes), and the division takes over from 2^31 threads on."""
+    gen = torch.Generator().manual_seed(0)
+    for d in [*range(1, 80), 96, 576, 1152, 4097, 16380, 2**20 + 4, 2**31 - 8]:
+        for lanes in (1, 4, 8):
+            groups = ((d + 3) // 4 + lanes - 1) // lanes
+            top = (2**31 - 1) // groups  # tokens of the largest launch under 2^31 threads
+            for n_tokens in (top, top + 1):
+                threads = n_tokens * groups
+                edges = [t * groups + k for t in (0, 1, n_tokens // 2, n_tokens - 1) for k in (0, groups - 1)]
+                picks = torch.randint(0, threads, (64,), generator=gen).tolist()
+                for g in {*edges, *picks, threads - 1}:
+                    assert emulator.emulated_token_of(n_tokens, d, lanes, g) == g // groups, (d, lanes, n_tokens, g)
 
 
 def _token_scales(emu, width: int, alpha: float, d: int, mask, pos, cu, noise_mask, alpha_in_memory=False):

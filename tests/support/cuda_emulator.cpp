@@ -53,6 +53,9 @@ static inline float __int_as_float(int bits) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+static inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
 static inline long long atomicMin(long long* p, long long v) {
   const long long old = *p;
   *p = std::min(old, v);
@@ -196,14 +199,20 @@ extern "C" int emulated_forward(int dtype, const int64_t* ids, const void* weigh
   return neft::cuda::dispatch_forward(dtype_of(dtype), gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     const int64_t threads = neft::cuda::kForwardThreads;
+    const neft::cuda::LaneGroups lanes = neft::cuda::lane_groups(n_tokens, d, V::kVec);
     // Per-token scales come from the scales kernel just before: the launcher lets this one overlap it.
     const Overlapping overlap(const_cast<float*>(scales), scales ? n_tokens * sizeof(float) : 0);
-    run_grid((neft::cuda::forward_threads(n_tokens, d, V::kVec) + threads - 1) / threads, 1, threads, [&] {
+    run_grid((lanes.threads + threads - 1) / threads, 1, threads, [&] {
       neft::cuda::forward_kernel<typename V::type, V::kGaussian, V::kVec>(
-          ids, weight, out, scales, scale_value, seed_ptr, seed, offset, n_tokens, d, w_stride, num_rows, bad_ids);
+          ids, weight, out, scales, scale_value, seed_ptr, seed, offset, lanes, d, w_stride, num_rows, bad_ids);
     });
     return V::kVec;
   });
+}
+
+// The token of forward thread g: lane_groups' and token_of's choice of multiply or division.
+extern "C" int64_t emulated_token_of(int64_t n_tokens, int64_t d, int lanes_per_thread, int64_t g) {
+  return neft::cuda::token_of(neft::cuda::lane_groups(n_tokens, d, lanes_per_thread), g);
 }
 
 extern "C" void emulated_backward(int dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
