@@ -1,4 +1,4 @@
-"""Every Python block of the README runs as written, in a fresh interpreter."""
+"""Every Python block of the README runs as written, in a fresh interpreter, and prints what it says."""
 
 import os
 import re
@@ -25,3 +25,6 @@ def test_readme_block_runs_as_written(index, tmp_path):
     res = subprocess.run([sys.executable, "-c", BLOCKS[index]], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # A print whose comment is a list literal prints exactly that list (the Trainer block's alphas).
+    for expected in re.findall(r"^print\(.*\)\s+# (\[.*\])$", BLOCKS[index], re.M):
+        assert expected in res.stdout.splitlines(), (expected, res.stdout[-2000:])
