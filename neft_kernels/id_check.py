@@ -3,14 +3,20 @@
 * CPU ids are checked where they are read (the backends raise before returning; no device, no sync).
 * Accelerator ids: the forward kernel folds the (min, max) of out-of-range ids and its table's
   ``V`` into a small per-device buffer (and writes NaN rows for them; no backend ever reads
-  outside the table). After the launch the buffer is copied to pinned host memory without
-  blocking (one copy in flight at a time); the first later call on that device (a forward, or a
-  backward) that finds the copy landed raises. So the error comes a call or a few late, and the
-  hot path never waits for the GPU.
+  outside the table).
+  - The CUDA extension's kernel also sets a word in host memory (mapped into the GPU's address
+    space). Each call reads that word, a host load; the first call on the device (a forward, or a
+    backward) that finds it set copies the record, waiting for the GPU (only then: the call raises),
+    and raises. So the error comes with the first call after the bad launch has run on the GPU.
+  - Other backends' records are copied to pinned host memory after each launch without blocking
+    (one copy in flight at a time); the first later call that finds the copy landed raises: a call
+    or a few late.
+  The hot path never waits for the GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -74,23 +80,32 @@ class DeviceIdFlag:
             self._event.record()  # creates the CUDA event now: the native read-back takes its handle
         self._host = torch.tensor(_EMPTY, dtype=torch.int64).pin_memory()
         self._pending = False
-        # The CUDA extension's copy and event record, where it is built: about a third of the host
-        # time of copy_ and record under a device guard.
-        from .backends import cuda_read_back
+        # Where the CUDA extension is built: its copy and event record (about a third of the host time
+        # of copy_ and record under a device guard), and the word its kernel sets.
+        from .backends import cuda_id_check
 
-        self._native_read_back = cuda_read_back(device)
+        native = cuda_id_check(device)
+        self._native_read_back, word = native if native is not None else (None, None)
+        self._word = None if word is None else ctypes.c_int32.from_address(word)
 
     def _clear(self) -> None:
         for i, value in enumerate(_EMPTY):
             self.buffer[i].fill_(value)
 
     def pending_error(self) -> str | None:
-        """The error for bad ids an earlier launch recorded, if its copy has landed (never waits); the
-        record is then cleared, so each is reported once."""
-        if not self._pending or not self._event.query():
+        """The error for bad ids an earlier launch recorded: where the CUDA extension's kernel set the
+        word, read now (the one wait for the GPU, on a call that raises); else if the copy after a
+        launch has landed (never waits). The record is then cleared, so each is reported once."""
+        if self._word is not None and self._word.value:
+            self._word.value = 0
+            self._pending = False  # a copy in flight holds no more than the record read here
+            with torch.cuda.device(self.device):
+                lo, hi, num_embeddings = self.buffer.tolist()
+        elif not self._pending or not self._event.query():
             return None
-        self._pending = False
-        lo, hi, num_embeddings = self._host.tolist()
+        else:
+            self._pending = False
+            lo, hi, num_embeddings = self._host.tolist()
         if lo > hi:
             return None
         with torch.cuda.device(self.device):
@@ -103,9 +118,15 @@ class DeviceIdFlag:
         if message is not None:
             raise IndexError(message)
 
+    def after_launch(self, backend: str) -> None:
+        """After a launch of ``backend``'s kernel: the CUDA extension's sets the word itself; the
+        others' records are copied back."""
+        if backend != "cuda" or self._word is None:
+            self.read_back()
+
     def read_back(self) -> None:
-        """After a launch: start copying the record to the host, unless a copy is in flight. The copy
-        and the event go on the buffer's device's current stream, where the kernel ran."""
+        """Start copying the record to the host, unless a copy is in flight. The copy and the event go
+        on the buffer's device's current stream, where the kernel ran."""
         if self._pending or torch.cuda.is_current_stream_capturing():
             return
         if self._native_read_back is not None:

@@ -43,7 +43,7 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
                                   attention_mask, position_ids, cu_seqlens, noise_mask, gaussian,
                                   None if flag is None else flag.buffer)
     if flag is not None:
-        flag.read_back()
+        flag.after_launch(backend)
     return out
 
 
@@ -260,7 +260,7 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         out = with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
                         gaussian, padding_idx, bool(scale_grad_by_freq), None if flag is None else flag.buffer)
         if flag is not None:
-            flag.read_back()
+            flag.after_launch(name)
         return out
     args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
     if traced:

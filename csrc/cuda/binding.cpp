@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <pybind11/gil_safe_call_once.h>
 
+#include <array>
+#include <atomic>
+#include <mutex>
 #include <tuple>
 
 #include "../autograd_node.h"
@@ -29,6 +32,19 @@ neft::SideView side_view(const c10::optional<torch::Tensor>& t, int64_t rows, in
   view.data = t->data_ptr();
   view.bytes = static_cast<int>(t->element_size());
   return view;
+}
+
+// The id check's word of each device: a host int mapped into the devices' address space, which the
+// forward sets to 1 where it records a bad id, so that the host learns of bad ids by reading host
+// memory, with no copy, event or sync per call. Made once per device by bad_id_word (the id check
+// asks for it when it makes its flag, never under graph capture, where allocating is refused); a
+// forward before that sets none.
+constexpr int kMaxDevices = 1024;
+std::array<std::atomic<int*>, kMaxDevices> bad_id_words{};  // the device-side pointers
+
+int* bad_id_word_of(const torch::Device& device) {
+  const int index = device.index();
+  return index >= 0 && index < kMaxDevices ? bad_id_words[index].load(std::memory_order_acquire) : nullptr;
 }
 
 // Spec v2's per-token scales of n tokens in rows of ``width`` into ``out`` (n float32 on the device):
@@ -105,8 +121,9 @@ torch::Tensor noisy_embedding_forward(
       dtype, ids.data_ptr<int64_t>(), weight.data_ptr(), out.data_ptr(), per_token ? scales.data_ptr<float>() : nullptr,
       static_cast<float>(scale_value), seed_tensor ? seed_tensor->data_ptr<int64_t>() : nullptr,
       static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), ids.numel(), weight.size(1), weight.stride(0),
-      weight.size(0), bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr, gaussian,
-      /*after_scales=*/per_token, c10::cuda::getCurrentCUDAStream().stream()));
+      weight.size(0), bad_ids ? reinterpret_cast<long long*>(bad_ids->data_ptr<int64_t>()) : nullptr,
+      bad_ids ? bad_id_word_of(weight.device()) : nullptr, gaussian, /*after_scales=*/per_token,
+      c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
@@ -204,6 +221,30 @@ bool runs_on(int64_t device) {
   return status == cudaSuccess;
 }
 
+// The host address of ``device``'s bad-id word, made on first use (holding 0).
+int64_t bad_id_word(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "CUDA device index ", device, " out of range");
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
+  static std::array<int*, kMaxDevices> host_words{};
+  if (host_words[device] == nullptr) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    int *host = nullptr, *mapped = nullptr;
+    cudaError_t err =
+        cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable);
+    if (err == cudaSuccess) {
+      *host = 0;
+      err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped), host, 0);
+      if (err != cudaSuccess) cudaFreeHost(host);
+    }
+    if (err != cudaSuccess) cudaGetLastError();  // not sticky: cleared, so that later launches' checks do not see it
+    check(err);
+    host_words[device] = host;
+    bad_id_words[device].store(mapped, std::memory_order_release);
+  }
+  return reinterpret_cast<int64_t>(host_words[device]);
+}
+
 // Whether the forward's launches overlap on ``device`` (neft::dependent_launches).
 bool overlaps_launches(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -211,12 +252,13 @@ bool overlaps_launches(int64_t device) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 7;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 8;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
   m.def("overlaps_launches", &overlaps_launches,
         "whether a call's launches overlap (programmatic dependent launch) on the CUDA device of this index");
   m.def("read_back", &read_back, "copy the id check's record to pinned memory and record an event after it");
+  m.def("bad_id_word", &bad_id_word, "the host address of the int the forward sets where it records a bad id");
   m.def("forward_with_grad", &noisy_embedding_forward_with_grad,
         "forward's rows, differentiable with respect to the weight; the backward raises recorded bad ids");
   m.def("token_scales", &token_scales,

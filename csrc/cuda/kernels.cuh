@@ -100,7 +100,7 @@ template <typename T, bool kGaussian, int kVec>
 __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __restrict__ weight, void* __restrict__ out,
                                const float* scales, float scale_value, const int64_t* __restrict__ seed_ptr,
                                uint64_t seed, uint64_t offset, LaneGroups lanes, int64_t d, int64_t w_stride,
-                               int64_t num_rows, long long* bad_ids) {
+                               int64_t num_rows, long long* bad_ids, int* bad_word) {
   using P = Pack<T, kVec>;
   const int64_t q = lanes.q;
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -110,13 +110,14 @@ __global__ void forward_kernel(const int64_t* __restrict__ ids, const void* __re
   // A seed in device memory is read here, not on the host: a captured CUDA graph draws anew per replay.
   const uint64_t key = seed_ptr ? static_cast<uint64_t>(*seed_ptr) : seed;
   const int64_t id = ids[n], row = id * w_stride, dst = n * d;
-  // An id outside [0, V) is never read: its row becomes NaN, and the range of such ids and V are
-  // recorded in bad_ids (min, max, V) for the host to raise without a sync.
+  // An id outside [0, V) is never read: its row becomes NaN, the range of such ids and V are
+  // recorded in bad_ids (min, max, V), and bad_word (host memory) is set, for the host to raise.
   const bool in_range = id >= 0 && id < num_rows;
   if (!in_range && bad_ids && k0 == 0) {
     atomicMin(bad_ids, static_cast<long long>(id));
     atomicMax(bad_ids + 1, static_cast<long long>(id));
     atomicMax(bad_ids + 2, static_cast<long long>(num_rows));
+    if (bad_word) *static_cast<volatile int*>(bad_word) = 1;
   }
   // One quarter's kVec dims of the row. An out-of-range id reads kNanRow instead, never the table:
   // the noise's add carries its NaN to the output, with no branch or select per element.

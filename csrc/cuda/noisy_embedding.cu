@@ -61,15 +61,15 @@ namespace neft {
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                                         int64_t num_rows, long long* bad_ids, bool gaussian, bool after_scales,
-                                         cudaStream_t stream) {
+                                         int64_t num_rows, long long* bad_ids, int* bad_word, bool gaussian,
+                                         bool after_scales, cudaStream_t stream) {
   return cuda::dispatch_forward(dtype, gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     constexpr int64_t kThreads = cuda::kForwardThreads;
     const cuda::LaneGroups lanes = cuda::lane_groups(n_tokens, d, V::kVec);
     return launch(forward_kernel<typename V::type, V::kGaussian, V::kVec>, (lanes.threads + kThreads - 1) / kThreads,
                   kThreads, stream, after_scales, ids, weight, out, scales, scale_value, seed_ptr, seed, offset, lanes,
-                  d, w_stride, num_rows, bad_ids);
+                  d, w_stride, num_rows, bad_ids, bad_word);
   });
 }
 

@@ -13,15 +13,16 @@ namespace neft {
 // uniform noise, or Gaussian (gaussian.h) with ``gaussian``.
 // scales: (n_tokens,) float32, or nullptr to use scale_value for every token. seed_ptr: the seed in
 // device memory (graph-safe), or nullptr to use seed. num_rows = V: an id outside [0, V) is never
-// read, its output row is NaN, and bad_ids (device, {min, max, V}; may be nullptr) records it.
+// read, its output row is NaN, bad_ids (device, {min, max, V}; may be nullptr) records it and
+// bad_word (a mapped host int; may be nullptr) is set to 1.
 // after_scales: the stream's last launch was token_scales_cuda's, writing scales, and nothing the
 // forward reads but scales: the forward may then start while it runs (dependent_launches). The
 // stream must be the current device's (as for token_scales_cuda).
 cudaError_t noisy_embedding_forward_cuda(DType dtype, const int64_t* ids, const void* weight, void* out,
                                          const float* scales, float scale_value, const int64_t* seed_ptr, uint64_t seed,
                                          uint64_t offset, int64_t n_tokens, int64_t d, int64_t w_stride,
-                                         int64_t num_rows, long long* bad_ids, bool gaussian, bool after_scales,
-                                         cudaStream_t stream);
+                                         int64_t num_rows, long long* bad_ids, int* bad_word, bool gaussian,
+                                         bool after_scales, cudaStream_t stream);
 
 // An integer or bool side input as a (rows, width) view (stride 0 along a broadcast dim) of elements
 // of ``bytes`` bytes; data nullptr where absent. cu_seqlens: 1-D, its stride in s1.

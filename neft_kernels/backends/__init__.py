@@ -139,10 +139,21 @@ def _resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def cuda_read_back(device: torch.device) -> Callable | None:
-    """The CUDA extension's ``read_back`` (the id check's native copy of its record), where the
-    extension is built for ``device``'s GPU; else None."""
-    return module("cuda").read_back if _why_not("cuda", device) is None else None
+def cuda_id_check(device: torch.device) -> tuple[Callable, int | None] | None:
+    """For the id check on ``device``, where the CUDA extension is built for its GPU: its ``read_back``
+    (the native copy of the record) and the host address of the device's bad-id word (an int the
+    extension's forward sets to 1 where it records a bad id; None where the driver cannot map host
+    memory, and the copy serves alone); else None."""
+    if _why_not("cuda", device) is not None:
+        return None
+    ext = module("cuda")
+    try:
+        word = ext.bad_id_word(device.index if device.index is not None else torch.cuda.current_device())
+    except RuntimeError as err:
+        warnings.warn(f"neft_kernels: no mapped host memory on {device} ({err}); the id check copies its record "
+                      "back after each call instead", stacklevel=2)
+        word = None
+    return ext.read_back, word
 
 
 def module(name: str) -> Backend | ModuleType:

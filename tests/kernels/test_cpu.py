@@ -224,6 +224,26 @@ def test_cuda_wrapper_follows_the_extensions_argument_order():
     assert calls[-1] == (33, 0.0, alpha, 8, 11, mask, None, None, None, torch.device("cpu"))
 
 
+def test_the_id_check_uses_the_copy_alone_where_host_memory_cannot_be_mapped(monkeypatch):
+    """cuda_id_check: the extension's read_back and the device's bad-id word; where the word cannot
+    be made (a driver that cannot map host memory), a warning and the copy alone."""
+    import types
+
+    from neft_kernels import backends
+
+    def word(index):
+        if index == 1:
+            raise RuntimeError("operation not supported")
+        return 4096 + index
+
+    ext = types.SimpleNamespace(read_back="read_back", bad_id_word=word)
+    monkeypatch.setattr(backends, "_why_not", lambda name, device: None)
+    monkeypatch.setattr(backends, "module", lambda name: ext)
+    assert backends.cuda_id_check(torch.device("cuda", 0)) == ("read_back", 4096)
+    with pytest.warns(UserWarning, match="no mapped host memory on cuda:1"):
+        assert backends.cuda_id_check(torch.device("cuda", 1)) == ("read_back", None)
+
+
 def test_the_bindings_side_input_views_refuse_what_they_cannot_read():
     """binding_utils.h's side_strides (shared by the CPU and CUDA bindings): shapes that are not a
     (rows, width) view or a broadcast of one, and non-integer dtypes, are refused by name."""

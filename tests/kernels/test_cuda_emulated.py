@@ -44,7 +44,7 @@ def load_emulator(lib: str) -> ctypes.CDLL:
     p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
     emu.emulated_forward.restype = ctypes.c_int
     emu.emulated_forward.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_float, p, u64, u64, i64, i64, i64, i64, p,
-                                     ctypes.c_bool]
+                                     p, ctypes.c_bool]
     emu.emulated_backward.restype = None
     emu.emulated_backward.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_bool]
     emu.emulated_token_scales.restype = None
@@ -66,17 +66,18 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _forward(emu, ids, weight, scale, seed, offset, gaussian, seed_in_memory=False, out_offset=0):
-    """The emulated launch: (out, lanes per thread, bad-id record). ``out_offset`` elements shift the
-    output off 16-byte alignment."""
+    """The emulated launch: (out, lanes per thread, bad-id record, bad-id word). ``out_offset`` elements
+    shift the output off 16-byte alignment."""
     n, d = ids.numel(), weight.shape[1]
     out = torch.empty(n * d + out_offset, dtype=weight.dtype)[out_offset:].view(n, d)
     bad = torch.tensor([_INT64_MAX, _INT64_MIN, 0], dtype=torch.int64)
+    word = torch.zeros(1, dtype=torch.int32)
     scales = scale if isinstance(scale, torch.Tensor) else None
     seed_tensor = torch.tensor(seed, dtype=torch.int64) if seed_in_memory else None
     lanes = emu.emulated_forward(_DTYPES[weight.dtype], _ptr(ids), _ptr(weight), _ptr(out), _ptr(scales),
                                  0.0 if scales is not None else scale, _ptr(seed_tensor), seed % (1 << 64),
-                                 offset, n, d, weight.stride(0), weight.shape[0], _ptr(bad), gaussian)
-    return out, lanes, bad
+                                 offset, n, d, weight.stride(0), weight.shape[0], _ptr(bad), _ptr(word), gaussian)
+    return out, lanes, bad, int(word)
 
 
 @pytest.mark.parametrize("dtype", list(_DTYPES))
@@ -93,7 +94,8 @@ def test_forward_matches_the_reference_on_both_lane_paths(emulator, dtype, d, ga
                                       (table[:, :d].contiguous(), 1, 0.03125),  # output off alignment: one lane
                                       (table[:, 1:d + 1], 0, scales)):  # a row stride of d + 8, base off alignment
         for seed, offset, in_memory in ((5, 0, False), (-(2**62) - 7, 2**32 - 50, True)):
-            out, lanes, _ = _forward(emulator, ids, weight, scale, seed, offset, gaussian, in_memory, out_offset)
+            out, lanes, _, word = _forward(emulator, ids, weight, scale, seed, offset, gaussian, in_memory, out_offset)
+            assert word == 0  # every id in range
             expected = reference_forward(ids, weight, scale, seed, offset, "gaussian" if gaussian else "uniform")
             assert_bits_equal(out, expected)
             vector = 16 // weight.element_size()
@@ -128,11 +130,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert libc.mprotect(base, page, 0) == 0 and libc.mprotect(base + page + span, page, 0) == 0
             weight = table[:, :d]
             ids = torch.tensor([3, -1, vocab, 9, -4, vocab + 1, 2**40, 0])
-            out, lanes, bad = _forward(emu, ids, weight, 0.5, 11, 0, False)
+            out, lanes, bad, word = _forward(emu, ids, weight, 0.5, 11, 0, False)
             assert (lanes > 1) == (d == 64), lanes
             assert_bits_equal(out, reference_forward(ids, weight, 0.5, 11, 0))
             assert out[[1, 2, 4, 5, 6]].isnan().all() and not out[[0, 3, 7]].isnan().any()
-            assert bad.tolist() == [-4, 2**40, vocab], bad
+            assert bad.tolist() == [-4, 2**40, vocab] and word == 1, (bad, word)
 print("ok")
 """
 

@@ -252,7 +252,7 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
     copies = []
     flag = object.__new__(DeviceIdFlag)  # its __init__ allocates on a GPU
     flag.device, flag.buffer, flag._host = torch.device("cpu"), torch.tensor([-3, 70, 50]), torch.tensor(_EMPTY)
-    flag._event, flag._pending = Event(), False
+    flag._event, flag._pending, flag._word = Event(), False, None
     flag._native_read_back = lambda host, record, event: copies.append((host, record, event))
     flag._clear = lambda: flag.buffer.copy_(torch.tensor(_EMPTY))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -274,3 +274,37 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
     flag._host.copy_(torch.tensor([5, 9, 4]))  # the second copy lands with another record
     assert id_check.pending_error(flag.device) == id_check.out_of_range_message(5, 9, 4, late=True)
     assert id_check.pending_error(flag.device) is None and id_check.pending_error(torch.device("meta")) is None
+
+
+def test_the_cuda_extensions_bad_id_word_raises_at_the_next_call_without_a_copy_per_call(monkeypatch):
+    """Where the CUDA extension's kernel sets the host word: after its launches nothing is copied (the
+    word is read instead), a set word makes the next check read the record and raise its range once
+    (word and record cleared), and other backends' launches still copy their record back."""
+    import contextlib
+    import ctypes
+
+    from neft_kernels.id_check import _EMPTY, DeviceIdFlag
+
+    copies = []
+    flag = object.__new__(DeviceIdFlag)  # its __init__ allocates on a GPU
+    flag.device, flag.buffer, flag._host = torch.device("cpu"), torch.tensor(_EMPTY), torch.tensor(_EMPTY)
+    flag._event = type("Event", (), {"cuda_event": 1, "query": lambda self: False})()
+    flag._pending, flag._word = False, ctypes.c_int32(0)
+    flag._native_read_back = lambda host, record, event: copies.append(record)
+    flag._clear = lambda: flag.buffer.copy_(torch.tensor(_EMPTY))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    flag.after_launch("cuda")
+    flag.raise_pending()
+    assert copies == []  # no copy, no event: the word is 0
+    flag.buffer.copy_(torch.tensor([-2, 60, 50]))  # what the kernel records, and the word it sets
+    flag._word.value = 1
+    with pytest.raises(IndexError, match=r"must lie in \[0, 50\), got values in \[-2, 60\]"):
+        flag.raise_pending()
+    assert flag._word.value == 0 and flag.buffer.tolist() == list(_EMPTY)
+    flag.raise_pending()  # raised once
+    flag._word.value = 1  # set again after the record was read: a late store, nothing recorded since
+    flag.raise_pending()
+    assert flag._word.value == 0
+    flag.after_launch("triton")  # a backend that does not set the word: its record is copied back
+    assert len(copies) == 1 and flag._pending

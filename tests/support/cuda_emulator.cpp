@@ -195,7 +195,7 @@ neft::DType dtype_of(int code) {
 extern "C" int emulated_forward(int dtype, const int64_t* ids, const void* weight, void* out, const float* scales,
                                 float scale_value, const int64_t* seed_ptr, uint64_t seed, uint64_t offset,
                                 int64_t n_tokens, int64_t d, int64_t w_stride, int64_t num_rows, long long* bad_ids,
-                                bool gaussian) {
+                                int* bad_word, bool gaussian) {
   return neft::cuda::dispatch_forward(dtype_of(dtype), gaussian, d, w_stride, weight, out, [&](auto variant) {
     using V = decltype(variant);
     const int64_t threads = neft::cuda::kForwardThreads;
@@ -203,8 +203,9 @@ extern "C" int emulated_forward(int dtype, const int64_t* ids, const void* weigh
     // Per-token scales come from the scales kernel just before: the launcher lets this one overlap it.
     const Overlapping overlap(const_cast<float*>(scales), scales ? n_tokens * sizeof(float) : 0);
     run_grid((lanes.threads + threads - 1) / threads, 1, threads, [&] {
-      neft::cuda::forward_kernel<typename V::type, V::kGaussian, V::kVec>(
-          ids, weight, out, scales, scale_value, seed_ptr, seed, offset, lanes, d, w_stride, num_rows, bad_ids);
+      neft::cuda::forward_kernel<typename V::type, V::kGaussian, V::kVec>(ids, weight, out, scales, scale_value,
+                                                                          seed_ptr, seed, offset, lanes, d, w_stride,
+                                                                          num_rows, bad_ids, bad_word);
     });
     return V::kVec;
   });
