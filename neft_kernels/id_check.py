@@ -97,6 +97,9 @@ class DeviceIdFlag:
         word, read now (the one wait for the GPU, on a call that raises); else if the copy after a
         launch has landed (never waits). The record is then cleared, so each is reported once."""
         if self._word is not None and self._word.value:
+            # Wait for the device first, whatever stream the bad launch was on: its other threads'
+            # records and stores have then landed, so the record is whole and the word stays clear.
+            torch.cuda.synchronize(self.device)
             self._word.value = 0
             self._pending = False  # a copy in flight holds no more than the record read here
             with torch.cuda.device(self.device):

@@ -276,35 +276,78 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
     assert id_check.pending_error(flag.device) is None and id_check.pending_error(torch.device("meta")) is None
 
 
-def test_the_cuda_extensions_bad_id_word_raises_at_the_next_call_without_a_copy_per_call(monkeypatch):
-    """Where the CUDA extension's kernel sets the host word: after its launches nothing is copied (the
-    word is read instead), a set word makes the next check read the record and raise its range once
-    (word and record cleared), and other backends' launches still copy their record back."""
+def _word_flag(monkeypatch, word):
+    """A DeviceIdFlag on the CPU with stand-ins (its __init__ allocates on a GPU): an event that lands
+    when told, a native copy that records its calls, the bad-id word given (or None), and a device
+    sync that records the word's value when it runs."""
     import contextlib
-    import ctypes
 
     from neft_kernels.id_check import _EMPTY, DeviceIdFlag
 
-    copies = []
-    flag = object.__new__(DeviceIdFlag)  # its __init__ allocates on a GPU
+    flag = object.__new__(DeviceIdFlag)
     flag.device, flag.buffer, flag._host = torch.device("cpu"), torch.tensor(_EMPTY), torch.tensor(_EMPTY)
-    flag._event = type("Event", (), {"cuda_event": 1, "query": lambda self: False})()
-    flag._pending, flag._word = False, ctypes.c_int32(0)
-    flag._native_read_back = lambda host, record, event: copies.append(record)
+    flag._event = type("Event", (), {"cuda_event": 1, "landed": False, "query": lambda self: self.landed})()
+    flag._pending, flag._word, flag.copies, flag.syncs = False, word, [], []
+    flag._native_read_back = lambda host, record, event: flag.copies.append(record.clone())
     flag._clear = lambda: flag.buffer.copy_(torch.tensor(_EMPTY))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: flag.syncs.append(word.value))
+    return flag
+
+
+def test_the_cuda_extensions_bad_id_word_raises_at_the_next_call_without_a_copy_per_call(monkeypatch):
+    """Where the CUDA extension's kernel sets the host word: after its launches nothing is copied and
+    nothing waits (the word is read instead); a set word makes the next check wait for the device
+    (before it clears the word: later stores of that launch have landed), read the record and raise
+    its range once, word and record cleared; other backends' launches still copy their record."""
+    import ctypes
+
+    from neft_kernels.id_check import _EMPTY
+
+    flag = _word_flag(monkeypatch, ctypes.c_int32(0))
     flag.after_launch("cuda")
     flag.raise_pending()
-    assert copies == []  # no copy, no event: the word is 0
+    assert flag.copies == [] and flag.syncs == []  # good ids: no copy, no event, no wait
     flag.buffer.copy_(torch.tensor([-2, 60, 50]))  # what the kernel records, and the word it sets
     flag._word.value = 1
     with pytest.raises(IndexError, match=r"must lie in \[0, 50\), got values in \[-2, 60\]"):
         flag.raise_pending()
+    assert flag.syncs == [1]  # waited while the word was still set
     assert flag._word.value == 0 and flag.buffer.tolist() == list(_EMPTY)
     flag.raise_pending()  # raised once
-    flag._word.value = 1  # set again after the record was read: a late store, nothing recorded since
-    flag.raise_pending()
-    assert flag._word.value == 0
+    assert flag.syncs == [1]
     flag.after_launch("triton")  # a backend that does not set the word: its record is copied back
-    assert len(copies) == 1 and flag._pending
+    assert len(flag.copies) == 1 and flag._pending
+
+
+def test_a_copy_in_flight_and_the_word_report_bad_ids_once(monkeypatch):
+    """A Triton launch's copy in flight when a CUDA launch sets the word: the word's read reports the
+    range, and the copy landing later (holding the same record) reports nothing more."""
+    import ctypes
+
+    flag = _word_flag(monkeypatch, ctypes.c_int32(0))
+    flag.buffer.copy_(torch.tensor([70, 70, 50]))
+    flag.after_launch("triton")  # its copy, in flight
+    flag._host.copy_(flag.buffer)  # what that copy brings when it lands
+    flag._word.value = 1
+    with pytest.raises(IndexError, match=r"got values in \[70, 70\]"):
+        flag.raise_pending()
+    flag._event.landed = True
+    flag.raise_pending()  # the copy's record was reported already
+    assert not flag._pending
+
+
+def test_without_the_word_the_cuda_path_copies_its_record(monkeypatch):
+    """Where host memory could not be mapped (no word), the CUDA extension's launches are followed by
+    the copy, as other backends' are, and a landed copy raises."""
+    flag = _word_flag(monkeypatch, None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: flag.syncs.append("sync"))
+    flag.buffer.copy_(torch.tensor([-1, -1, 50]))
+    flag.after_launch("cuda")
+    assert len(flag.copies) == 1 and flag._pending
+    flag._host.copy_(flag.buffer)
+    flag._event.landed = True
+    with pytest.raises(IndexError, match=r"got values in \[-1, -1\]"):
+        flag.raise_pending()
+    assert flag.syncs == []
