@@ -40,7 +40,9 @@ cudaError_t launch(void (*kernel)(Params...), int64_t blocks, int threads, cudaS
   config.stream = stream;
   config.attrs = &overlap;
   config.numAttrs = dependent && neft::dependent_launches(device) ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, args...);
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  if (err != cudaSuccess) cudaGetLastError();  // returned here: not left behind for the next launch's check
+  return err;
 }
 
 template <typename T>
