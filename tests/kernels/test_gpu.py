@@ -178,6 +178,24 @@ def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device
     assert grad[3].eq(1).all() and grad[7].eq(1).all() and grad.sum() == 2 * 70
 
 
+@requires("cuda", "cuda")
+def test_bad_ids_in_a_replayed_graph_raise_at_the_next_eager_call():
+    """The CUDA kernel sets the id check's host word on replays too: the first eager call after a
+    replay that met bad ids raises, naming them."""
+    weight = make_weight(50, 64, torch.bfloat16, "cuda")
+    ids = torch.tensor([[1, 2, 3]], device="cuda")
+    noisy_embedding(ids, weight, 5.0, seed=1, backend="cuda")  # the flag exists before capture
+    graph, _ = _capture(lambda: noisy_embedding(ids, weight, 5.0, seed=1, backend="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    noisy_embedding(ids, weight, 5.0, seed=1, backend="cuda")  # good ids replayed: nothing to raise
+    ids.copy_(torch.tensor([[1, 77, 3]]))
+    graph.replay()
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"got values in \[77, 77\]"):
+        noisy_embedding(torch.tensor([[1]], device="cuda"), weight, 5.0, seed=1, backend="cuda")
+
+
 def test_add_noise_positions_need_no_sync_even_with_the_id_check_on():
     """add_noise's ids are positions, in range by construction: no check, no host-device sync."""
     x = torch.randn(4, 64, 128, device="cuda", dtype=torch.bfloat16)
