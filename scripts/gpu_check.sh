@@ -82,9 +82,12 @@ for backend in ("cuda", "triton"):
         except Exception as err:
             print(f"{backend} {b},{l},{d},{v}: {err!r}", flush=True)
 # GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernels alone and
-# of both: on sm_90 the rows kernel starts while the scales kernel runs, so "both" should cost less
-# than the sum of the first two
-from neft_kernels import _C_cuda
+# of both, with the launches overlapped (sm_90) and, in a second process, in order
+# (NEFT_KERNELS_CUDA_PDL=0): what programmatic dependent launch saves
+import os, subprocess, sys
+GRAPH_TIMES = r"""
+import torch
+from neft_kernels import _C_cuda, noisy_embedding
 from neft_kernels.backends import module
 from neft_kernels.bench.measure import graph_ms
 print("cuda launches overlap (programmatic dependent launch):", _C_cuda.overlaps_launches(0), flush=True)
@@ -104,6 +107,14 @@ for b, l, d, v in ((8, 2048, 576, 49152), (8, 1024, 4096, 32000), (1, 32768, 115
               + ", ".join(f"{k} {t:.4f}" if t is not None else f"{k} -" for k, t in times.items()), flush=True)
     except Exception as err:
         print(f"graph times {b},{l},{d},{v}: {err!r}", flush=True)
+"""
+try:
+    exec(GRAPH_TIMES)
+except Exception as err:  # no CUDA extension: nothing to time
+    print(f"graph times: {err!r}", flush=True)
+in_order = subprocess.run([sys.executable, "-c", GRAPH_TIMES], capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "NEFT_KERNELS_CUDA_PDL": "0"})
+print("-- the same with NEFT_KERNELS_CUDA_PDL=0:\n" + in_order.stdout + in_order.stderr[-1000:], flush=True)
 PY
 echo "host profile: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
 timeout ${GPU_SLOW_TIMEOUT:-120} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and slow" -p no:cacheprovider \
