@@ -31,9 +31,9 @@ _flags: dict[torch.device, "DeviceIdFlag"] = {}
 def set_id_check(enabled: bool) -> bool:
     """Turn the id range check on accelerator tensors on or off; returns the previous setting.
 
-    On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It never syncs: the
-    kernel records bad ids on the device and a later call raises the error (see the
-    module docstring). Off, a bad id is still never read: its output row is NaN and it gets no
+    On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It waits for the GPU only
+    on a call that raises: the kernel records bad ids on the device and a later call raises the
+    error (see the module docstring). Off, a bad id is still never read: its output row is NaN and it gets no
     gradient. CPU ids are always checked.
     """
     global _enabled
@@ -97,13 +97,7 @@ class DeviceIdFlag:
         word, read now (the one wait for the GPU, on a call that raises); else if the copy after a
         launch has landed (never waits). The record is then cleared, so each is reported once."""
         if self._word is not None and self._word.value:
-            # Wait for the device first, whatever stream the bad launch was on: its other threads'
-            # records and stores have then landed, so the record is whole and the word stays clear.
-            torch.cuda.synchronize(self.device)
-            self._word.value = 0
-            self._pending = False  # a copy in flight holds no more than the record read here
-            with torch.cuda.device(self.device):
-                lo, hi, num_embeddings = self.buffer.tolist()
+            lo, hi, num_embeddings = self._read_record()
         elif not self._pending or not self._event.query():
             return None
         else:
@@ -120,6 +114,25 @@ class DeviceIdFlag:
         message = self.pending_error()
         if message is not None:
             raise IndexError(message)
+
+    def _read_record(self) -> list[int]:
+        """The record, once the device has finished: the one, deliberate wait of a call that raises
+        (``torch.cuda.set_sync_debug_mode`` is suspended for it, so that the IndexError, not a
+        sync error, reaches the user)."""
+        debug = torch.cuda.get_sync_debug_mode()
+        if debug:
+            torch.cuda.set_sync_debug_mode(0)
+        try:
+            # Whatever stream the bad launch was on: its other threads' records and stores have then
+            # landed, so the record is whole and the word stays clear.
+            torch.cuda.synchronize(self.device)
+            self._word.value = 0
+            self._pending = False  # a copy in flight holds no more than the record read here
+            with torch.cuda.device(self.device):
+                return self.buffer.tolist()
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode(debug)
 
     def after_launch(self, backend: str) -> None:
         """After a launch of ``backend``'s kernel: the CUDA extension's sets the word itself; the

@@ -5,6 +5,8 @@
 // sm_80/sm_90 with -Xptxas -v, and check its PTX for FMA). Every float operation goes through an
 // explicit round-to-nearest intrinsic (philox.h, gaussian.h), so no FMA appears even without
 // --fmad=false.
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -84,11 +86,25 @@ bool dependent_launches(int device) {
     return (v == nullptr || std::strcmp(v, "0") != 0) && CUDART_VERSION >= 12030 &&
            cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12030;
   }();
-  // Hopper only: its images wait (sm_80's have no griddepcontrol), and it is what the GPU tests run
-  // on; later architectures stay in order until they are tested.
-  int major = 0;
-  return allowed && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         major == 9;
+  if (!allowed) return false;
+  // Hopper only, and only where the kernels it runs are sm_90 code, which waits (sm_80's has no
+  // griddepcontrol: a build without sm_90 would run that on a Hopper GPU); later architectures stay
+  // in order until they are tested. Decided once per device.
+  constexpr int kDevices = 1024;
+  static std::array<std::atomic<int>, kDevices> decided{};  // 0 unknown, 1 no, 2 yes
+  if (device < 0 || device >= kDevices) return false;
+  int state = decided[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    cudaFuncAttributes kernel = {};
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess && major == 9) err = cudaFuncGetAttributes(&kernel, cuda::forward_kernel<float, false, 1>);
+    if (err != cudaSuccess) cudaGetLastError();  // a failed query, not a launch error: not left for the next check
+    const bool yes = err == cudaSuccess && major == 9 && kernel.binaryVersion >= 90;
+    state = yes ? 2 : 1;
+    decided[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 2;
 }
 
 cudaError_t kernel_image_status() {

@@ -42,7 +42,8 @@ struct ScaleArgs {
 };
 
 // Whether launches that follow one of ours on ``device`` may overlap it (programmatic dependent
-// launch): on Hopper (sm_90) GPUs, with a CUDA 12.3+ driver, unless NEFT_KERNELS_CUDA_PDL=0.
+// launch): on Hopper (sm_90) GPUs running this build's sm_90 code, with a CUDA 12.3+ driver, unless
+// NEFT_KERNELS_CUDA_PDL=0.
 bool dependent_launches(int device);
 
 // cudaSuccess where this build has kernels for the current device (setup.py's architectures), else

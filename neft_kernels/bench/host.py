@@ -123,10 +123,9 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
     if device.type == "cuda":
         flag = device_id_flag(ids)
         if flag is not None:  # None with the check off (NEFT_KERNELS_CHECK_IDS=0)
-            cuda_check = "the word" if flag._word is not None else "no word: the copy"
-            fns[f"id check: device_id_flag + after_launch (cuda: {cuda_check})"] = lambda: (
-                device_id_flag(ids), flag.after_launch("cuda"))
-            fns["id check: device_id_flag + read_back (triton)"] = lambda: (device_id_flag(ids), flag.read_back())
+            cuda_check = "word" if flag._word is not None else "copy"
+            fns[f"id check, cuda ({cuda_check})"] = lambda: (device_id_flag(ids), flag.after_launch("cuda"))
+            fns["id check, triton (copy)"] = lambda: (device_id_flag(ids), flag.read_back())
 
         def device_guard():
             with torch.cuda.device(device):

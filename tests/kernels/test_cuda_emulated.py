@@ -51,6 +51,8 @@ def load_emulator(lib: str) -> ctypes.CDLL:
     emu.emulated_token_scales.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_double, p, p]
     emu.emulated_token_of.restype = i64
     emu.emulated_token_of.argtypes = [i64, i64, ctypes.c_int, i64]
+    emu.emulated_lane_multiplier.restype = ctypes.c_uint32
+    emu.emulated_lane_multiplier.argtypes = [i64, i64, ctypes.c_int]
     emu.emulated_set_reverse_order.argtypes = [ctypes.c_bool]
     emu.emulated_divergent_blocks.restype = i64
     return emu
@@ -164,9 +166,9 @@ def test_backward_sums_each_ids_rows_in_token_order(emulator, dtype, d, padding_
 
 
 def test_forward_threads_find_their_token_by_multiply_and_shift(emulator):
-    """lane_groups' multiplier gives g // groups for every thread of launches of fewer than 2^31
-    threads (the edges of every token near the top of that range, every width's lane count up to
-    4096 lanes), and the division takes over from 2^31 threads on."""
+    """lane_groups' multiplier gives g // groups for launches of fewer than 2^31 threads (tokens'
+    edges, near the top of that range too; widths 1 to 79 and larger ones up to 2^31), and the
+    division takes over from 2^31 threads on (or where a token has one lane group)."""
     gen = torch.Generator().manual_seed(0)
     for d in [*range(1, 80), 96, 576, 1152, 4097, 16380, 2**20 + 4, 2**31 - 8]:
         for lanes in (1, 4, 8):
@@ -174,6 +176,8 @@ def test_forward_threads_find_their_token_by_multiply_and_shift(emulator):
             top = (2**31 - 1) // groups  # tokens of the largest launch under 2^31 threads
             for n_tokens in (top, top + 1):
                 threads = n_tokens * groups
+                multiplied = emulator.emulated_lane_multiplier(n_tokens, d, lanes) != 0
+                assert multiplied == (groups > 1 and threads < 2**31), (d, lanes, n_tokens)
                 edges = [t * groups + k for t in (0, 1, n_tokens // 2, n_tokens - 1) for k in (0, groups - 1)]
                 picks = torch.randint(0, threads, (64,), generator=gen).tolist()
                 for g in {*edges, *picks, threads - 1}:

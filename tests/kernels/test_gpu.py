@@ -166,7 +166,7 @@ def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device
     with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 50\), got values in \[-1, 1099511627776\]"):
         noisy_embedding(good, weight, 5.0, seed=1, backend=backend)
     noisy_embedding(good, weight, 5.0, seed=1, backend=backend)  # raised once, then cleared
-    torch.cuda.synchronize()  # that call's read-back lands first, so the next call's copy is issued
+    torch.cuda.synchronize()  # (triton) that call's read-back lands first, so the next call's copy is issued
     out = noisy_embedding(bad, weight, 5.0, seed=1, backend=backend)
     torch.cuda.synchronize()
     with pytest.raises(IndexError, match="input_ids must lie in"):

@@ -278,8 +278,9 @@ def test_the_device_flags_read_back_and_late_raise(monkeypatch):
 
 def _word_flag(monkeypatch, word):
     """A DeviceIdFlag on the CPU with stand-ins (its __init__ allocates on a GPU): an event that lands
-    when told, a native copy that records its calls, the bad-id word given (or None), and a device
-    sync that records the word's value when it runs."""
+    when told, a native copy that records its calls, the bad-id word given (or None), a device sync
+    that records the word's value and the sync-debug mode when it runs, and a sync-debug mode of 2
+    ("error") that the flag must suspend around its wait and restore."""
     import contextlib
 
     from neft_kernels.id_check import _EMPTY, DeviceIdFlag
@@ -292,7 +293,12 @@ def _word_flag(monkeypatch, word):
     flag._clear = lambda: flag.buffer.copy_(torch.tensor(_EMPTY))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: flag.syncs.append(word.value))
+    mode = [2]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode[0])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__(0, m))
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: flag.syncs.append((None if word is None else word.value, mode[0])))
+    flag.mode = mode
     return flag
 
 
@@ -313,10 +319,11 @@ def test_the_cuda_extensions_bad_id_word_raises_at_the_next_call_without_a_copy_
     flag._word.value = 1
     with pytest.raises(IndexError, match=r"must lie in \[0, 50\), got values in \[-2, 60\]"):
         flag.raise_pending()
-    assert flag.syncs == [1]  # waited while the word was still set
+    assert flag.syncs == [(1, 0)]  # waited while the word was still set, with the sync-debug mode off
+    assert flag.mode == [2]  # and restored
     assert flag._word.value == 0 and flag.buffer.tolist() == list(_EMPTY)
     flag.raise_pending()  # raised once
-    assert flag.syncs == [1]
+    assert len(flag.syncs) == 1
     flag.after_launch("triton")  # a backend that does not set the word: its record is copied back
     assert len(flag.copies) == 1 and flag._pending
 
@@ -342,7 +349,6 @@ def test_without_the_word_the_cuda_path_copies_its_record(monkeypatch):
     """Where host memory could not be mapped (no word), the CUDA extension's launches are followed by
     the copy, as other backends' are, and a landed copy raises."""
     flag = _word_flag(monkeypatch, None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: flag.syncs.append("sync"))
     flag.buffer.copy_(torch.tensor([-1, -1, 50]))
     flag.after_launch("cuda")
     assert len(flag.copies) == 1 and flag._pending

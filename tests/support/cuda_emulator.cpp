@@ -216,6 +216,11 @@ extern "C" int64_t emulated_token_of(int64_t n_tokens, int64_t d, int lanes_per_
   return neft::cuda::token_of(neft::cuda::lane_groups(n_tokens, d, lanes_per_thread), g);
 }
 
+// lane_groups' multiplier (0: the launch divides).
+extern "C" uint32_t emulated_lane_multiplier(int64_t n_tokens, int64_t d, int lanes_per_thread) {
+  return neft::cuda::lane_groups(n_tokens, d, lanes_per_thread).magic;
+}
+
 extern "C" void emulated_backward(int dtype, const void* grad, const int64_t* sorted_ids, const int64_t* order,
                                   const int64_t* seg_end, void* grad_weight, int64_t n_tokens, int64_t d,
                                   int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
