@@ -179,6 +179,24 @@ def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device
 
 
 @requires("cuda", "cuda")
+def test_bad_ids_raise_an_index_error_under_sync_debug_mode_error():
+    """The raising call's one wait is deliberate: under set_sync_debug_mode("error") the user still
+    gets the IndexError naming the bad ids (the mode is suspended for that wait and restored)."""
+    weight = make_weight(50, 64, torch.bfloat16, "cuda")
+    noisy_embedding(torch.tensor([[1]], device="cuda"), weight, 5.0, seed=1, backend="cuda")  # the flag exists
+    noisy_embedding(torch.tensor([[1, 60]], device="cuda"), weight, 5.0, seed=1, backend="cuda")
+    good = torch.tensor([[1]], device="cuda")  # made before: a copy from pageable memory syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(IndexError, match=r"got values in \[60, 60\]"):
+            noisy_embedding(good, weight, 5.0, seed=1, backend="cuda")
+        assert torch.cuda.get_sync_debug_mode() == 2
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires("cuda", "cuda")
 def test_bad_ids_in_a_replayed_graph_raise_at_the_next_eager_call():
     """The CUDA kernel sets the id check's host word on replays too: the first eager call after a
     replay that met bad ids raises, naming them."""
