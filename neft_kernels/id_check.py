@@ -33,8 +33,8 @@ def set_id_check(enabled: bool) -> bool:
 
     On by default (``NEFT_KERNELS_CHECK_IDS=0`` turns it off at import). It waits for the GPU only
     on a call that raises: the kernel records bad ids on the device and a later call raises the
-    error (see the module docstring). Off, a bad id is still never read: its output row is NaN and it gets no
-    gradient. CPU ids are always checked.
+    error (see the module docstring). Off, a bad id is still never read: its output row is NaN and
+    it gets no gradient. CPU ids are always checked.
     """
     global _enabled
     previous, _enabled = _enabled, bool(enabled)

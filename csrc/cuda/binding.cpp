@@ -39,7 +39,7 @@ neft::SideView side_view(const c10::optional<torch::Tensor>& t, int64_t rows, in
 // memory, with no copy, event or sync per call. Made once per device by bad_id_word (the id check
 // asks for it when it makes its flag, never under graph capture, where allocating is refused); a
 // forward before that sets none.
-constexpr int kMaxDevices = 1024;
+using neft::kMaxDevices;
 std::array<std::atomic<int*>, kMaxDevices> bad_id_words{};  // the device-side pointers
 
 int* bad_id_word_of(const torch::Device& device) {

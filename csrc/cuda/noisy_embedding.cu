@@ -90,9 +90,8 @@ bool dependent_launches(int device) {
   // Hopper only, and only where the kernels it runs are sm_90 code, which waits (sm_80's has no
   // griddepcontrol: a build without sm_90 would run that on a Hopper GPU); later architectures stay
   // in order until they are tested. Decided once per device.
-  constexpr int kDevices = 1024;
-  static std::array<std::atomic<int>, kDevices> decided{};  // 0 unknown, 1 no, 2 yes
-  if (device < 0 || device >= kDevices) return false;
+  static std::array<std::atomic<int>, kMaxDevices> decided{};  // 0 unknown, 1 no, 2 yes
+  if (device < 0 || device >= kMaxDevices) return false;
   int state = decided[device].load(std::memory_order_relaxed);
   if (state == 0) {
     int major = 0;

@@ -41,6 +41,9 @@ struct ScaleArgs {
   const double* alpha_ptr = nullptr;
 };
 
+// Device indices below this have per-device state (the overlap decision, the id check's word).
+constexpr int kMaxDevices = 1024;
+
 // Whether launches that follow one of ours on ``device`` may overlap it (programmatic dependent
 // launch): on Hopper (sm_90) GPUs running this build's sm_90 code, with a CUDA 12.3+ driver, unless
 // NEFT_KERNELS_CUDA_PDL=0.
