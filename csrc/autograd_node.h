@@ -66,10 +66,13 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
   }
 };
 
-// As a Python autograd.Function without a jvp: forward-mode AD is refused, not silently dropped.
-inline void refuse_forward_ad(const torch::Tensor& weight) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(weight),
-                              "neft_kernels: forward-mode AD (a dual weight) is not supported by the noisy embedding");
+// Forward-mode AD, as the Python Function's jvp: the noise does not depend on the weight, so the
+// output's tangent is the lookup of the weight's (F.embedding's). Ids are clamped into the table:
+// bad ones are reported as for the output itself (the CUDA path reports them later).
+inline void attach_tangent(torch::Tensor& out, const torch::Tensor& weight, const torch::Tensor& ids) {
+  if (!torch::autograd::isFwGradDefined(weight)) return;
+  const at::Tensor tangent = at::embedding(weight._fw_grad(/*level=*/0), ids.clamp(0, weight.size(0) - 1));
+  out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
 }
 
 // Makes ``out`` differentiable with respect to ``weight`` through a NoisyEmbeddingBackward (where the

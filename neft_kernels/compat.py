@@ -20,8 +20,9 @@ assume_constant_result = torch._dynamo.assume_constant_result
 
 
 def functorch_transforms_active() -> bool:
-    """``torch._C._are_functorch_transforms_active``: under vmap/grad transforms the op must go
-    through ``Function.apply``'s Python wrapper (tests/ops/test_compile.py)."""
+    """``torch._C._are_functorch_transforms_active``: under ``torch.func`` transforms the op must go
+    through ``Function.apply``'s Python wrapper, and its backward through a Function the kernels can
+    serve (tests/ops/test_func_transforms.py)."""
     return torch._C._are_functorch_transforms_active()
 
 

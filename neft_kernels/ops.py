@@ -1,15 +1,15 @@
 """The functional op: O(1) host work per call, one autograd rule, and the ``torch.library`` ops.
 
 Per call, Python reads shapes, dtypes and devices only; everything per token (scales from the side
-inputs, the id range) happens in the backend, on the tensors' device. Eager calls and compiled
-graphs share :class:`_NoisyEmbeddingFunction`: eagerly it calls the backend directly (dispatch
-through ``torch.library`` costs more host time than the kernel takes on a GPU); under
-``torch.compile`` it calls the custom ops ``neft_kernels::noisy_embedding_fwd`` and
-``neft_kernels::embedding_bwd``, which have fake kernels, so graphs trace with no break. A backend
-with a ``forward_with_grad`` (the compiled CPU and CUDA ones) serves eager calls with the same rule as a
-native autograd node instead: a Python ``autograd.Function`` alone costs about what
-``F.embedding``'s whole call does. Recorders that cannot see into a native call (``torch.jit.trace``,
-compiled autograd) get the Function.
+inputs, the id range) happens in the backend, on the tensors' device. The autograd rule is
+:class:`_NoisyEmbeddingFunction`'s: eagerly it calls the backend directly (dispatch through
+``torch.library`` costs more host time than the kernel takes on a GPU); under ``torch.compile`` the
+call is the custom op ``neft_kernels::noisy_embedding_fwd``, whose registered autograd is the same
+rule (its backward the op ``neft_kernels::embedding_bwd``); both have fake kernels, so graphs trace
+with no break. A backend with a ``forward_with_grad`` (the compiled CPU and CUDA ones) serves eager
+calls with the same rule as a native autograd node instead: a Python ``autograd.Function`` alone
+costs about what ``F.embedding``'s whole call does. Recorders that cannot see into a native call
+(``torch.jit.trace``, compiled autograd) and ``torch.func`` transforms get the Function.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .backends import module, resolve
 from .compat import function_c_apply, functorch_transforms_active, native_autograd_unseen
 from .id_check import check_id_range, device_id_flag, prepare_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
-from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES
+from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES, num_lanes
 
 _NONE = (None, None, None, None)
 
@@ -97,7 +97,9 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
     ``forward_with_grad`` implements the same rule natively for its eager calls).
 
     ``save`` and ``weight_grad`` are also the forward op's registered autograd, so the op is
-    differentiable on its own with the same rule.
+    differentiable on its own with the same rule. The forward takes no ``ctx`` (``setup_context``
+    saves), so that ``torch.func`` transforms take the Function too: ``grad``/``vjp`` through
+    ``backward``, ``jvp``/forward-mode AD through :meth:`jvp`, ``vmap`` through :meth:`vmap`.
     """
 
     @staticmethod
@@ -113,25 +115,89 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
         return (_backward_op if via_op else _backward_impl)(grad_rows, ids.reshape(-1), *ctx.grad_args)
 
     @staticmethod
-    def forward(ctx, ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
-        offset, scale, width, per_token, gaussian, padding_idx, scale_grad_by_freq, backend, check_ids = args
-        _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
-        if torch.compiler.is_compiling():
-            if not isinstance(seed, torch.Tensor):
-                seed = torch.tensor(seed, dtype=torch.int64)
-            if not isinstance(alpha, torch.Tensor):
-                alpha = torch.tensor(alpha, dtype=torch.float64)
-            return _forward_op(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids,
-                               cu_seqlens, noise_mask, per_token, gaussian, padding_idx, scale_grad_by_freq, backend,
-                               check_ids)
+    def forward(ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
+        offset, scale, width, per_token, gaussian, _, _, backend, check_ids = args
         return _forward_impl(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids, cu_seqlens,
                              noise_mask, per_token, gaussian, backend, check_ids)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output) -> None:
+        ids, weight, *_, args = inputs
+        _, _, _, _, _, padding_idx, scale_grad_by_freq, backend, _ = args
+        _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
+        ctx.save_for_forward(ids)
+
+    @staticmethod
     def backward(ctx, grad_output):
-        grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+        if functorch_transforms_active():
+            # The kernels cannot read functorch's tensors, and once_differentiable's no_grad would hide
+            # this gradient from an outer transform (a silent zero): a Function that refuses instead.
+            (ids,) = ctx.saved_tensors
+            grad_rows = grad_output.reshape(ids.numel(), grad_output.shape[-1])
+            grad_weight = _WeightGradFunction.apply(grad_rows, ids.reshape(-1), ctx.grad_args)
+        else:
+            grad_weight = _weight_grad_once(ctx, grad_output)
         return None, grad_weight, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, ids_t, weight_t, *_):
+        """The noise does not depend on the weight: the output's tangent is the lookup of the
+        weight's (as ``F.embedding``'s, ``padding_idx`` included). Ids are clamped into the table:
+        bad ones are reported as for the output. Alpha gets no tangent, as it gets no gradient."""
+        if weight_t is None:
+            return None
+        (ids,) = ctx.saved_tensors
+        return torch.nn.functional.embedding(ids.clamp(0, weight_t.shape[0] - 1), weight_t)
+
+    @staticmethod
+    def vmap(info, in_dims, ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
+        """One call per example. ``randomness="different"``: example ``b`` takes the Philox counters
+        after those of examples ``0..b-1`` (``offset + b * N * Q``), so its noise is what the
+        batched call over the stacked examples gives it; ``"same"``: every example the first's
+        counters; ``"error"`` (vmap's default) refuses, as torch's own random ops do."""
+        if info.randomness == "error":
+            raise RuntimeError("vmap: noisy_embedding draws random noise, and vmap's randomness is 'error' (its "
+                               "default): pass randomness='different' (each example its own noise, as in one batched "
+                               "call) or 'same' (every example the same noise) to torch.func.vmap")
+        tensors = (ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask)
+        examples = [[t if dim is None else t.select(dim, b) for t, dim in zip(tensors, in_dims, strict=False)]
+                    for b in range(info.batch_size)]
+        offset, n_tokens, d = args[0], examples[0][0].numel(), examples[0][1].shape[-1]
+        if info.randomness == "different":
+            validation.check_offset(offset, info.batch_size * n_tokens, d)
+        counters = n_tokens * num_lanes(d) if info.randomness == "different" else 0
+        outs = [_NoisyEmbeddingFunction.apply(*example, (offset + b * counters, *args[1:]))
+                for b, example in enumerate(examples)]
+        return torch.stack(outs), 0
+
+
+@torch.autograd.function.once_differentiable
+def _weight_grad_once(ctx, grad_output):
+    return _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+
+
+class _WeightGradFunction(torch.autograd.Function):
+    """The backward kernel as a Function, for the backward under ``torch.func`` transforms:
+    functorch hands its forward plain tensors, and :meth:`vmap` runs it once per example (per-sample
+    gradients). Differentiating it raises, as ``once_differentiable`` does elsewhere."""
+
+    @staticmethod
+    def forward(grad_rows, ids, grad_args):
+        return _backward_impl(grad_rows, ids, *grad_args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("trying to differentiate twice a function that was marked with @once_differentiable")
+
+    @staticmethod
+    def vmap(info, in_dims, grad_rows, ids, grad_args):
+        examples = [[t if dim is None else t.select(dim, b) for t, dim in zip((grad_rows, ids), in_dims, strict=False)]
+                    for b in range(info.batch_size)]
+        return torch.stack([_WeightGradFunction.apply(*example, grad_args) for example in examples]), 0
 
 
 # Outside functorch transforms and tracing, Function.apply's C entry point is called directly.
@@ -251,7 +317,8 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         side = _NONE
         scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
-    traced = torch.compiler.is_compiling() or functorch_transforms_active()
+    compiling = torch.compiler.is_compiling()
+    traced = compiling or functorch_transforms_active()
     # A seed tensor on an accelerator stays there (int() would sync): the Function reads it on the device.
     device_seed = type(seed) is not int and isinstance(seed, torch.Tensor) and not seed.is_cpu
     with_grad = None if traced or tensor_alpha or device_seed or native_autograd_unseen() else _with_grad(name)
@@ -262,10 +329,17 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         if flag is not None:
             flag.after_launch(name)
         return out
+    if traced and check_ids and weight.is_cuda:
+        prepare_flag(weight.device)
+    if compiling:  # the custom op, whose registered autograd is the Function's rule
+        if not isinstance(seed, torch.Tensor):
+            seed = torch.tensor(seed, dtype=torch.int64)
+        if not tensor_alpha:
+            alpha = torch.tensor(alpha, dtype=torch.float64)
+        return _forward_op(input_ids, weight, seed, alpha, offset, scale, width, *side, per_token, gaussian,
+                           padding_idx, bool(scale_grad_by_freq), name, check_ids)
     args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
     if traced:
-        if check_ids and weight.is_cuda:
-            prepare_flag(weight.device)
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)
 

@@ -126,13 +126,13 @@ torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const 
                                                 c10::optional<int64_t> padding_idx, bool scale_grad_by_freq,
                                                 const c10::optional<torch::Tensor>& bad_ids) {
   (void)bad_ids;  // the CUDA binding's argument; CPU ids are refused here, synchronously
-  neft::refuse_forward_ad(weight);
   auto [out, lo, hi] = noisy_embedding_forward(ids, weight, seed, offset, scale.value_or(0.0), !scale.has_value(),
                                                alpha, width, mask, positions, cu_seqlens, noise_mask, gaussian);
   // The message of neft_kernels.id_check.raise_out_of_range.
   TORCH_CHECK_INDEX(lo >= 0 && hi < weight.size(0), "input_ids must lie in [0, ", weight.size(0), "), got values in [",
                     lo, ", ", hi, "]");
   neft::attach_node(out, weight, ids, padding_idx, scale_grad_by_freq, &embedding_backward);
+  neft::attach_tangent(out, weight, ids);
   return out;
 }
 
@@ -159,7 +159,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 8;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 9;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");

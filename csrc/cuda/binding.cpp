@@ -177,11 +177,11 @@ torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const 
                                                 const c10::optional<torch::Tensor>& noise_mask, bool gaussian,
                                                 c10::optional<int64_t> padding_idx, bool scale_grad_by_freq,
                                                 const c10::optional<torch::Tensor>& bad_ids) {
-  neft::refuse_forward_ad(weight);
   torch::Tensor out =
       noisy_embedding_forward(ids, weight, seed, offset, scale.value_or(0.0), !scale.has_value(), alpha, c10::nullopt,
                               width, mask, positions, cu_seqlens, noise_mask, c10::nullopt, bad_ids, gaussian);
   neft::attach_node(out, weight, ids, padding_idx, scale_grad_by_freq, &embedding_backward, &raise_recorded_bad_ids);
+  neft::attach_tangent(out, weight, ids);
   return out;
 }
 
@@ -252,7 +252,7 @@ bool overlaps_launches(int64_t device) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 8;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 9;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
   m.def("overlaps_launches", &overlaps_launches,

@@ -66,8 +66,21 @@ def test_misuses_are_refused_as_the_python_function_refuses_them(backend):
     moved += 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
-    with fwAD.dual_level(), pytest.raises(NotImplementedError):
-        _call(ids, fwAD.make_dual(weight.detach(), torch.ones_like(weight)), backend)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+def test_forward_mode_ad_gives_the_python_functions_tangent(padding_idx):
+    """A dual weight: the native node and the Python Function's jvp both give F.embedding's tangent
+    (the noise does not depend on the weight), and the primal is the op's output."""
+    ids = torch.tensor([[1, 2, 3], [3, 0, 1]])
+    weight = torch.randn(5, 4)
+    tangent = torch.randn(5, 4)
+    for backend in ("cpu", "torch"):
+        with fwAD.dual_level():
+            primal, out_tangent = fwAD.unpack_dual(_call(ids, fwAD.make_dual(weight, tangent), backend,
+                                                         padding_idx=padding_idx))
+        assert_bits_equal(primal, _call(ids, weight, backend))
+        assert_bits_equal(out_tangent, torch.nn.functional.embedding(ids, tangent))
 
 
 def test_retain_graph_and_saved_tensor_hooks_reach_the_native_node():

@@ -1,0 +1,148 @@
+"""torch.func transforms over the op and the module: ``grad``/``vjp`` through the autograd rule,
+``jvp``/``jacfwd`` and forward-mode AD through its tangent (the weight's rows), and ``vmap`` one
+call per example, with the noise the batched call gives (``randomness="different"``) or every
+example the first's (``"same"``); vmap's default randomness, ``"error"``, is refused."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+from neft_kernels import NoisyEmbedding, add_noise, noisy_embedding
+from neft_kernels.spec import num_lanes
+
+from support.asserts import assert_bits_equal
+from support.backends import on_backends
+
+V, D, B, L = 40, 12, 3, 5
+SEED = 7
+
+
+def _inputs(device: str):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(V, D, generator=gen).to(device)
+    ids = torch.randint(0, V, (B, L), generator=gen).to(device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    mask[1, 3:] = 0
+    return weight, ids, mask
+
+
+def _op(backend, **kw):
+    return lambda w, i, m: noisy_embedding(i, w, 5.0, seed=SEED, attention_mask=m, backend=backend, **kw)
+
+
+@on_backends()
+@pytest.mark.parametrize("grad_kw", [{}, {"padding_idx": 1, "scale_grad_by_freq": True}], ids=["plain", "pad-freq"])
+def test_grad_is_the_autograd_gradient(backend, device, grad_kw):
+    weight, ids, mask = _inputs(device)
+    f = _op(backend, **grad_kw)
+    leaf = weight.clone().requires_grad_()
+    (f(leaf, ids, mask) ** 2).sum().backward()
+    assert_bits_equal(grad(lambda w: (f(w, ids, mask) ** 2).sum())(weight), leaf.grad)
+
+
+@on_backends()
+def test_vmap_different_gives_each_example_the_batched_calls_noise(backend, device):
+    weight, ids, mask = _inputs(device)
+    f = _op(backend)
+    assert_bits_equal(vmap(lambda i, m: f(weight, i, m), randomness="different")(ids, mask), f(weight, ids, mask))
+    # the batch along another dim of one input, the mask shared by every example
+    out = vmap(lambda i: f(weight, i, mask[0]), in_dims=1, randomness="different")(ids.T.contiguous())
+    assert_bits_equal(out, f(weight, ids, mask[0].expand(B, L)))
+
+
+@on_backends()
+def test_vmap_same_gives_every_example_the_first_examples_counters(backend, device):
+    weight, ids, mask = _inputs(device)
+    f = _op(backend)
+    out = vmap(lambda i, m: f(weight, i, m), randomness="same")(ids, mask)
+    for b in range(B):
+        assert_bits_equal(out[b], f(weight, ids[b], mask[b]))
+
+
+def test_vmap_with_its_default_randomness_is_refused():
+    weight, ids, mask = _inputs("cpu")
+    with pytest.raises(RuntimeError, match="randomness='different'"):
+        vmap(lambda i, m: _op("auto")(weight, i, m))(ids, mask)
+
+
+@on_backends()
+def test_per_sample_gradients_by_vmap_of_grad(backend, device):
+    """vmap(grad(loss)) over examples: each example's gradient, with its noise in the batch."""
+    weight, ids, mask = _inputs(device)
+
+    def loss(w, i, m, offset=0):
+        return (noisy_embedding(i[None], w, 5.0, seed=SEED, offset=offset, attention_mask=m[None],
+                                backend=backend) ** 2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(weight, ids, mask)
+    for b in range(B):
+        assert_bits_equal(per_sample[b], grad(loss)(weight, ids[b], mask[b], b * L * num_lanes(D)))
+
+
+@on_backends()
+def test_vmap_over_stacked_weights(backend, device):
+    """An ensemble: one weight per example, the same ids."""
+    weight, ids, mask = _inputs(device)
+    weights = torch.stack([weight, weight.flip(0)])
+    f = _op(backend)
+    out = vmap(lambda w: f(w, ids, mask), randomness="different")(weights)
+    for b in range(2):
+        assert_bits_equal(out[b], noisy_embedding(ids, weights[b], 5.0, seed=SEED, offset=b * B * L * num_lanes(D),
+                                                  attention_mask=mask, backend=backend))
+
+
+@on_backends()
+def test_jvp_is_the_lookup_of_the_tangent_and_jacfwd_is_jacrev(backend, device):
+    weight, ids, mask = _inputs(device)
+    f = _op(backend, padding_idx=1)
+    tangent = torch.randn(V, D, generator=torch.Generator().manual_seed(1)).to(device)
+    out, out_tangent = jvp(lambda w: f(w, ids, mask), (weight,), (tangent,))
+    assert_bits_equal(out, f(weight, ids, mask))
+    assert_bits_equal(out_tangent, F.embedding(ids, tangent))
+    small = lambda w: f(w, ids[:1, :2], mask[:1, :2])  # noqa: E731
+    assert_bits_equal(jacfwd(small)(weight), jacrev(small)(weight))
+
+
+@on_backends()
+def test_a_dual_weight_gets_the_lookup_of_its_tangent(backend, device):
+    """Forward-mode AD outside torch.func: the native nodes (cpu, cuda) as the Function's jvp."""
+    weight, ids, mask = _inputs(device)
+    tangent = torch.randn(V, D, generator=torch.Generator().manual_seed(1)).to(device)
+    with fwAD.dual_level():
+        out, out_tangent = fwAD.unpack_dual(_op(backend)(fwAD.make_dual(weight, tangent), ids, mask))
+    assert_bits_equal(out, _op(backend)(weight, ids, mask))
+    assert_bits_equal(out_tangent, F.embedding(ids, tangent))
+
+
+@on_backends()
+def test_add_noise_under_vmap_is_the_batched_call(backend, device):
+    weight, ids, mask = _inputs(device)
+    x = F.embedding(ids, weight)
+    f = lambda x_, m: add_noise(x_, 5.0, seed=SEED, attention_mask=m, backend=backend)  # noqa: E731
+    assert_bits_equal(vmap(f, randomness="different")(x, mask), f(x, mask))
+
+
+def test_module_per_sample_gradients_sum_to_the_batch_gradient():
+    """NoisyEmbedding through functional_call: one seed per call, so vmap's examples get the batch's noise."""
+    weight, ids, mask = _inputs("cpu")
+    emb = NoisyEmbedding(V, D, noise_alpha=5.0, _weight=weight.clone()).train()
+
+    def loss(params, i, m):
+        return (functional_call(emb, params, (i,), {"attention_mask": m}) ** 2).sum()
+
+    torch.manual_seed(3)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")({"weight": weight}, ids, mask)
+    torch.manual_seed(3)
+    batch = grad(loss)({"weight": weight}, ids, mask)
+    torch.testing.assert_close(per_sample["weight"].sum(0), batch["weight"])
+
+
+@on_backends()
+def test_a_second_differentiation_is_refused(backend, device):
+    """As under autograd's create_graph: refused, never a silent zero (a hidden gradient would be one)."""
+    weight, ids, mask = _inputs(device)
+    f = _op(backend)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad(lambda w: grad(lambda w2: (f(w2, ids, mask) ** 2).sum())(w).sum())(weight)
