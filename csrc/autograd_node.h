@@ -50,11 +50,17 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
     // An absent output gradient counts as zeros, as a Python Function's materialised grads do.
     const torch::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
     if (before) before(grad);
-    torch::Tensor grad_weight;
+    torch::Tensor grad_weight, tangent;
     {
       const at::NoGradGuard no_grad;  // a kernel, not differentiable ops (once_differentiable runs it so)
       grad_weight = kernel(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights, padding_idx,
                            scale_grad_by_freq);
+      // Forward over reverse (a dual output gradient): the gradient is linear in it, so is its tangent.
+      if (torch::autograd::isFwGradDefined(grad)) {
+        const torch::Tensor& grad_tangent = grad._fw_grad(/*level=*/0);
+        tangent = kernel(grad_tangent.reshape({flat_ids.numel(), grad_tangent.size(-1)}), flat_ids, num_weights,
+                         padding_idx, scale_grad_by_freq);
+      }
     }
     if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
       // create_graph: differentiating this gradient again raises, as once_differentiable has it.
@@ -62,6 +68,7 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
           "trying to differentiate twice a function that was marked with @once_differentiable", 1);
       grad_weight = error.apply({grad_weight.detach().requires_grad_()})[0];
     }
+    if (tangent.defined()) grad_weight._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
     return {grad_weight};
   }
 };

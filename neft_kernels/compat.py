@@ -12,7 +12,18 @@ from typing import Callable, Iterator
 import torch
 import torch._dynamo
 import torch._dynamo.compiled_autograd as _compiled_autograd
+import torch.autograd.forward_ad as _forward_ad
 from torch import nn
+from torch._C._functorch import (
+    CVmapInterpreterPtr,
+    RandomnessType,
+    TransformType,
+    get_interpreter_stack,
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    maybe_get_level,
+)
 
 # torch._dynamo.assume_constant_result: backend availability never changes within a process, so a
 # compiled graph may take the resolved backend name as a constant instead of tracing importlib.
@@ -24,6 +35,32 @@ def functorch_transforms_active() -> bool:
     through ``Function.apply``'s Python wrapper, and its backward through a Function the kernels can
     serve (tests/ops/test_func_transforms.py)."""
     return torch._C._are_functorch_transforms_active()
+
+
+def functorch_disabled():
+    """``torch._C._DisableFuncTorch``: ops inside run below every ``torch.func`` transform (a seed
+    drawn once for a whole vmapped call, not one per example)."""
+    return torch._C._DisableFuncTorch()
+
+
+def vmaps_not_batching(tensors) -> list[str]:
+    """The ``randomness`` of each active ``torch.func.vmap`` that none of ``tensors`` is batched by
+    (``torch._C._functorch``'s interpreter stack and wrapper levels): there, an op's rule for vmap
+    is never called, so a random op must decide by itself (tests/ops/test_func_transforms.py)."""
+    vmaps = {i.level(): i for i in get_interpreter_stack() or () if i.key() == TransformType.Vmap}
+    for t in tensors:
+        while vmaps and isinstance(t, torch.Tensor) and is_functorch_wrapped_tensor(t):
+            if is_batchedtensor(t):
+                vmaps.pop(maybe_get_level(t), None)
+            t = get_unwrapped(t)
+    names = {RandomnessType.Error: "error", RandomnessType.Same: "same", RandomnessType.Different: "different"}
+    return [names[CVmapInterpreterPtr(i).randomness()] for i in vmaps.values()]
+
+
+def forward_ad_active() -> bool:
+    """``torch.autograd.forward_ad._current_level``: whether a dual level is entered (a module global,
+    cheaper than unpacking a tensor's dual)."""
+    return _forward_ad._current_level >= 0
 
 
 def native_autograd_unseen() -> bool:

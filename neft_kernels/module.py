@@ -11,7 +11,7 @@ from torch import nn
 
 from . import validation
 from .backends import SEED_HIGH, SEED_LOW, draw_seed
-from .compat import clear_hooks
+from .compat import clear_hooks, functorch_disabled
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
 from .ops import _noisy_embedding, add_noise
@@ -227,8 +227,9 @@ class NoisyEmbedding(nn.Embedding):
                                    "seeds would be frozen into the graph. Pass a CUDA generator, or none")
             return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator)
         if generator is not None and generator.device.type != "cpu":  # an accelerator's: the seed stays there
-            return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=generator.device,
-                                 generator=generator)
+            with functorch_disabled():  # under torch.func.vmap: one seed for the whole call
+                return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, device=generator.device,
+                                     generator=generator)
         return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator)  # traced: an input
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

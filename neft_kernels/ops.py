@@ -18,10 +18,17 @@ from functools import cache
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import validation
 from .backends import module, resolve
-from .compat import function_c_apply, functorch_transforms_active, native_autograd_unseen
+from .compat import (
+    forward_ad_active,
+    function_c_apply,
+    functorch_transforms_active,
+    native_autograd_unseen,
+    vmaps_not_batching,
+)
 from .id_check import check_id_range, device_id_flag, prepare_flag, raise_pending
 from .lengths import LENGTH_MODES, scale_for_length
 from .spec import DISTRIBUTIONS, SUPPORTED_DTYPES, num_lanes
@@ -116,14 +123,14 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
-        offset, scale, width, per_token, gaussian, _, _, backend, check_ids = args
+        offset, scale, width, per_token, gaussian, _, _, backend, check_ids, _ = args
         return _forward_impl(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_ids, cu_seqlens,
                              noise_mask, per_token, gaussian, backend, check_ids)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ids, weight, *_, args = inputs
-        _, _, _, _, _, padding_idx, scale_grad_by_freq, backend, _ = args
+        _, _, _, _, _, padding_idx, scale_grad_by_freq, backend, _, _ = args
         _NoisyEmbeddingFunction.save(ctx, ids, weight, padding_idx, scale_grad_by_freq, backend)
         ctx.save_for_forward(ids)
 
@@ -151,29 +158,67 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
-        """One call per example. ``randomness="different"``: example ``b`` takes the Philox counters
-        after those of examples ``0..b-1`` (``offset + b * N * Q``), so its noise is what the
-        batched call over the stacked examples gives it; ``"same"``: every example the first's
-        counters; ``"error"`` (vmap's default) refuses, as torch's own random ops do."""
+        """Each example as a call of its own (its rows, their ``L``), with vmap's ``randomness``:
+        ``"different"`` gives the examples the Philox counters of one call over them stacked, example
+        after example (``offset + b * N * Q``; nested vmaps in the same order), ``"same"`` every
+        example the first's, and ``"error"`` (vmap's default) refuses, as torch's random ops do."""
         if info.randomness == "error":
-            raise RuntimeError("vmap: noisy_embedding draws random noise, and vmap's randomness is 'error' (its "
-                               "default): pass randomness='different' (each example its own noise, as in one batched "
-                               "call) or 'same' (every example the same noise) to torch.func.vmap")
-        tensors = (ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask)
+            raise RuntimeError(_VMAP_RANDOMNESS)
+        batch, tensors = info.batch_size, (ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens,
+                                           noise_mask)
+        span, d = args[9], weight.shape[-1]
+        if info.randomness == "different" and span is None and in_dims[1] is None and in_dims[2] is None \
+                and in_dims[3] is None:  # one call over the stacked examples: their noise, their gradient
+            return _stacked_call(batch, in_dims, tensors, args), 0
+        # A weight, seed or alpha per example (or "same"): a call per example, each told how many
+        # counters it spans so that an enclosing vmap continues after all of them.
         examples = [[t if dim is None else t.select(dim, b) for t, dim in zip(tensors, in_dims, strict=False)]
-                    for b in range(info.batch_size)]
-        offset, n_tokens, d = args[0], examples[0][0].numel(), examples[0][1].shape[-1]
-        if info.randomness == "different":
-            validation.check_offset(offset, info.batch_size * n_tokens, d)
-        counters = n_tokens * num_lanes(d) if info.randomness == "different" else 0
-        outs = [_NoisyEmbeddingFunction.apply(*example, (offset + b * counters, *args[1:]))
+                    for b in range(batch)]
+        span = span or max(examples[0][0].numel(), 1) * num_lanes(d)
+        step = span if info.randomness == "different" else 0
+        validation.check_offset(args[0], (batch * step or span) // num_lanes(d), d)
+        outs = [_NoisyEmbeddingFunction.apply(*example, (args[0] + b * step, *args[1:9], batch * step or span))
                 for b, example in enumerate(examples)]
         return torch.stack(outs), 0
 
 
+_VMAP_RANDOMNESS = ("vmap: noisy_embedding draws random noise, and vmap's randomness is 'error' (its default): pass "
+                    "randomness='different' (each example its own noise, as in one call over the stacked examples) "
+                    "or 'same' (every example the same noise) to torch.func.vmap")
+
+
+def _stacked_call(batch: int, in_dims, tensors, args) -> torch.Tensor:
+    """vmap's examples as one call: ids stacked (0-d examples as one-token rows), the side inputs'
+    rows stacked, each example's ``cu_seqlens`` moved past the examples before it."""
+    ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask = tensors
+
+    def stacked(t, dim):
+        return t.movedim(dim, 0) if dim is not None else t.expand(batch, *t.shape)
+
+    ids = stacked(ids, in_dims[0])
+    shape = ids.shape
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(-1)
+    n = ids[0].numel() if batch else 0
+    validation.check_offset(args[0], batch * n, weight.shape[-1])
+    side = [None if t is None else stacked(t, dim).reshape(-1, t.shape[-1])
+            for t, dim in ((attention_mask, in_dims[4]), (position_ids, in_dims[5]), (noise_mask, in_dims[7]))]
+    if cu_seqlens is not None:
+        cu = stacked(cu_seqlens, in_dims[6])
+        cu = torch.where((cu < 0) | (cu > n), n, cu)  # an entry outside its example marks no start in the next
+        cu_seqlens = (cu.long() + torch.arange(batch, device=cu.device)[:, None] * n).reshape(-1)
+    out = _NoisyEmbeddingFunction.apply(ids, weight, seed, alpha, side[0], side[1], cu_seqlens, side[2], args)
+    return out.reshape(*shape, out.shape[-1])
+
+
 @torch.autograd.function.once_differentiable
 def _weight_grad_once(ctx, grad_output):
-    return _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+    grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+    if forward_ad_active():  # forward over reverse: the gradient is linear in grad_output, so is its tangent
+        tangent = fwAD.unpack_dual(grad_output).tangent
+        if tangent is not None and fwAD.unpack_dual(grad_weight).tangent is None:  # kernels do not carry it
+            grad_weight = fwAD.make_dual(grad_weight, _NoisyEmbeddingFunction.weight_grad(ctx, tangent, False))
+    return grad_weight
 
 
 class _WeightGradFunction(torch.autograd.Function):
@@ -332,14 +377,25 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     if traced and check_ids and weight.is_cuda:
         prepare_flag(weight.device)
     if compiling:  # the custom op, whose registered autograd is the Function's rule
+        if functorch_transforms_active():
+            raise RuntimeError("noisy_embedding: torch.func transforms (vmap, grad, jvp) inside torch.compile are not "
+                               "supported (the registered op has no rule for them); apply them outside the compiled "
+                               "function, or run it eagerly")
         if not isinstance(seed, torch.Tensor):
             seed = torch.tensor(seed, dtype=torch.int64)
         if not tensor_alpha:
             alpha = torch.tensor(alpha, dtype=torch.float64)
         return _forward_op(input_ids, weight, seed, alpha, offset, scale, width, *side, per_token, gaussian,
                            padding_idx, bool(scale_grad_by_freq), name, check_ids)
-    args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids)
+    # The last: the counters the call spans, where a vmap rule tells it (None: its own tokens')
+    args = (offset, scale, width, per_token, gaussian, padding_idx, bool(scale_grad_by_freq), name, check_ids, None)
     if traced:
+        for randomness in vmaps_not_batching((input_ids, weight, seed, alpha, *side)):
+            if randomness != "same":  # the Function's vmap rule never sees such a vmap: decide here
+                raise RuntimeError(_VMAP_RANDOMNESS if randomness == "error" else
+                                   "vmap(randomness='different'): no input of noisy_embedding is batched by this vmap, "
+                                   "so every example would get the same noise; batch the ids (in_dims), or pass "
+                                   "randomness='same'")
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)
 

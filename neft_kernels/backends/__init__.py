@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..compat import assume_constant_result
+from ..compat import assume_constant_result, functorch_disabled
 
 
 class Backend(Protocol):
@@ -170,5 +170,6 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     built (a tensor and its ``item`` cost about 1.5 us of host time a call)."""
     cpu = _load("cpu")
     if isinstance(cpu, ImportError):
-        return int(torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator))
+        with functorch_disabled():  # under torch.func.vmap: one seed for the whole call, as in C++
+            return int(torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator))
     return cpu.draw_seed(generator)

@@ -9,7 +9,7 @@ import torch
 
 from ..id_check import raise_out_of_range
 
-ABI_VERSION = 9  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature changes
+ABI_VERSION = 10  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature or behaviour changes
 
 
 def check_abi(ext: ModuleType) -> None:

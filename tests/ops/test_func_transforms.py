@@ -102,7 +102,7 @@ def test_jvp_is_the_lookup_of_the_tangent_and_jacfwd_is_jacrev(backend, device):
     assert_bits_equal(out, f(weight, ids, mask))
     assert_bits_equal(out_tangent, F.embedding(ids, tangent))
     small = lambda w: f(w, ids[:1, :2], mask[:1, :2])  # noqa: E731
-    assert_bits_equal(jacfwd(small)(weight), jacrev(small)(weight))
+    assert_bits_equal(jacfwd(small, randomness="same")(weight), jacrev(small)(weight))
 
 
 @on_backends()
@@ -146,3 +146,88 @@ def test_a_second_differentiation_is_refused(backend, device):
     f = _op(backend)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad(lambda w: grad(lambda w2: (f(w2, ids, mask) ** 2).sum())(w).sum())(weight)
+
+
+@on_backends()
+def test_nested_vmaps_continue_the_counters_in_the_stacked_order(backend, device):
+    weight, _, _ = _inputs(device)
+    ids = torch.randint(0, V, (3, 4, L), generator=torch.Generator().manual_seed(2)).to(device)
+    f = lambda i: noisy_embedding(i, weight, 5.0, seed=SEED, backend=backend)  # noqa: E731
+    nested = vmap(vmap(f, randomness="different"), randomness="different")
+    assert_bits_equal(nested(ids), f(ids))
+    # a weight per example at both levels: a call per example, each told the counters it spans
+    weights = torch.stack([torch.stack([weight * (1 + i + 4 * j) for i in range(4)]) for j in range(3)])
+    g = lambda w: noisy_embedding(ids[0, :2], w, 5.0, seed=SEED, backend=backend)  # noqa: E731
+    out = vmap(vmap(g, randomness="different"), randomness="different")(weights)
+    q = 2 * L * num_lanes(D)
+    for j in range(3):
+        for i in range(4):
+            expected = noisy_embedding(ids[0, :2], weights[j, i], 5.0, seed=SEED, offset=(j * 4 + i) * q,
+                                       backend=backend)
+            assert_bits_equal(out[j, i], expected)
+
+
+@on_backends()
+def test_vmap_over_single_tokens_gives_each_its_own_sequence(backend, device):
+    """1-D ids under vmap: each example is one token (L = 1), as the call on it alone."""
+    weight, ids, _ = _inputs(device)
+    f = lambda i: noisy_embedding(i, weight, 5.0, seed=SEED, backend=backend)  # noqa: E731
+    assert_bits_equal(vmap(f, randomness="different")(ids[0]), f(ids[0][:, None])[:, 0])
+
+
+@on_backends()
+def test_the_gradient_through_vmap_is_the_batched_calls(backend, device):
+    """scale_grad_by_freq counts an id over the whole stacked call, as F.embedding under vmap does."""
+    weight, ids, mask = _inputs(device)
+    ids[:, 0] = 3
+    h = _op(backend, scale_grad_by_freq=True, padding_idx=2)
+    through_vmap = grad(lambda w: (vmap(lambda i, m: h(w, i, m), randomness="different")(ids, mask) ** 2).sum())
+    assert_bits_equal(through_vmap(weight), grad(lambda w: (h(w, ids, mask) ** 2).sum())(weight))
+
+
+@on_backends()
+def test_forward_over_reverse_gives_the_gradients_tangent(backend, device):
+    """A dual weight through autograd.grad: the gradient's tangent (a Hessian-vector product)."""
+    weight, ids, mask = _inputs(device)
+    tangent = torch.randn(V, D, generator=torch.Generator().manual_seed(1)).to(device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(weight.clone().requires_grad_(), tangent)
+        (g,) = torch.autograd.grad((_op(backend, padding_idx=1)(dual, ids, mask) ** 2).sum(), dual)
+        hvp = fwAD.unpack_dual(g).tangent
+    rows = 2 * F.embedding(ids, tangent)  # d(2 * out)/dt, summed into the rows of the ids but padding's
+    expected = torch.zeros(V, D, device=device).index_add_(0, ids.reshape(-1), rows.reshape(-1, D))
+    expected[1] = 0
+    torch.testing.assert_close(hvp, expected)
+
+
+def test_a_vmap_batching_none_of_the_inputs_decides_by_its_randomness():
+    """vmap over something else (another layer's input): the op's own rule never runs there."""
+    weight, ids, mask = _inputs("cpu")
+    f = lambda x: _op("auto")(weight, ids, mask) * x  # noqa: E731
+    with pytest.raises(RuntimeError, match="no input of noisy_embedding is batched"):
+        vmap(f, randomness="different")(torch.ones(2))
+    with pytest.raises(RuntimeError, match="randomness='different'"):
+        vmap(f)(torch.ones(2))
+    out = vmap(f, randomness="same")(torch.ones(2))
+    assert_bits_equal(out[1], _op("auto")(weight, ids, mask))
+
+
+def test_transforms_inside_torch_compile_are_refused():
+    weight, ids, mask = _inputs("cpu")
+    compiled = torch.compile(vmap(lambda i, m: _op("auto")(weight, i, m), randomness="different"),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="inside torch.compile are not supported"):
+        compiled(ids, mask)
+
+
+def test_module_seed_without_the_cpu_extension_is_one_for_the_whole_vmap(monkeypatch):
+    from neft_kernels import backends
+
+    load = backends._load
+    monkeypatch.setattr(backends, "_load", lambda name: ImportError(name) if name == "cpu" else load(name))
+    weight, ids, mask = _inputs("cpu")
+    emb = NoisyEmbedding(V, D, noise_alpha=5.0, backend="torch", _weight=weight.clone()).train()
+    torch.manual_seed(3)
+    out = vmap(lambda i, m: emb(i, attention_mask=m), randomness="different")(ids, mask)
+    torch.manual_seed(3)
+    assert_bits_equal(out, emb(ids, attention_mask=mask))
