@@ -1,19 +1,19 @@
 // The eager path's autograd node, shared by the CPU and CUDA bindings (torch side only): the rule of
 // neft_kernels/ops.py's _NoisyEmbeddingFunction (the weight's gradient is the backward kernel of the
-// output gradient's rows; nothing else gets one; differentiable once), native because a Python
+// output gradient's rows; nothing else gets one; the gradient differentiable again), native because a Python
 // autograd.Function alone costs about as much host time as F.embedding's whole call. Built the way
 // ATen's generated nodes are (EmbeddingBackward0).
 #pragma once
 
 #include <torch/extension.h>
 
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <functional>
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace neft {
 
@@ -31,6 +31,32 @@ auto make_node() {
 
 // (N, d) grad rows, (N,) ids, V, padding_idx (-1: none), scale_grad_by_freq -> (V, d) weight gradient.
 using BackwardKernel = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, int64_t, int64_t, bool);
+
+// The weight gradient's own backward (create_graph): the gradient is linear in the output gradient,
+// so this gathers a cotangent's rows at the ids, none for padding_idx, as F.embedding's double
+// backward does (embedding_dense_double_backward; not divided by scale_grad_by_freq's counts: that
+// gradient is a rescaling, and so a Hessian-vector product is the derivative of the gradient
+// returned), with differentiable ops so that higher derivatives record on. The Python
+// _WeightGradFunction's backward is the same.
+struct NoisyEmbeddingGradBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable ids;  // flat
+  int64_t padding_idx = -1;
+  std::vector<int64_t> grad_sizes;
+
+  std::string name() const override { return "NoisyEmbeddingGradBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ids.reset_data();
+  }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return {torch::Tensor()};
+    const torch::Tensor flat_ids = ids.unpack();
+    torch::Tensor rows = grads[0].index_select(0, flat_ids);
+    if (padding_idx >= 0) rows = rows * flat_ids.ne(padding_idx).unsqueeze(-1);
+    return {rows.reshape(grad_sizes)};
+  }
+};
 
 struct NoisyEmbeddingBackward : torch::autograd::Node {
   torch::autograd::SavedVariable ids;
@@ -52,7 +78,7 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
     if (before) before(grad);
     torch::Tensor grad_weight, tangent;
     {
-      const at::NoGradGuard no_grad;  // a kernel, not differentiable ops (once_differentiable runs it so)
+      const at::NoGradGuard no_grad;  // a kernel: its history, where needed, is NoisyEmbeddingGradBackward
       grad_weight = kernel(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights, padding_idx,
                            scale_grad_by_freq);
       // Forward over reverse (a dual output gradient): the gradient is linear in it, so is its tangent.
@@ -62,11 +88,13 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
                          padding_idx, scale_grad_by_freq);
       }
     }
-    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {
-      // create_graph: differentiating this gradient again raises, as once_differentiable has it.
-      torch::autograd::DelayedError error(
-          "trying to differentiate twice a function that was marked with @once_differentiable", 1);
-      grad_weight = error.apply({grad_weight.detach().requires_grad_()})[0];
+    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {  // create_graph
+      auto node = make_node<NoisyEmbeddingGradBackward>();
+      node->set_next_edges(torch::autograd::collect_next_edges(grad));
+      node->ids = torch::autograd::SavedVariable(flat_ids, /*is_output=*/false);
+      node->padding_idx = padding_idx;
+      node->grad_sizes = grad.sizes().vec();
+      torch::autograd::set_history(grad_weight, node);
     }
     if (tangent.defined()) grad_weight._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
     return {grad_weight};

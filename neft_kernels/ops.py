@@ -18,7 +18,6 @@ from functools import cache
 from typing import Callable, Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from . import validation
 from .backends import module, resolve
@@ -136,14 +135,15 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if functorch_transforms_active():
-            # The kernels cannot read functorch's tensors, and once_differentiable's no_grad would hide
-            # this gradient from an outer transform (a silent zero): a Function that refuses instead.
+        if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or forward_ad_active()
+                                                  or functorch_transforms_active()):
+            # create_graph, a dual output gradient, or torch.func (whose tensors the kernels cannot
+            # read): the gradient as a Function, differentiable, with a tangent and a vmap rule.
             (ids,) = ctx.saved_tensors
             grad_rows = grad_output.reshape(ids.numel(), grad_output.shape[-1])
             grad_weight = _WeightGradFunction.apply(grad_rows, ids.reshape(-1), ctx.grad_args)
         else:
-            grad_weight = _weight_grad_once(ctx, grad_output)
+            grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
         return None, grad_weight, None, None, None, None, None, None, None
 
     @staticmethod
@@ -170,6 +170,9 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
         if info.randomness == "different" and span is None and in_dims[1] is None and in_dims[2] is None \
                 and in_dims[3] is None:  # one call over the stacked examples: their noise, their gradient
             return _stacked_call(batch, in_dims, tensors, args), 0
+        if batch == 0:
+            shape = ids.shape if in_dims[0] is None else ids.shape[:in_dims[0]] + ids.shape[in_dims[0] + 1:]
+            return weight.new_empty(0, *shape, d), 0
         # A weight, seed or alpha per example (or "same"): a call per example, each told how many
         # counters it spans so that an enclosing vmap continues after all of them.
         examples = [[t if dim is None else t.select(dim, b) for t, dim in zip(tensors, in_dims, strict=False)]
@@ -201,30 +204,25 @@ def _stacked_call(batch: int, in_dims, tensors, args) -> torch.Tensor:
         ids = ids.unsqueeze(-1)
     n = ids[0].numel() if batch else 0
     validation.check_offset(args[0], batch * n, weight.shape[-1])
-    side = [None if t is None else stacked(t, dim).reshape(-1, t.shape[-1])
+    side = [None if t is None else stacked(t, dim).reshape(-1, ids.shape[-1])
             for t, dim in ((attention_mask, in_dims[4]), (position_ids, in_dims[5]), (noise_mask, in_dims[7]))]
     if cu_seqlens is not None:
-        cu = stacked(cu_seqlens, in_dims[6])
-        cu = torch.where((cu < 0) | (cu > n), n, cu)  # an entry outside its example marks no start in the next
+        # Entries outside an example mark no start there; clamped to its ends (a row start anyway) they
+        # mark none in the next example either, and stay ascending.
+        cu = stacked(cu_seqlens, in_dims[6]).clamp(0, n)
         cu_seqlens = (cu.long() + torch.arange(batch, device=cu.device)[:, None] * n).reshape(-1)
     out = _NoisyEmbeddingFunction.apply(ids, weight, seed, alpha, side[0], side[1], cu_seqlens, side[2], args)
     return out.reshape(*shape, out.shape[-1])
 
 
-@torch.autograd.function.once_differentiable
-def _weight_grad_once(ctx, grad_output):
-    grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
-    if forward_ad_active():  # forward over reverse: the gradient is linear in grad_output, so is its tangent
-        tangent = fwAD.unpack_dual(grad_output).tangent
-        if tangent is not None and fwAD.unpack_dual(grad_weight).tangent is None:  # kernels do not carry it
-            grad_weight = fwAD.make_dual(grad_weight, _NoisyEmbeddingFunction.weight_grad(ctx, tangent, False))
-    return grad_weight
-
-
 class _WeightGradFunction(torch.autograd.Function):
-    """The backward kernel as a Function, for the backward under ``torch.func`` transforms:
-    functorch hands its forward plain tensors, and :meth:`vmap` runs it once per example (per-sample
-    gradients). Differentiating it raises, as ``once_differentiable`` does elsewhere."""
+    """The weight gradient (the backward kernel) as a Function of the output gradient's rows, for a
+    backward that is itself differentiated (``create_graph``, forward over reverse, ``torch.func``).
+    It is linear in those rows: its tangent is the kernel applied to theirs; its own backward
+    gathers a cotangent's rows at the ids, none for ``padding_idx``, as ``F.embedding``'s double
+    backward does (not divided by ``scale_grad_by_freq``'s counts: that gradient is a rescaling, and
+    so a Hessian-vector product is the derivative of the gradient returned). :meth:`vmap` runs it
+    once per example (per-sample gradients)."""
 
     @staticmethod
     def forward(grad_rows, ids, grad_args):
@@ -232,14 +230,29 @@ class _WeightGradFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        _, ids, grad_args = inputs
+        ctx.save_for_backward(ids)
+        ctx.save_for_forward(ids)
+        ctx.grad_args = grad_args
 
     @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("trying to differentiate twice a function that was marked with @once_differentiable")
+    def backward(ctx, cotangent):
+        (ids,) = ctx.saved_tensors
+        padding_idx = ctx.grad_args[1]
+        rows = cotangent.index_select(0, ids)
+        if padding_idx is not None:
+            rows = rows * (ids != padding_idx).unsqueeze(-1)
+        return rows, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_rows_t, *_):
+        (ids,) = ctx.saved_tensors
+        return _WeightGradFunction.apply(grad_rows_t, ids, ctx.grad_args)
 
     @staticmethod
     def vmap(info, in_dims, grad_rows, ids, grad_args):
+        if info.batch_size == 0:
+            return grad_rows.new_zeros(0, grad_args[0], grad_rows.shape[-1]), 0
         examples = [[t if dim is None else t.select(dim, b) for t, dim in zip((grad_rows, ids), in_dims, strict=False)]
                     for b in range(info.batch_size)]
         return torch.stack([_WeightGradFunction.apply(*example, grad_args) for example in examples]), 0
@@ -393,8 +406,9 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         for randomness in vmaps_not_batching((input_ids, weight, seed, alpha, *side)):
             if randomness != "same":  # the Function's vmap rule never sees such a vmap: decide here
                 raise RuntimeError(_VMAP_RANDOMNESS if randomness == "error" else
-                                   "vmap(randomness='different'): no input of noisy_embedding is batched by this vmap, "
-                                   "so every example would get the same noise; batch the ids (in_dims), or pass "
+                                   "vmap(randomness='different'): none of the inputs noisy_embedding reads (ids, "
+                                   "weight, seed, alpha, and the side inputs its length_mode uses) is batched by this "
+                                   "vmap, so every example would get the same noise; batch the ids (in_dims), or pass "
                                    "randomness='same'")
         return _NoisyEmbeddingFunction.apply(input_ids, weight, seed, alpha, *side, args)
     return _apply_eager(input_ids, weight, seed, alpha, *side, args)

@@ -140,12 +140,23 @@ def test_module_per_sample_gradients_sum_to_the_batch_gradient():
 
 
 @on_backends()
-def test_a_second_differentiation_is_refused(backend, device):
-    """As under autograd's create_graph: refused, never a silent zero (a hidden gradient would be one)."""
+@pytest.mark.parametrize("grad_kw", [{}, {"padding_idx": 1, "scale_grad_by_freq": True}], ids=["plain", "pad-freq"])
+def test_second_derivatives_are_f_embeddings(backend, device, grad_kw):
+    """The gradient is linear in the output gradient; its own backward is F.embedding's double
+    backward: Hessians (autograd's and torch.func's) are those of F.embedding plus a constant noise."""
     weight, ids, mask = _inputs(device)
-    f = _op(backend)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad(lambda w: grad(lambda w2: (f(w2, ids, mask) ** 2).sum())(w).sum())(weight)
+    weight, ids = weight[:8, :4].contiguous(), ids % 8  # a Hessian of 32 x 32: seconds under the interpreter
+    ids[:, 0] = 1
+    f = _op(backend, **grad_kw)
+    noise = f(weight, ids, mask) - F.embedding(ids, weight)
+    loss = lambda w: (f(w, ids, mask) ** 3).sum()  # noqa: E731
+    plain = lambda w: ((F.embedding(ids, w, **grad_kw) + noise) ** 3).sum()  # noqa: E731
+    expected = torch.autograd.functional.hessian(plain, weight)
+    torch.testing.assert_close(torch.autograd.functional.hessian(loss, weight), expected)
+    torch.testing.assert_close(jacfwd(jacrev(loss), randomness="same")(weight), expected)
+    v = torch.randn(8, 4, generator=torch.Generator().manual_seed(4)).to(device)
+    torch.testing.assert_close(grad(lambda w: (grad(loss)(w) * v).sum())(weight),  # v^T H: not symmetric
+                               torch.autograd.functional.vhp(plain, weight, v)[1])  # with scale_grad_by_freq
 
 
 @on_backends()
@@ -204,7 +215,7 @@ def test_a_vmap_batching_none_of_the_inputs_decides_by_its_randomness():
     """vmap over something else (another layer's input): the op's own rule never runs there."""
     weight, ids, mask = _inputs("cpu")
     f = lambda x: _op("auto")(weight, ids, mask) * x  # noqa: E731
-    with pytest.raises(RuntimeError, match="no input of noisy_embedding is batched"):
+    with pytest.raises(RuntimeError, match="none of the inputs noisy_embedding reads"):
         vmap(f, randomness="different")(torch.ones(2))
     with pytest.raises(RuntimeError, match="randomness='different'"):
         vmap(f)(torch.ones(2))
@@ -231,3 +242,32 @@ def test_module_seed_without_the_cpu_extension_is_one_for_the_whole_vmap(monkeyp
     out = vmap(lambda i, m: emb(i, attention_mask=m), randomness="different")(ids, mask)
     torch.manual_seed(3)
     assert_bits_equal(out, emb(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_vmap_over_no_examples_gives_an_empty_output(randomness):
+    weight, ids, mask = _inputs("cpu")
+    f = _op("auto")
+    assert vmap(lambda i, m: f(weight, i, m), randomness=randomness)(ids[:0], mask[:0]).shape == (0, L, D)
+    assert vmap(lambda w: f(w, ids, mask), randomness=randomness)(weight[None][:0]).shape == (0, B, L, D)
+
+
+@on_backends()
+def test_vmap_side_inputs_batched_along_any_dim_and_cu_seqlens_past_the_ends(backend, device):
+    weight, ids, _ = _inputs(device)
+    ids3 = ids.view(B, 1, L).expand(B, 2, L).contiguous()
+    mask = torch.ones(B, 2, L, dtype=torch.long, device=device)
+    mask[1, :, 3:] = 0
+    mask[2, 0, 1:] = 0
+    f = lambda i, m, offset=0: noisy_embedding(i, weight, 5.0, seed=SEED, offset=offset, attention_mask=m,  # noqa: E731
+                                               backend=backend)
+    out = vmap(f, in_dims=(0, 2), randomness="different")(ids3, mask.permute(1, 2, 0))
+    span = 2 * L * num_lanes(D)
+    for b in range(B):
+        assert_bits_equal(out[b], f(ids3[b], mask[b], b * span))
+    cu = torch.tensor([-1, 2, 9], dtype=torch.int32, device=device)  # entries outside [0, N) mark no start
+    g = lambda i, offset=0: noisy_embedding(i, weight, 5.0, seed=SEED, offset=offset, cu_seqlens=cu,  # noqa: E731
+                                            backend=backend)
+    out = vmap(g, randomness="different")(ids)
+    for b in range(B):
+        assert_bits_equal(out[b], g(ids[b], b * L * num_lanes(D)))
