@@ -53,7 +53,7 @@ struct NoisyEmbeddingGradBackward : torch::autograd::Node {
     if (!grads[0].defined()) return {torch::Tensor()};
     const torch::Tensor flat_ids = ids.unpack();
     torch::Tensor rows = grads[0].index_select(0, flat_ids);
-    if (padding_idx >= 0) rows = rows * flat_ids.ne(padding_idx).unsqueeze(-1);
+    if (padding_idx >= 0) rows = rows.masked_fill(flat_ids.eq(padding_idx).unsqueeze(-1), 0);
     return {rows.reshape(grad_sizes)};
   }
 };
@@ -70,33 +70,37 @@ struct NoisyEmbeddingBackward : torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     ids.reset_data();
   }
+  // The kernel's gradient of ``rows_grad`` (shaped as the output), recorded for create_graph.
+  torch::Tensor weight_grad(const torch::Tensor& rows_grad, const torch::Tensor& flat_ids) const {
+    torch::Tensor grad_weight;
+    {
+      const at::NoGradGuard no_grad;  // a kernel: its history, where needed, is NoisyEmbeddingGradBackward
+      grad_weight = kernel(rows_grad.reshape({flat_ids.numel(), rows_grad.size(-1)}), flat_ids, num_weights,
+                           padding_idx, scale_grad_by_freq);
+    }
+    if (torch::autograd::GradMode::is_enabled() && rows_grad.requires_grad()) {  // create_graph
+      auto node = make_node<NoisyEmbeddingGradBackward>();
+      node->set_next_edges(torch::autograd::collect_next_edges(rows_grad));
+      node->ids = torch::autograd::SavedVariable(flat_ids, /*is_output=*/false);
+      node->padding_idx = padding_idx;
+      node->grad_sizes = rows_grad.sizes().vec();
+      torch::autograd::set_history(grad_weight, node);
+    }
+    return grad_weight;
+  }
+
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const torch::Tensor flat_ids = ids.unpack().reshape(-1);
     // An absent output gradient counts as zeros, as a Python Function's materialised grads do.
     const torch::Tensor grad = grads[0].defined() ? grads[0] : input_metadata(0).zeros_like();
     if (before) before(grad);
-    torch::Tensor grad_weight, tangent;
-    {
-      const at::NoGradGuard no_grad;  // a kernel: its history, where needed, is NoisyEmbeddingGradBackward
-      grad_weight = kernel(grad.reshape({flat_ids.numel(), grad.size(-1)}), flat_ids, num_weights, padding_idx,
-                           scale_grad_by_freq);
-      // Forward over reverse (a dual output gradient): the gradient is linear in it, so is its tangent.
-      if (torch::autograd::isFwGradDefined(grad)) {
-        const torch::Tensor& grad_tangent = grad._fw_grad(/*level=*/0);
-        tangent = kernel(grad_tangent.reshape({flat_ids.numel(), grad_tangent.size(-1)}), flat_ids, num_weights,
-                         padding_idx, scale_grad_by_freq);
-      }
-    }
-    if (torch::autograd::GradMode::is_enabled() && grad.requires_grad()) {  // create_graph
-      auto node = make_node<NoisyEmbeddingGradBackward>();
-      node->set_next_edges(torch::autograd::collect_next_edges(grad));
-      node->ids = torch::autograd::SavedVariable(flat_ids, /*is_output=*/false);
-      node->padding_idx = padding_idx;
-      node->grad_sizes = grad.sizes().vec();
-      torch::autograd::set_history(grad_weight, node);
-    }
-    if (tangent.defined()) grad_weight._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+    // Forward over reverse (a dual output gradient): the gradient is linear in it, so is its tangent.
+    const torch::Tensor grad_tangent =
+        torch::autograd::isFwGradDefined(grad) ? grad._fw_grad(/*level=*/0) : torch::Tensor();
+    torch::Tensor grad_weight = weight_grad(grad, flat_ids);
+    if (grad_tangent.defined())
+      grad_weight._set_fw_grad(weight_grad(grad_tangent, flat_ids), /*level=*/0, /*is_inplace_op=*/false);
     return {grad_weight};
   }
 };

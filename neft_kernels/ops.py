@@ -241,7 +241,7 @@ class _WeightGradFunction(torch.autograd.Function):
         padding_idx = ctx.grad_args[1]
         rows = cotangent.index_select(0, ids)
         if padding_idx is not None:
-            rows = rows * (ids != padding_idx).unsqueeze(-1)
+            rows = rows.masked_fill((ids == padding_idx).unsqueeze(-1), 0)
         return rows, None, None
 
     @staticmethod

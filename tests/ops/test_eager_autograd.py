@@ -83,6 +83,35 @@ def test_second_derivatives_are_the_python_functions(padding_idx, scale_grad_by_
     assert_bits_equal(hessians[0], hessians[1])
 
 
+def test_forward_over_reverse_under_create_graph_records_on_as_f_embedding():
+    """A dual weight's gradient with create_graph: its tangent (a Hessian-vector product) is itself
+    differentiable, through the native node as through the Function and F.embedding; a padding row's
+    cotangent, even inf, gives nothing (masked, not multiplied)."""
+    ids = torch.tensor([[1, 2, 1], [3, 1, 0]])
+    gen = torch.Generator().manual_seed(0)
+    w0, v, u = (torch.randn(6, 3, generator=gen) for _ in range(3))
+    results = []
+    for backend in ("cpu", "torch", None):
+        def f(w, backend=backend):
+            if backend is None:
+                return torch.nn.functional.embedding(ids, w, padding_idx=0) + 0.1
+            return _call(ids, w, backend, padding_idx=0) - _call(ids, w.detach(), backend) \
+                + torch.nn.functional.embedding(ids, w.detach()) + 0.1  # the same rows, the noise removed
+
+        w = w0.clone().requires_grad_()
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(w, v)
+            (g,) = torch.autograd.grad((f(dual) ** 3).sum(), dual, create_graph=True)
+            hv = fwAD.unpack_dual(g).tangent
+            results.append(torch.autograd.grad((hv * u).sum() + (g * u).sum(), w)[0])
+        (g,) = torch.autograd.grad((f(w) ** 3).sum(), w, create_graph=True)
+        cotangent = u.clone()
+        cotangent[0] = float("inf")
+        assert torch.isfinite(torch.autograd.grad(g, w, cotangent)[0]).all()
+    torch.testing.assert_close(results[0], results[2])
+    torch.testing.assert_close(results[1], results[2])
+
+
 @pytest.mark.parametrize("padding_idx", [None, 1])
 def test_forward_mode_ad_gives_the_python_functions_tangent(padding_idx):
     """A dual weight: the native node and the Python Function's jvp both give F.embedding's tangent
