@@ -99,13 +99,14 @@ def _(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend):
 
 
 class _NoisyEmbeddingFunction(torch.autograd.Function):
-    """The autograd rule: eager calls run the backend, compiled graphs the custom ops (a backend's
+    """The autograd rule, for eager calls that run the backend through it (a backend's
     ``forward_with_grad`` implements the same rule natively for its eager calls).
 
-    ``save`` and ``weight_grad`` are also the forward op's registered autograd, so the op is
-    differentiable on its own with the same rule. The forward takes no ``ctx`` (``setup_context``
-    saves), so that ``torch.func`` transforms take the Function too: ``grad``/``vjp`` through
-    ``backward``, ``jvp``/forward-mode AD through :meth:`jvp`, ``vmap`` through :meth:`vmap`.
+    ``save`` and ``weight_grad`` are also the forward op's registered autograd, which compiled
+    graphs take (they call the op), so the op is differentiable on its own with the same rule. The
+    forward takes no ``ctx`` (``setup_context`` saves), so that ``torch.func`` transforms take the
+    Function too: ``grad``/``vjp`` through ``backward``, ``jvp``/forward-mode AD through
+    :meth:`jvp`, ``vmap`` through :meth:`vmap`.
     """
 
     @staticmethod
@@ -221,8 +222,8 @@ class _WeightGradFunction(torch.autograd.Function):
     It is linear in those rows: its tangent is the kernel applied to theirs; its own backward
     gathers a cotangent's rows at the ids, none for ``padding_idx``, as ``F.embedding``'s double
     backward does (not divided by ``scale_grad_by_freq``'s counts: that gradient is a rescaling, and
-    so a Hessian-vector product is the derivative of the gradient returned). :meth:`vmap` runs it
-    once per example (per-sample gradients)."""
+    so ``vhp`` is the derivative of the gradient returned). :meth:`vmap` runs it once per example
+    (per-sample gradients)."""
 
     @staticmethod
     def forward(grad_rows, ids, grad_args):
