@@ -43,6 +43,9 @@ def functorch_disabled():
     return torch._C._DisableFuncTorch()
 
 
+_RANDOMNESS = {RandomnessType.Error: "error", RandomnessType.Same: "same", RandomnessType.Different: "different"}
+
+
 def vmaps_not_batching(tensors) -> list[str]:
     """The ``randomness`` of each active ``torch.func.vmap`` that none of ``tensors`` is batched by
     (``torch._C._functorch``'s interpreter stack and wrapper levels): there, an op's rule for vmap
@@ -53,8 +56,7 @@ def vmaps_not_batching(tensors) -> list[str]:
             if is_batchedtensor(t):
                 vmaps.pop(maybe_get_level(t), None)
             t = get_unwrapped(t)
-    names = {RandomnessType.Error: "error", RandomnessType.Same: "same", RandomnessType.Different: "different"}
-    return [names[CVmapInterpreterPtr(i).randomness()] for i in vmaps.values()]
+    return [_RANDOMNESS[CVmapInterpreterPtr(i).randomness()] for i in vmaps.values()]
 
 
 def forward_ad_active() -> bool:

@@ -115,11 +115,12 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
         ctx.grad_args = (weight.shape[0], padding_idx, scale_grad_by_freq, backend)
 
     @staticmethod
-    def weight_grad(ctx, grad_output, via_op: bool):
-        """The weight gradient, through the backward op (traced graphs) or the backend directly."""
+    def weight_grad(ctx, grad_output, kernel: Callable[..., torch.Tensor]):
+        """The weight gradient of the output gradient's rows by ``kernel``: the backward op (traced
+        graphs), the backend directly, or :func:`_differentiable_weight_grad`."""
         (ids,) = ctx.saved_tensors
         grad_rows = grad_output.reshape(ids.numel(), grad_output.shape[-1])
-        return (_backward_op if via_op else _backward_impl)(grad_rows, ids.reshape(-1), *ctx.grad_args)
+        return kernel(grad_rows, ids.reshape(-1), *ctx.grad_args)
 
     @staticmethod
     def forward(ids, weight, seed, alpha, attention_mask, position_ids, cu_seqlens, noise_mask, args):
@@ -136,15 +137,15 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or forward_ad_active()
-                                                  or functorch_transforms_active()):
+        if torch.compiler.is_compiling():  # compiled autograd
+            kernel = _backward_op
+        elif torch.is_grad_enabled() or forward_ad_active() or functorch_transforms_active():
             # create_graph, a dual output gradient, or torch.func (whose tensors the kernels cannot
             # read): the gradient as a Function, differentiable, with a tangent and a vmap rule.
-            (ids,) = ctx.saved_tensors
-            grad_rows = grad_output.reshape(ids.numel(), grad_output.shape[-1])
-            grad_weight = _WeightGradFunction.apply(grad_rows, ids.reshape(-1), ctx.grad_args)
+            kernel = _differentiable_weight_grad
         else:
-            grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, torch.compiler.is_compiling())
+            kernel = _backward_impl
+        grad_weight = _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, kernel)
         return None, grad_weight, None, None, None, None, None, None, None
 
     @staticmethod
@@ -176,14 +177,19 @@ class _NoisyEmbeddingFunction(torch.autograd.Function):
             return weight.new_empty(0, *shape, d), 0
         # A weight, seed or alpha per example (or "same"): a call per example, each told how many
         # counters it spans so that an enclosing vmap continues after all of them.
-        examples = [[t if dim is None else t.select(dim, b) for t, dim in zip(tensors, in_dims, strict=False)]
-                    for b in range(batch)]
+        examples = _examples(tensors, in_dims, batch)
         span = span or max(examples[0][0].numel(), 1) * num_lanes(d)
         step = span if info.randomness == "different" else 0
         validation.check_offset(args[0], (batch * step or span) // num_lanes(d), d)
         outs = [_NoisyEmbeddingFunction.apply(*example, (args[0] + b * step, *args[1:9], batch * step or span))
                 for b, example in enumerate(examples)]
         return torch.stack(outs), 0
+
+
+def _examples(tensors, in_dims, batch: int) -> list[list]:
+    """A vmap rule's inputs, example by example (an input vmap does not batch is every example's)."""
+    return [[t if dim is None else t.select(dim, b) for t, dim in zip(tensors, in_dims, strict=False)]
+            for b in range(batch)]
 
 
 _VMAP_RANDOMNESS = ("vmap: noisy_embedding draws random noise, and vmap's randomness is 'error' (its default): pass "
@@ -254,9 +260,12 @@ class _WeightGradFunction(torch.autograd.Function):
     def vmap(info, in_dims, grad_rows, ids, grad_args):
         if info.batch_size == 0:
             return grad_rows.new_zeros(0, grad_args[0], grad_rows.shape[-1]), 0
-        examples = [[t if dim is None else t.select(dim, b) for t, dim in zip((grad_rows, ids), in_dims, strict=False)]
-                    for b in range(info.batch_size)]
+        examples = _examples((grad_rows, ids), in_dims, info.batch_size)
         return torch.stack([_WeightGradFunction.apply(*example, grad_args) for example in examples]), 0
+
+
+def _differentiable_weight_grad(grad_rows, ids, *grad_args) -> torch.Tensor:
+    return _WeightGradFunction.apply(grad_rows, ids, grad_args)
 
 
 # Outside functorch transforms and tracing, Function.apply's C entry point is called directly.
@@ -269,7 +278,7 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_output):
-    return (None, _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, True), *(None,) * 15)
+    return (None, _NoisyEmbeddingFunction.weight_grad(ctx, grad_output, _backward_op), *(None,) * 15)
 
 
 _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
