@@ -36,7 +36,26 @@ def extensions():
         exts.append(CUDAExtension(
             "neft_kernels._C_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/noisy_embedding.cu"],
             extra_compile_args={"cxx": HOST_FLAGS, "nvcc": ["-O3", "--fmad=false", *CUDA_ARCHS]}, optional=True))
-    return exts, {"build_ext": BuildExtension}
+    return exts, {"build_ext": _optional_tolerant(BuildExtension)}
+
+
+def _optional_tolerant(build_ext):
+    """``build_ext`` whose failed optional extensions warn. setuptools forgives an optional
+    extension only a distutils ``CompileError``; torch's ninja build raises ``RuntimeError``, which
+    would fail the whole install where nvcc exists but cannot build (a CUDA that does not match
+    torch's, missing headers)."""
+    from setuptools.errors import CompileError
+
+    class OptionalTolerantBuild(build_ext):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except RuntimeError as err:
+                if not ext.optional:
+                    raise
+                raise CompileError(str(err)) from err
+
+    return OptionalTolerantBuild
 
 
 ext_modules, cmdclass = extensions()
