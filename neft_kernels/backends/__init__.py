@@ -85,7 +85,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def _runs_on(name: str) -> tuple[str, ...]:
     if name == "triton":  # CPU tensors only through the interpreter
-        return ("cuda", "cpu") if _load(name).INTERPRETED else ("cuda",)
+        return ("cuda",) if _load(name).CPU_UNAVAILABLE else ("cuda", "cpu")
     return (_DEVICES[name],) if name in _DEVICES else ("cpu", "cuda")
 
 

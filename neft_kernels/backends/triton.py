@@ -44,6 +44,28 @@ def _probe():
 # Whether the kernels run in Triton's interpreter: triton decides when it decorates them, reading
 # TRITON_INTERPRET as a flag (1, true, on, yes, ...), so ask triton rather than the variable.
 INTERPRETED = not isinstance(_probe, triton.runtime.JITFunction)  # InterpretedFunction is not one
+
+
+def _cpu_unavailable() -> str | None:
+    """Why these kernels cannot take CPU tensors here, or None when the interpreter runs them."""
+    if not INTERPRETED:
+        return ("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to "
+                "run the kernels on the CPU")
+    import numpy
+
+    def release(version: str) -> tuple[int, int]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    # Before 3.7 the interpreter turns a loop bound into an int by int() of a one-element array, which
+    # numpy 2.4 refuses (triton-lang/triton#9171): every kernel here with a run-time loop would fail.
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {numpy.__version__} "
+                "(loop bounds go through int() of a one-element array, which numpy 2.4 refuses: "
+                "triton-lang/triton#9171, fixed in triton 3.7); use triton >= 3.7 or numpy < 2.4")
+    return None
+
+
+CPU_UNAVAILABLE = _cpu_unavailable()
 # Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
 # elements, where integer rounding took about six per element); the interpreter's conversion does
 # not round to nearest even, so there integer ops do. The same bits (NaN payloads are not part of
@@ -397,9 +419,8 @@ def early_loads(dtype: torch.dtype, gaussian: bool) -> bool:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is imported to run the kernels on the CPU")
+    if t.device.type != "cuda" and CPU_UNAVAILABLE is not None:
+        raise RuntimeError(CPU_UNAVAILABLE)
 
 
 def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from neft_kernels import noisy_embedding
+from neft_kernels.backends import available_backends
 from neft_kernels.backends import triton as triton_backend
 from neft_kernels.lengths import token_scales
 
@@ -179,3 +180,21 @@ def test_seeds_around_the_32_bit_boundaries_give_the_reference_bits(backend, dev
     for seed in (2**31 - 1, 2**31, 3_000_000_000, 2**32 - 1, 2**32, -(2**31) - 1):
         out = noisy_embedding(ids, weight, 5.0, seed=seed, backend=backend)
         assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=seed, backend="torch"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU present triton compiles; the interpreter is not asked")
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch):
+    """Triton's interpreter before 3.7 cannot run a run-time loop with numpy 2.4 (triton-lang/triton#9171):
+    the backend then takes no CPU tensors and says why, instead of failing inside a kernel."""
+    import numpy
+
+    for triton_version, numpy_version, refused in [("3.6.0", "2.4.6", True), ("3.2.0", "2.5.0", True),
+                                                   ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        reason = triton_backend._cpu_unavailable()
+        assert (reason is not None and "triton-lang/triton#9171" in reason) == refused, (triton_version, numpy_version)
+    monkeypatch.setattr(triton_backend, "CPU_UNAVAILABLE", reason := "the interpreter cannot run the kernels")
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(RuntimeError, match=reason):
+        noisy_embedding(torch.zeros(2, 3, dtype=torch.long), torch.zeros(4, 8), 1.0, seed=0, backend="triton")

@@ -63,8 +63,10 @@ def why_not(name: str, device: str) -> str | None:
             importlib.import_module("triton")
         except ImportError as err:
             return f"triton is not importable: {err}"
-        if device == "cpu":
-            return "Triton takes CPU tensors only under TRITON_INTERPRET=1 (a GPU machine runs it compiled)"
+        if device == "cpu":  # not interpreted (a GPU machine runs it compiled), or an interpreter that cannot
+            from neft_kernels.backends import triton
+
+            return triton.CPU_UNAVAILABLE
     return f"neft_kernels.backends.available_backends({device!r}) lacks it"
 
 
