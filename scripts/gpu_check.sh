@@ -4,11 +4,15 @@
 # tests. Usage: scripts/gpu_check.sh OUTDIR [bench args...]. Every log lands in OUTDIR as it is
 # written, so a run cut short still leaves what it finished; eight files at most (the device tool
 # returns no more). Wheels under build/wheels (pytest-xdist, execnet) are installed first where
-# present: the GPU machine has no registry to fetch them from.
+# present: the GPU machine has no registry to fetch them from. The whole run fits GPU_CHECK_BUDGET
+# seconds (default 570: one device call may run 600): each step's timeout is its own limit or what is
+# left, whichever is less, so a slow step cuts the later ones short instead of the call losing them.
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [bench args...]}; shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+end=$((SECONDS + ${GPU_CHECK_BUDGET:-570}))
+limit() { local left=$((end - SECONDS)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 log="$out/setup.log"
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
   >"$log" 2>&1
@@ -16,17 +20,20 @@ t0=$SECONDS
 ls build/wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps build/wheels/*.whl >>"$log" 2>&1
 python3 -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1 || { tail -50 "$log"; exit 1; }
 echo "install: $((SECONDS - t0)) s"; t0=$SECONDS
+# setup.py builds the CUDA extension as optional: say at once whether it exists, and why not
+python3 -c "from neft_kernels import _C_cuda; print('_C_cuda ABI', _C_cuda.ABI_VERSION)" 2>&1 \
+  || grep -iE "error|failed" "$log" | head -20
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS:-8}" || echo "")
 # the gpu-marked set is large (the spec grid on every CUDA backend): the quick part first, then the slow
-timeout ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and not slow" \
+timeout $(limit ${GPU_TESTS_TIMEOUT:-240}) python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and not slow" \
   -p no:cacheprovider >"$out/tests-gpu.log" 2>&1
 echo "gpu tests: rc=$? $((SECONDS - t0)) s"; grep -E "^(FAILED|ERROR)| passed| failed" "$out/tests-gpu.log" | tail -25
 t0=$SECONDS
-timeout ${BENCH_TIMEOUT:-240} python3 -m neft_kernels.bench --no-progress --json "$out/bench.json" "$@" \
+timeout $(limit ${BENCH_TIMEOUT:-240}) python3 -m neft_kernels.bench --no-progress --json "$out/bench.json" "$@" \
   >"$out/bench.txt" 2>&1
 echo "bench: rc=$? $((SECONDS - t0)) s"; tail -30 "$out/bench.txt"; t0=$SECONDS
 # the model-shape table one model at a time, each printed as it finishes (a timeout keeps the rest)
-timeout ${MODELS_TIMEOUT:-200} python3 - <<'PY' >"$out/models.txt" 2>&1
+timeout $(limit ${MODELS_TIMEOUT:-200}) python3 - <<'PY' >"$out/models.txt" 2>&1
 import torch
 from neft_kernels.bench import models
 from neft_kernels.bench.harness import compile_settings
@@ -38,7 +45,7 @@ PY
 echo "models: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
 # where an eager call's host time goes (each piece timed alone, then torch's profiler over 300 calls),
 # and its GPU time by kernel
-timeout ${PROFILE_TIMEOUT:-210} python3 - <<'PY' >"$out/host-profile.txt" 2>&1
+timeout $(limit ${PROFILE_TIMEOUT:-210}) python3 - <<'PY' >"$out/host-profile.txt" 2>&1
 import torch
 from torch.profiler import ProfilerActivity, profile
 from neft_kernels import noisy_embedding
@@ -120,6 +127,6 @@ except subprocess.TimeoutExpired as err:
     print(f"-- the same with NEFT_KERNELS_CUDA_PDL=0: {err!r}\n" + (err.stdout or b"").decode(), flush=True)
 PY
 echo "host profile: rc=$? $((SECONDS - t0)) s"; t0=$SECONDS
-timeout ${GPU_SLOW_TIMEOUT:-120} python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and slow" -p no:cacheprovider \
+timeout $(limit ${GPU_SLOW_TIMEOUT:-120}) python3 -m pytest -q -rfEs --tb=short $workers -m "gpu and slow" -p no:cacheprovider \
   >>"$out/tests-gpu.log" 2>&1
 echo "gpu slow tests: rc=$? $((SECONDS - t0)) s"; tail -5 "$out/tests-gpu.log"

@@ -212,13 +212,28 @@ void read_back(const torch::Tensor& host, const torch::Tensor& record, int64_t e
   check(cudaEventRecord(reinterpret_cast<cudaEvent_t>(event), stream));
 }
 
-// Whether this build has kernels for ``device`` (a CUDA device index): false on GPUs older than the
-// architectures setup.py compiles for, where every launch would fail.
+// Whether this build has kernels for ``device`` (a CUDA device index): false where none of its images
+// can run there (GPUs older than the architectures setup.py compiles for; PTX the driver cannot JIT),
+// where every launch would fail. Any other error (a fault left by an earlier kernel, no memory to load
+// the module) is raised as itself: taking it for a missing build would send backend="auto" elsewhere
+// for the rest of the process.
 bool runs_on(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaError_t status = neft::kernel_image_status();
-  if (status != cudaSuccess) cudaGetLastError();  // a non-sticky error: cleared, so later calls do not see it
-  return status == cudaSuccess;
+  if (status == cudaSuccess) return true;
+  cudaGetLastError();  // a non-sticky error: cleared, so later calls do not see it
+  switch (status) {
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidDeviceFunction:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorInvalidPtx:
+    case cudaErrorJitCompilerNotFound:
+      return false;
+    default:
+      break;
+  }
+  check(status);
+  return false;
 }
 
 // The host address of ``device``'s bad-id word, made on first use (holding 0).

@@ -52,6 +52,7 @@ cudaError_t launch_backward(const void* grad, const int64_t* sorted_ids, const i
                             void* grad_weight, int64_t n_tokens, int64_t d, int64_t num_weights, int64_t padding_idx,
                             bool scale_by_freq, cudaStream_t stream) {
   constexpr int kThreads = neft::cuda::kBackwardThreads;
+  if (n_tokens > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // grid x's limit (a cast would wrap)
   const dim3 grid(static_cast<unsigned>(n_tokens), static_cast<unsigned>((d + kThreads - 1) / kThreads));
   backward_kernel<T><<<grid, kThreads, 0, stream>>>(grad, sorted_ids, order, seg_end, grad_weight, n_tokens, d,
                                                     num_weights, padding_idx, scale_by_freq);
