@@ -539,25 +539,49 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
   });
 }
 
+// Columns [j0, j1) of one id's gradient row: its rows summed in token order in float32, rounded once.
+template <typename T>
+void sum_run(const T* grad, const int64_t* order, int64_t begin, int64_t end, int64_t d, int64_t j0, int64_t j1,
+             bool scale_by_freq, std::vector<float>& acc, T* dst) {
+  acc.assign(j1 - j0, 0.0f);
+  for (int64_t i = begin; i < end; ++i) {  // fixed order: deterministic
+    const T* g = grad + order[i] * d;
+    for (int64_t j = j0; j < j1; ++j) acc[j - j0] += load_f32(g + j);
+  }
+  const float count = static_cast<float>(end - begin);
+  for (int64_t j = j0; j < j1; ++j) dst[j] = from_f32<T>(scale_by_freq ? acc[j - j0] / count : acc[j - j0]);
+}
+
+// Threads take runs by their tokens, not their number. A run of more than half a thread's share of
+// the tokens (a pad id through a padded batch, with no padding_idx) is split by columns across the
+// threads instead, after the others: alone on one thread it would keep the rest waiting. Each element
+// is its rows' sum in token order either way, so the bits do not depend on the split.
 template <typename T>
 void backward_segments(const T* grad, const int64_t* order, const int64_t* sorted, const std::vector<int64_t>& starts,
                        T* gw, int64_t d, int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
-  const int64_t n_segments = static_cast<int64_t>(starts.size()) - 1;
-  at::parallel_for(0, n_segments, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> acc(d);
-    for (int64_t s = first; s < last; ++s) {
-      const int64_t begin = starts[s], end = starts[s + 1], id = sorted[begin];
-      if (id == padding_idx || id < 0 || id >= num_weights) continue;  // out of range: never written
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t i = begin; i < end; ++i) {  // fixed order: deterministic
-        const T* g = grad + order[i] * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] += load_f32(g + j);
-      }
-      const float count = static_cast<float>(end - begin);
-      T* dst = gw + id * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] = from_f32<T>(scale_by_freq ? acc[j] / count : acc[j]);
+  const int64_t n = starts.back(), n_segments = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t long_run = std::max<int64_t>(n / (2 * at::get_num_threads()), 1);
+  const auto is_long = [&](int64_t s) { return starts[s + 1] - starts[s] > long_run; };
+  const auto written = [&](int64_t id) { return id != padding_idx && id >= 0 && id < num_weights; };
+  // at least ~16k additions a task
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
+    std::vector<float> acc;
+    // the runs that start in [first, last)
+    for (auto s = std::lower_bound(starts.begin(), starts.end() - 1, first) - starts.begin();
+         s < n_segments && starts[s] < last; ++s) {
+      const int64_t id = sorted[starts[s]];
+      if (written(id) && !is_long(s))
+        sum_run(grad, order, starts[s], starts[s + 1], d, 0, d, scale_by_freq, acc, gw + id * d);
     }
   });
+  for (int64_t s = 0; s < n_segments; ++s) {
+    const int64_t id = sorted[starts[s]];
+    if (!written(id) || !is_long(s)) continue;
+    at::parallel_for(0, d, 64, [&](int64_t j0, int64_t j1) {
+      std::vector<float> acc;
+      sum_run(grad, order, starts[s], starts[s + 1], d, j0, j1, scale_by_freq, acc, gw + id * d);
+    });
+  }
 }
 
 // The storage type of each dtype on the CPU: bfloat16 as raw words, rounded by integer ops.

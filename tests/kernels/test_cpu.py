@@ -257,3 +257,23 @@ def test_the_bindings_side_input_views_refuse_what_they_cannot_read():
                          (torch.ones(3, 11), "attention_mask must be an integer or bool tensor")):
         with pytest.raises(RuntimeError, match=message):
             _C_cpu.token_scales(33, 5.0, 64, 11, bad, None, None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding_idx,scale_grad_by_freq", [(None, False), (None, True), (2, False), (5, True)])
+def test_cpu_backward_of_a_run_longer_than_a_threads_share_has_the_references_bits(dtype, padding_idx,
+                                                                                   scale_grad_by_freq):
+    """An id over most of the batch (pads without a padding_idx) is summed column block by column
+    block across the threads: each element still sums its rows in token order."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 40, (4, 300), generator=gen)
+    ids[:, 60:] = 2  # one run of 960 of the 1200 tokens
+    grad = torch.randn(4, 300, 200, generator=gen).to(dtype)  # 200 columns: blocks of unequal width
+    grads = []
+    for backend in ("cpu", "torch"):
+        weight = make_weight(40, 200, dtype, "cpu").requires_grad_()
+        out = noisy_embedding(ids, weight, 5.0, seed=1, padding_idx=padding_idx,
+                              scale_grad_by_freq=scale_grad_by_freq, backend=backend)
+        grads.append(torch.autograd.grad(out, weight, grad)[0])
+    assert_bits_equal(grads[0], grads[1])
+    assert (grads[0][2] == 0).all() == (padding_idx == 2)
