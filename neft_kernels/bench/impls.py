@@ -74,13 +74,24 @@ def implementations(device: torch.device, backends: list[str] | None = None) -> 
     return impls
 
 
+# A collator pads with the tokenizer's pad token (eos where it has none), and models such as Llama
+# have no padding_idx: a batch's pads are one id, whose gradient row sums every one of them.
+PAD_ID = 2
+
+
+def padded_batch(b: int, length: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU (ids, attention_mask) of a padded batch: real lengths from half the row to all of it, as
+    in a typical instruction batch; the pads hold ``PAD_ID``."""
+    ids = torch.randint(0, vocab, (b, length), generator=gen)
+    real = torch.linspace(length // 2, length, b).long()
+    mask = (torch.arange(length)[None, :] < real[:, None]).long()
+    return ids.masked_fill(mask == 0, PAD_ID), mask
+
+
 def inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):
     """(ids, weight requiring grad, attention_mask, output gradient) of one benchmark shape."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(vocab, d, generator=gen).to(dtype).to(device).requires_grad_()
-    ids = torch.randint(0, vocab, (b, length), generator=gen).to(device)
-    # Real lengths from half the row to all of it: padding as in a typical instruction batch.
-    real = torch.linspace(length // 2, length, b).long()
-    mask = (torch.arange(length)[None, :] < real[:, None]).long().to(device)
+    ids, mask = padded_batch(b, length, vocab, gen)
     grad_out = torch.randn(b, length, d, generator=gen).to(dtype).to(device)
-    return ids, weight, mask, grad_out
+    return ids.to(device), weight, mask.to(device), grad_out

@@ -1,5 +1,5 @@
 """The model-shape table: the embeddings of real models (width, vocabulary), a padded batch with an
-attention_mask and one packed row with position_ids, forward, backward and both, against
+attention_mask (its pads one id, as collators pad) and one packed row with position_ids, forward, backward and both, against
 ``F.embedding``, transformers' hook and the strongest compiled peer.
 
 On a GPU the kernel figures come from CUDA-graph replay (GPU time alone); ``%copy`` is the bytes a
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..ops import noisy_embedding
 from . import measure
 from .harness import PASSES, pass_fn
-from .impls import ALPHA, hf_hook, neft_backends, rand_like
+from .impls import ALPHA, hf_hook, neft_backends, padded_batch, rand_like
 
 # name: (embedding dim, vocabulary)
 MODEL_SHAPES = {
@@ -36,18 +36,17 @@ def model_inputs(d: int, vocab: int, layout: str, dtype: torch.dtype, device: to
     # Made on the device: a CPU randn of a 262144 x 1152 table takes seconds.
     weight = torch.randn(vocab, d, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     weight.requires_grad_()
-    ids = torch.randint(0, vocab, (rows, width), generator=gen).to(device)
     if side == "attention_mask":
-        real = torch.linspace(width // 2, width, rows).long()
-        value = (torch.arange(width)[None, :] < real[:, None]).long()
+        ids, value = padded_batch(rows, width, vocab, gen)
     else:
+        ids = torch.randint(0, vocab, (rows, width), generator=gen)
         value, start = torch.empty(rows, width, dtype=torch.long), 0
         while start < width:
             n = int(torch.randint(64, 4097, (1,), generator=gen))
             value[:, start:start + n] = torch.arange(min(n, width - start))
             start += n
     grad_out = torch.randn(rows, width, d, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(1))
-    return ids, weight, {side: value.to(device)}, grad_out
+    return ids.to(device), weight, {side: value.to(device)}, grad_out
 
 
 def _impls(device: torch.device, dtype: torch.dtype, backends: list[str] | None) -> dict[str, Callable]:

@@ -4,7 +4,7 @@ What a training loop sees: the wall time of a whole step (forward, backward, Ada
 memory, with the three variants interleaved round by round on one model (same weights, same
 batch), in a rotating order, and compared within each round, so that drift hits all alike. Models
 are built from configs with random weights (nothing is downloaded); batches are padded, with an
-``attention_mask``.
+``attention_mask``, their pads one id (``impls.PAD_ID``) as collators pad.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from ..integrations.hf import patch_model, unpatch_model
 from . import measure
+from .impls import padded_batch
 
 # (hidden, intermediate, layers, heads, kv heads, vocab): real models' shapes, random weights.
 MODELS = {
@@ -39,10 +40,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def _batch(vocab: int, batch: int, length: int, device: torch.device):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, length), generator=gen)
-    real = torch.linspace(length // 2, length, batch).long()  # rows padded to between half and all of L
-    mask = (torch.arange(length)[None, :] < real[:, None]).long()
+    ids, mask = padded_batch(batch, length, vocab, torch.Generator().manual_seed(0))
     labels = ids.masked_fill(mask == 0, -100)
     return ids.to(device), mask.to(device), labels.to(device)
 
