@@ -32,7 +32,7 @@ def extensions():
     nvcc = CUDA_HOME and (shutil.which("nvcc") or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
     if torch.version.cuda and nvcc and os.environ.get("NEFT_KERNELS_BUILD_CUDA", "1") != "0":
         # Optional: a failed CUDA build (say, an nvcc that does not match torch's CUDA) warns and
-        # leaves the CPU backend installed; backend="auto" then uses triton.
+        # leaves the CPU backend installed (_optional_tolerant); backend="auto" then uses triton.
         exts.append(CUDAExtension(
             "neft_kernels._C_cuda", ["csrc/cuda/binding.cpp", "csrc/cuda/noisy_embedding.cu"],
             extra_compile_args={"cxx": HOST_FLAGS, "nvcc": ["-O3", "--fmad=false", *CUDA_ARCHS]}, optional=True))
@@ -40,14 +40,28 @@ def extensions():
 
 
 def _optional_tolerant(build_ext):
-    """``build_ext`` whose failed optional extensions warn. setuptools forgives an optional
-    extension only a distutils ``CompileError``; torch's ninja build raises ``RuntimeError``, which
-    would fail the whole install where nvcc exists but cannot build (a CUDA that does not match
-    torch's, missing headers)."""
+    """``build_ext`` whose optional extensions, failing, warn and are left out. torch raises
+    ``RuntimeError`` where setuptools forgives an optional extension only a distutils
+    ``CompileError``: from its checks before any extension is built (an nvcc whose major version is
+    not torch's CUDA's, a host compiler that CUDA does not support), and from a failed ninja build
+    (missing headers); either would fail the whole install, the CPU extension with it."""
     from setuptools.errors import CompileError
 
     class OptionalTolerantBuild(build_ext):
+        def build_extensions(self):
+            self._building = False
+            try:
+                super().build_extensions()
+            except RuntimeError as err:
+                optional = [ext for ext in self.extensions if ext.optional]
+                if self._building or not optional:
+                    raise
+                self.warn(f"leaving out {', '.join(ext.name for ext in optional)}: {err}")
+                self.extensions = [ext for ext in self.extensions if not ext.optional]
+                super().build_extensions()
+
         def build_extension(self, ext):
+            self._building = True
             try:
                 super().build_extension(ext)
             except RuntimeError as err:

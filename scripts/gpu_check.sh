@@ -5,8 +5,9 @@
 # written, so a run cut short still leaves what it finished; eight files at most (the device tool
 # returns no more). Wheels under build/wheels (pytest-xdist, execnet) are installed first where
 # present: the GPU machine has no registry to fetch them from. The whole run fits GPU_CHECK_BUDGET
-# seconds (default 570: one device call may run 600): each step's timeout is its own limit or what is
-# left, whichever is less, so a slow step cuts the later ones short instead of the call losing them.
+# seconds (default 570: one device call may run 600): each step's timeout (the *_TIMEOUT variables,
+# in seconds) is its own limit or what is left, whichever is less, so a slow step cuts the later ones
+# short instead of the call losing them. pip runs verbose: setup.log keeps why an extension failed.
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [bench args...]}; shift
 mkdir -p "$out"
@@ -18,7 +19,7 @@ log="$out/setup.log"
   >"$log" 2>&1
 t0=$SECONDS
 ls build/wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps build/wheels/*.whl >>"$log" 2>&1
-python3 -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1 || { tail -50 "$log"; exit 1; }
+python3 -m pip install -v --no-build-isolation --no-deps -e . >>"$log" 2>&1 || { tail -50 "$log"; exit 1; }
 echo "install: $((SECONDS - t0)) s"; t0=$SECONDS
 # setup.py builds the CUDA extension as optional: say at once whether it exists, and why not
 python3 -c "from neft_kernels import _C_cuda; print('_C_cuda ABI', _C_cuda.ABI_VERSION)" 2>&1 \

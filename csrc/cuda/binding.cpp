@@ -228,12 +228,15 @@ bool runs_on(int64_t device) {
     case cudaErrorUnsupportedPtxVersion:
     case cudaErrorInvalidPtx:
     case cudaErrorJitCompilerNotFound:
+    case cudaErrorJitCompilationDisabled:
+    case cudaErrorInvalidKernelImage:
       return false;
     default:
       break;
   }
-  check(status);
-  return false;
+  TORCH_CHECK(false, "neft_kernels: CUDA error while asking device ", device,
+              " for its kernels: ", cudaGetErrorString(status));
+  return false;  // not reached
 }
 
 // The host address of ``device``'s bad-id word, made on first use (holding 0).

@@ -51,14 +51,19 @@ def _cpu_unavailable() -> str | None:
     if not INTERPRETED:
         return ("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to "
                 "run the kernels on the CPU")
+    import re
+
     import numpy
 
-    def release(version: str) -> tuple[int, int]:
-        return tuple(int(part) for part in version.split(".")[:2])
+    def release(version: str) -> tuple[int, int] | None:
+        found = re.match(r"(\d+)\.(\d+)", version)
+        return (int(found[1]), int(found[2])) if found else None
 
     # Before 3.7 the interpreter turns a loop bound into an int by int() of a one-element array, which
     # numpy 2.4 refuses (triton-lang/triton#9171): every kernel here with a run-time loop would fail.
-    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+    # Versions that do not parse are not refused.
+    triton_release, numpy_release = release(triton.__version__), release(numpy.__version__)
+    if triton_release and numpy_release and triton_release < (3, 7) and numpy_release >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {numpy.__version__} "
                 "(loop bounds go through int() of a one-element array, which numpy 2.4 refuses: "
                 "triton-lang/triton#9171, fixed in triton 3.7); use triton >= 3.7 or numpy < 2.4")

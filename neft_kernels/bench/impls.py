@@ -81,11 +81,11 @@ PAD_ID = 2
 
 def padded_batch(b: int, length: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU (ids, attention_mask) of a padded batch: real lengths from half the row to all of it, as
-    in a typical instruction batch; the pads hold ``PAD_ID``."""
+    in a typical instruction batch; the pads hold ``PAD_ID`` (the last id of a smaller vocabulary)."""
     ids = torch.randint(0, vocab, (b, length), generator=gen)
     real = torch.linspace(length // 2, length, b).long()
     mask = (torch.arange(length)[None, :] < real[:, None]).long()
-    return ids.masked_fill(mask == 0, PAD_ID), mask
+    return ids.masked_fill(mask == 0, min(PAD_ID, vocab - 1)), mask
 
 
 def inputs(b: int, length: int, d: int, vocab: int, dtype: torch.dtype, device: torch.device):

@@ -1,6 +1,6 @@
 """The model-shape table: the embeddings of real models (width, vocabulary), a padded batch with an
-attention_mask (its pads one id, as collators pad) and one packed row with position_ids, forward, backward and both, against
-``F.embedding``, transformers' hook and the strongest compiled peer.
+attention_mask (its pads one id, as collators pad) and one packed row with position_ids, forward,
+backward and both, against ``F.embedding``, transformers' hook and the strongest compiled peer.
 
 On a GPU the kernel figures come from CUDA-graph replay (GPU time alone); ``%copy`` is the bytes a
 pass must move over that time, against this run's copy bandwidth.

@@ -198,29 +198,46 @@ def test_csrc_is_clang_formatted():
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_a_failed_optional_extension_warns_and_the_install_goes_on(monkeypatch):
-    """setup.py's build: torch's ninja build fails with RuntimeError, which setuptools' optional
-    extension handling does not catch; the CUDA extension is optional (the CPU backend and Triton
-    remain), so its failure must warn, and a required extension's still fail."""
+_MODULE = """#include <Python.h>
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "%s", 0, -1, 0};
+PyMODINIT_FUNC PyInit_%s(void) { return PyModule_Create(&def); }
+"""
+
+
+@pytest.mark.parametrize("failure", ["torch's checks before any build", "a build"])
+def test_a_failed_optional_extension_warns_and_the_install_goes_on(failure, tmp_path, monkeypatch, capsys, caplog):
+    """setup.py's build command (torch's BuildExtension) on a project with a required extension and an
+    optional one that fails: torch raises RuntimeError, before any build (an nvcc of another major
+    version than torch's CUDA) or from ninja, where setuptools forgives an optional extension only a
+    CompileError. The optional one is left out with a warning; the required one is built."""
     import runpy
 
     import setuptools
-    from setuptools import Distribution, Extension
-    from setuptools.command.build_ext import build_ext
+    import torch.utils.cpp_extension as cpp_extension
+    from setuptools import Extension
 
+    monkeypatch.delenv("NEFT_KERNELS_BUILD_EXT", raising=False)
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
-    tolerant = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")["_optional_tolerant"]
+    build_ext = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")["cmdclass"]["build_ext"]
+    assert issubclass(build_ext, cpp_extension.BuildExtension)
+    monkeypatch.undo()
 
-    class NinjaFails(build_ext):
-        def build_extension(self, ext):
-            raise RuntimeError("Error compiling objects for extension")
+    (tmp_path / "required.cpp").write_text(_MODULE % ("required", "required"))
+    if failure == "a build":
+        optional = cpp_extension.CppExtension("optional", ["optional.cpp"], optional=True)
+        (tmp_path / "optional.cpp").write_text("#error does not build\n")
+    else:
+        optional = Extension("optional", ["optional.cu"], optional=True)
+        (tmp_path / "optional.cu").write_text("")
 
-    build = tolerant(NinjaFails)(Distribution())
-    warnings = []
-    monkeypatch.setattr(build, "warn", warnings.append)
-    optional = Extension("neft_kernels._C_cuda", ["binding.cpp"], optional=True)
-    with build._filter_build_errors(optional):  # setuptools' own handling of optional extensions
-        build.build_extension(optional)
-    assert warnings and "neft_kernels._C_cuda" in warnings[0]
-    with pytest.raises(RuntimeError, match="Error compiling"), build._filter_build_errors(Extension("x", ["x.cpp"])):
-        build.build_extension(Extension("x", ["x.cpp"]))
+        def mismatch(*args):
+            raise RuntimeError("The detected CUDA version (13.0) mismatches the version that was used to "
+                               "compile PyTorch (12.8)")
+
+        monkeypatch.setattr(cpp_extension, "_check_cuda_version", mismatch)
+    monkeypatch.chdir(tmp_path)
+    setuptools.setup(name="scratch", ext_modules=[cpp_extension.CppExtension("required", ["required.cpp"]), optional],
+                     cmdclass={"build_ext": build_ext}, script_args=["-q", "build_ext", "--inplace"])
+    assert list(tmp_path.glob("required*.so")) and not list(tmp_path.glob("optional*.so"))
+    printed = capsys.readouterr().err + caplog.text
+    assert "optional" in printed and ("mismatches" in printed if failure != "a build" else "failed" in printed)

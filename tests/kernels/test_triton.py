@@ -193,14 +193,16 @@ def test_seeds_around_the_32_bit_boundaries_give_the_reference_bits(backend, dev
         assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=seed, backend="torch"))
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="with a GPU present triton compiles; the interpreter is not asked")
 def test_an_interpreter_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch):
     """Triton's interpreter before 3.7 cannot run a run-time loop with numpy 2.4 (triton-lang/triton#9171):
     the backend then takes no CPU tensors and says why, instead of failing inside a kernel."""
     import numpy
 
+    monkeypatch.setattr(triton_backend, "INTERPRETED", True)
     for triton_version, numpy_version, refused in [("3.6.0", "2.4.6", True), ("3.2.0", "2.5.0", True),
-                                                   ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False)]:
+                                                   ("3.6.0+git1234", "2.4rc1", True), ("3.6.0", "2.3.5", False),
+                                                   ("3.7.0", "2.4.6", False), ("3.7+rocm", "2.4.0", False),
+                                                   ("main", "2.4.0", False)]:
         monkeypatch.setattr(triton, "__version__", triton_version)
         monkeypatch.setattr(numpy, "__version__", numpy_version)
         reason = triton_backend._cpu_unavailable()
