@@ -71,6 +71,7 @@ def _cpu_unavailable() -> str | None:
 
 
 CPU_UNAVAILABLE = _cpu_unavailable()
+
 # Compiled kernels round float32 -> bf16 with the GPU's conversion (one instruction per pair of
 # elements, where integer rounding took about six per element); the interpreter's conversion does
 # not round to nearest even, so there integer ops do. The same bits (NaN payloads are not part of
