@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-# Optional dependencies (the `hf` extra): each missing one skips this file, never breaks collection.
-datasets = pytest.importorskip("datasets")
+# Optional dependencies (the `hf` extra): a missing one skips this file, or (TRL and datasets, which
+# the GPU image lacks) only the tests that use them; none breaks collection.
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -199,7 +199,8 @@ def test_trl_sft_trainer_packed_rows_get_per_subsequence_noise(tmp_path, mode):
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(2, VOCAB, (int(torch.randint(3, 10, (), generator=g)),), generator=g).tolist()
             for _ in range(24)]
-    trl = pytest.importorskip("trl")  # not on every GPU machine: only the TRL tests skip
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
     data = datasets.Dataset.from_dict({"input_ids": rows})
     config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
                            use_cpu=True, save_strategy="no", disable_tqdm=True,
@@ -291,6 +292,7 @@ def test_trl_dpo_reference_pass_is_clean_and_policy_pass_noised(tmp_path):
     """TRL's DPO computes reference log-probs from the same PEFT model, adapter disabled, under
     no_grad and in train mode: that pass gets no noise; the policy pass does."""
     trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
     g = torch.Generator().manual_seed(0)
 
     def text(n):
