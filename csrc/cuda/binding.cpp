@@ -222,21 +222,13 @@ bool runs_on(int64_t device) {
   const cudaError_t status = neft::kernel_image_status();
   if (status == cudaSuccess) return true;
   cudaGetLastError();  // a non-sticky error: cleared, so later calls do not see it
-  switch (status) {
-    case cudaErrorNoKernelImageForDevice:
-    case cudaErrorInvalidDeviceFunction:
-    case cudaErrorUnsupportedPtxVersion:
-    case cudaErrorInvalidPtx:
-    case cudaErrorJitCompilerNotFound:
-    case cudaErrorJitCompilationDisabled:
-    case cudaErrorInvalidKernelImage:
-      return false;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "neft_kernels: CUDA error while asking device ", device,
+  const bool no_image = status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction ||
+                        status == cudaErrorUnsupportedPtxVersion || status == cudaErrorInvalidPtx ||
+                        status == cudaErrorJitCompilerNotFound || status == cudaErrorJitCompilationDisabled ||
+                        status == cudaErrorInvalidKernelImage;
+  TORCH_CHECK(no_image, "neft_kernels: CUDA error while asking device ", device,
               " for its kernels: ", cudaGetErrorString(status));
-  return false;  // not reached
+  return false;
 }
 
 // The host address of ``device``'s bad-id word, made on first use (holding 0).

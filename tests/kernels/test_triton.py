@@ -19,17 +19,12 @@ from neft_kernels.lengths import token_scales
 
 from support import ROOT
 from support.asserts import DTYPES, assert_bits_equal
-from support.backends import interpreted, on_backends, why_not
+from support.backends import interpreted, on_backends, requires
 from support.cases import expected, make_weight, scale_cases, side_inputs
 from support.devices import DEVICE, HAS_CUDA
 
-# Tests that launch the kernels on this machine's device (compiled on a GPU, else interpreted) skip,
-# saying why, where triton cannot run them there (an interpreter that cannot: backends/triton.py).
-_UNABLE = why_not("triton", DEVICE)
-runs_here = pytest.mark.skipif(_UNABLE is not None, reason=f"triton on {DEVICE}: {_UNABLE}")
 
-
-@runs_here
+@requires("triton")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_forward_wide_rows_many_tokens(dtype):
     """Several programs along both grid axes (d > the largest lane block), int32 ids."""
@@ -45,7 +40,7 @@ def test_triton_forward_wide_rows_many_tokens(dtype):
 _SLOW_HERE = [pytest.mark.slow] if interpreted("triton", DEVICE) else []
 
 
-@runs_here
+@requires("triton")
 @pytest.mark.parametrize("width,block,walk", [(1, None, None), (7, None, None),
                                               pytest.param(1500, None, None, marks=_SLOW_HERE),
                                               pytest.param(7, 2, 2, marks=_SLOW_HERE),
@@ -68,7 +63,7 @@ def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatc
             assert_bits_equal(got, want)
 
 
-@runs_here
+@requires("triton")
 def test_forward_kernel_records_out_of_range_ids():
     """What the GPU id check reads back: the (min, max) of the bad ids and V, folded into the buffer."""
     weight = make_weight(6, 9, torch.float32, DEVICE)
@@ -82,7 +77,7 @@ def test_forward_kernel_records_out_of_range_ids():
     assert flag.tolist() == [-7, 9, 6]  # good ids record nothing
 
 
-@runs_here
+@requires("triton")
 def test_device_seed_gives_the_seed_bits():
     """A seed the kernel reads from memory (graph-safe) is the same key as a host seed."""
     weight = make_weight(20, 13, torch.bfloat16, DEVICE)
@@ -99,7 +94,7 @@ def _round_bf16_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     triton_backend._store_f32(out_ptr, offs, x, offs < n, IS_BF16=True)
 
 
-@runs_here
+@requires("triton")
 def test_bf16_rounding_is_to_nearest_even():
     """The kernels' float32 -> bf16 store: ties to even, carries, overflow, subnormals, NaN."""
     special = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3961e38, -3.3961e38, 1e-40,
@@ -125,7 +120,7 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter():
 
 @pytest.mark.slow  # a fresh interpreter importing torch and triton
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU present triton would compile for it")
-@runs_here
+@requires("triton")
 @pytest.mark.skipif(not hasattr(triton, "knobs"), reason="triton before 3.4 interprets only with TRITON_INTERPRET=1")
 def test_any_spelling_of_triton_interpret_rounds_like_the_interpreter():
     """triton reads TRITON_INTERPRET as a flag ("true" interprets as "1" does); the kernels' choice of
