@@ -24,7 +24,12 @@ def extensions():
         return [], {}
     import shutil
 
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError as err:  # pip's default, an isolated build environment, has no torch
+        raise SystemExit("neft_kernels compiles its C++ backends against the installed torch, which this build "
+                         "cannot import: install torch first, then `pip install --no-build-isolation ...` "
+                         "(or set NEFT_KERNELS_BUILD_EXT=0 for the Python backends alone)") from err
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     exts = [CppExtension("neft_kernels._C_cpu", ["csrc/cpu/binding.cpp", "csrc/cpu/noisy_embedding_cpu.cpp"],

@@ -30,3 +30,16 @@ def test_sdist_has_every_source_and_header_and_the_type_marker(tmp_path):
     assert csrc and csrc <= shipped, sorted(csrc - shipped)
     assert "neft_kernels/py.typed" in shipped
     assert not any(name.startswith("tests/") for name in shipped)  # they need the repository
+
+
+def test_a_build_that_cannot_import_torch_says_how_to_install(tmp_path):
+    """pip builds in an isolated environment by default, where torch is missing: setup.py says to
+    install torch first and build without isolation, instead of a bare ModuleNotFoundError."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "install torch first" in res.stderr and "--no-build-isolation" in res.stderr
