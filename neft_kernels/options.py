@@ -32,8 +32,9 @@ class NoiseOptions:
             ``"prompt"`` (``labels == -100``); the others still count towards ``L``.
         backend: ``"auto"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"torch"`` (the reference).
         generator: where the per-call seeds come from (default: torch's default CPU generator).
-        tp_group: the tensor-parallel group of a ``VocabParallelEmbedding``-style sharded weight
-            (each rank's noise then covers its rows' share of the counters).
+        tp_group: the tensor-parallel group whose ranks must add the same noise (an embedding
+            replicated across it): every rank draws the stream of the group's smallest rank. A
+            DTensor weight on a 1-D mesh needs none (see docs/distributed.md).
     """
 
     noise_alpha: float = 5.0

@@ -13,6 +13,17 @@ SCHEDULES = ("constant", "linear", "cosine")
 Schedule = Union[str, Callable[[int], float]]
 
 
+def check_schedule(noise_alpha: float, schedule: str, *, final_alpha: float = 0.0,
+                   warmup_steps: int = 0) -> tuple[float, float]:
+    """What :func:`alpha_schedule` checks of a named schedule before it knows the run's length;
+    returns (alpha, final_alpha)."""
+    alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha)
+    validation.check_choice("schedule", schedule, SCHEDULES)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    return alpha, final
+
+
 def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final_alpha: float = 0.0,
                    warmup_steps: int = 0, total_steps: int | None = None) -> Callable[[int], float]:
     """Alpha at each optimizer step (0-based).
@@ -24,10 +35,7 @@ def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final
     """
     if callable(schedule):
         return schedule
-    alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha)
-    validation.check_choice("schedule", schedule, SCHEDULES)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    alpha, final = check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
     if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
         raise ValueError(f"a {schedule} schedule needs total_steps > warmup_steps ({warmup_steps}), "
                          f"got {total_steps!r}")

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback
 from ..compat import caller_self
 from ..module import NoisyEmbedding
 from ..options import NoiseOptions
-from ..schedules import Schedule, alpha_schedule
+from ..schedules import Schedule, alpha_schedule, check_schedule
 from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftune
 
 
@@ -45,8 +45,8 @@ class NEFTuneCallback(TrainerCallback):
                  warmup_steps: int = 0, log_stats: bool = True, **options) -> None:
         self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)  # a misspelling fails here
         self.schedule = (schedule, final_alpha, warmup_steps)
-        if schedule == "constant" or callable(schedule):  # the others need the run's length: checked at train begin
-            alpha_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
+        if not callable(schedule):  # all but the run's length, which a decay needs (checked at train begin)
+            check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
         self.log_stats = log_stats
         self._alpha_at = None
         self._model = None

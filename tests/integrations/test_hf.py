@@ -349,6 +349,14 @@ def test_misspelled_callback_option_is_refused_at_construction():
     with pytest.raises(ValueError, match="length_mode"):
         NEFTuneCallback(5.0, length_mode="per-sequence")
     assert repr(NEFTuneCallback(5.0, length_mode="padded")) == "NEFTuneCallback(noise_alpha=5.0, length_mode='padded')"
+    # A decay's arguments too, all but the run's length (which train begin brings).
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        NEFTuneCallback(5.0, schedule="linaer")
+    with pytest.raises(ValueError, match="final_alpha|alpha"):
+        NEFTuneCallback(5.0, schedule="cosine", final_alpha=-1.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        NEFTuneCallback(5.0, schedule="linear", warmup_steps=-2)
+    NEFTuneCallback(5.0, schedule="linear", final_alpha=1.0, warmup_steps=3)
 
 
 def test_from_embedding_keeps_a_subclass_forward():
