@@ -590,6 +590,23 @@ decltype(auto) dispatch_cpu(neft::DType dtype, Fn&& fn) {
   return neft::dispatch_dtype<float, uint16_t, c10::Half>(dtype, std::forward<Fn>(fn));
 }
 
+// float32 gradients (no division by counts): each element is its rows' float32 sum in token order
+// from +0, as in backward_segments, so the rows are added straight into the zeroed result as the ids
+// come: the gradient is read in order and no sort is needed (2-5x faster where the result stays in
+// cache, level with the sort where zeroing a large result dominates). Threads take column blocks.
+void backward_in_token_order(const float* grad, const int64_t* ids, int64_t n, float* gw, int64_t d,
+                             int64_t num_weights, int64_t padding_idx) {
+  at::parallel_for(0, d, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids[i];
+      if (id == padding_idx || id < 0 || id >= num_weights) continue;
+      const float* g = grad + i * d;
+      float* o = gw + id * d;
+      for (int64_t j = j0; j < j1; ++j) o[j] += g[j];
+    }
+  });
+}
+
 }  // namespace
 
 namespace neft::cpu {
@@ -619,6 +636,11 @@ void noisy_embedding_forward(DType dtype, const int64_t* ids, const void* weight
 void embedding_backward(DType dtype, const void* grad, const int64_t* ids, int64_t n, int64_t d, void* grad_weight,
                         int64_t num_weights, int64_t padding_idx, bool scale_by_freq) {
   if (n == 0 || d == 0) return;
+  if (dtype == DType::kFloat32 && !scale_by_freq) {
+    backward_in_token_order(static_cast<const float*>(grad), ids, n, static_cast<float*>(grad_weight), d, num_weights,
+                            padding_idx);
+    return;
+  }
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });

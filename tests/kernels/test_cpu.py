@@ -277,3 +277,31 @@ def test_cpu_backward_of_a_run_longer_than_a_threads_share_has_the_references_bi
         grads.append(torch.autograd.grad(out, weight, grad)[0])
     assert_bits_equal(grads[0], grads[1])
     assert (grads[0][2] == 0).all() == (padding_idx == 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("padding_idx,scale_grad_by_freq", [(-1, False), (3, False), (3, True)])
+def test_cpu_float32_backward_in_token_order_has_the_references_bits(threads, d, padding_idx, scale_grad_by_freq):
+    """float32 gradients without a division by counts are added into the zeroed result in token
+    order, threads taking column blocks (no sort): the same sums from +0, so the same bits, -0, NaN,
+    infinities and ids outside the table included."""
+    from neft_kernels import _C_cpu
+    from neft_kernels.backends.reference import reference_backward
+
+    gen = torch.Generator().manual_seed(d)
+    ids = torch.randint(0, 9, (300,), generator=gen)
+    ids[:4] = torch.tensor([-1, 9, 40, -7])  # outside [0, 9): no row
+    ids[100:260] = 5  # a long run
+    grad = torch.randn(300, d, generator=gen) * 1e3
+    grad[10, 0], grad[11, :] = float("nan"), -0.0
+    grad[12, -1], grad[13, -1] = float("inf"), float("-inf")
+    grad[ids == 7] = -0.0  # an id whose rows are all -0: +0 in its sum
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _C_cpu.backward(grad, ids, 9, padding_idx, scale_grad_by_freq)
+    finally:
+        torch.set_num_threads(previous)
+    assert_bits_equal(got, reference_backward(grad, ids, 9, None if padding_idx < 0 else padding_idx,
+                                              scale_grad_by_freq))
