@@ -27,6 +27,8 @@ def extensions():
     try:
         import torch
     except ModuleNotFoundError as err:  # pip's default, an isolated build environment, has no torch
+        if err.name != "torch":  # torch is there but cannot import: its own error says why
+            raise
         raise SystemExit("neft_kernels compiles its C++ backends against the installed torch, which this build "
                          "cannot import: install torch first, then `pip install --no-build-isolation ...` "
                          "(or set NEFT_KERNELS_BUILD_EXT=0 for the Python backends alone)") from err

@@ -17,7 +17,7 @@ def check_schedule(noise_alpha: float, schedule: str, *, final_alpha: float = 0.
                    warmup_steps: int = 0) -> tuple[float, float]:
     """What :func:`alpha_schedule` checks of a named schedule before it knows the run's length;
     returns (alpha, final_alpha)."""
-    alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha)
+    alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha, "final_alpha")
     validation.check_choice("schedule", schedule, SCHEDULES)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")

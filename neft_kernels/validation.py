@@ -96,15 +96,15 @@ def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
         raise ValueError(f"offset must be >= 0 and keep every Philox counter below 2**63, got {offset}")
 
 
-def check_alpha(noise_alpha: float) -> float:
+def check_alpha(noise_alpha: float, name: str = "noise_alpha") -> float:
     if isinstance(noise_alpha, (bool, str, bytes)):
-        raise TypeError(f"noise_alpha must be a real number, got {type(noise_alpha).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(noise_alpha).__name__}")
     try:
         alpha = float(noise_alpha)  # Python and NumPy numbers, one-value tensors
     except (TypeError, ValueError) as err:
-        raise TypeError(f"noise_alpha must be a real number, got {type(noise_alpha).__name__}") from err
+        raise TypeError(f"{name} must be a real number, got {type(noise_alpha).__name__}") from err
     if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"noise_alpha must be finite and >= 0, got {noise_alpha}")
+        raise ValueError(f"{name} must be finite and >= 0, got {noise_alpha}")
     return alpha
 
 

@@ -43,3 +43,15 @@ def test_a_build_that_cannot_import_torch_says_how_to_install(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "install torch first" in res.stderr and "--no-build-isolation" in res.stderr
+
+
+def test_a_torch_that_fails_to_import_is_not_reported_as_missing(tmp_path):
+    """A torch whose own import fails (a dependency of it missing) keeps its error."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import a_dependency_torch_lacks\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "a_dependency_torch_lacks" in res.stderr and "install torch first" not in res.stderr

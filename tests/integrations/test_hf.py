@@ -352,7 +352,7 @@ def test_misspelled_callback_option_is_refused_at_construction():
     # A decay's arguments too, all but the run's length (which train begin brings).
     with pytest.raises(ValueError, match="schedule must be one of"):
         NEFTuneCallback(5.0, schedule="linaer")
-    with pytest.raises(ValueError, match="final_alpha|alpha"):
+    with pytest.raises(ValueError, match="final_alpha must be finite"):
         NEFTuneCallback(5.0, schedule="cosine", final_alpha=-1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         NEFTuneCallback(5.0, schedule="linear", warmup_steps=-2)
