@@ -92,6 +92,28 @@ for backend in ("cuda", "triton"):
 # GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernels alone and
 # of both, with the launches overlapped (sm_90) and, in a second process, in order
 # (NEFT_KERNELS_CUDA_PDL=0): what programmatic dependent launch saves
+# The backward with the pads one id (a quarter of the tokens in one run, summed in order by one
+# block per column chunk) against the same batch with the pads' ids spread: is that run exposed?
+from neft_kernels.backends import module
+from neft_kernels.bench.impls import padded_batch
+from neft_kernels.bench.measure import interleaved_times
+for d, v in ((576, 49152), (4096, 128256)):
+    try:
+        ids, mask = padded_batch(8, 2048, v, torch.Generator().manual_seed(0))
+        spread = torch.where(mask == 0, torch.randint(0, v, ids.shape), ids)
+        grad = torch.randn(8 * 2048, d, device="cuda", dtype=torch.bfloat16)
+        fns = {}
+        for name, batch in (("pads one id", ids), ("pads spread", spread)):
+            flat = batch.view(-1).cuda()
+            fns[f"F.embedding, {name}"] = lambda flat=flat: torch.ops.aten.embedding_dense_backward(
+                grad, flat, v, -1, False)
+            for backend in ("cuda", "triton"):
+                fns[f"{backend}, {name}"] = lambda flat=flat, b=backend: module(b).backward(grad, flat, v, None, False)
+        times = interleaved_times(fns, torch.device("cuda"), reps=7, inner=5)
+        print(f"== backward alone, 8x2048 padded, d={d}, V={v}, bf16, ms (median of 7): "
+              + ", ".join(f"{k} {sorted(t)[3] * 1e3:.4f}" for k, t in times.items()), flush=True)
+    except Exception as err:
+        print(f"backward alone d={d}: {err!r}", flush=True)
 import os, subprocess, sys
 GRAPH_TIMES = r"""
 import torch
