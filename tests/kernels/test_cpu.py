@@ -305,3 +305,21 @@ def test_cpu_float32_backward_in_token_order_has_the_references_bits(threads, d,
         torch.set_num_threads(previous)
     assert_bits_equal(got, reference_backward(grad, ids, 9, None if padding_idx < 0 else padding_idx,
                                               scale_grad_by_freq))
+
+
+@pytest.mark.parametrize("vocab", [9, 5000])  # a counting sort where V <= 4 n (n = 300), else a comparison sort
+@pytest.mark.parametrize("dtype,scale_grad_by_freq", [(torch.bfloat16, False), (torch.float16, True),
+                                                      (torch.float32, True)])
+def test_cpu_sorted_backward_orders_tokens_stably_by_either_sort(vocab, dtype, scale_grad_by_freq):
+    """The sorted runs (16-bit weights, scale_grad_by_freq) take the tokens in stable id order from a
+    counting sort or a comparison sort: the reference's bits either way, ids outside the table too."""
+    from neft_kernels import _C_cpu
+    from neft_kernels.backends.reference import reference_backward
+
+    gen = torch.Generator().manual_seed(vocab)
+    ids = torch.randint(0, min(vocab, 9), (300,), generator=gen) * (vocab // 9)
+    ids[:5] = torch.tensor([-1, vocab, vocab + 7, -3, vocab])  # no row, wherever they sort
+    ids[50:200] = 4  # a run
+    grad = (torch.randn(300, 40, generator=gen) * 100).to(dtype)
+    got = _C_cpu.backward(grad, ids, vocab, 2 * (vocab // 9), scale_grad_by_freq)
+    assert_bits_equal(got, reference_backward(grad, ids, vocab, 2 * (vocab // 9), scale_grad_by_freq))
