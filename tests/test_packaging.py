@@ -32,26 +32,25 @@ def test_sdist_has_every_source_and_header_and_the_type_marker(tmp_path):
     assert not any(name.startswith("tests/") for name in shipped)  # they need the repository
 
 
+def _setup_with_torch(tmp_path, torch_init: str) -> subprocess.CompletedProcess:
+    """``setup.py --name`` where ``import torch`` runs ``torch_init`` (a stand-in package)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(torch_init)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_a_build_that_cannot_import_torch_says_how_to_install(tmp_path):
     """pip builds in an isolated environment by default, where torch is missing: setup.py says to
     install torch first and build without isolation, instead of a bare ModuleNotFoundError."""
-    fake = tmp_path / "torch"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = _setup_with_torch(tmp_path, "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
     assert res.returncode != 0
     assert "install torch first" in res.stderr and "--no-build-isolation" in res.stderr
 
 
 def test_a_torch_that_fails_to_import_is_not_reported_as_missing(tmp_path):
     """A torch whose own import fails (a dependency of it missing) keeps its error."""
-    fake = tmp_path / "torch"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("import a_dependency_torch_lacks\n")
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = _setup_with_torch(tmp_path, "import a_dependency_torch_lacks\n")
     assert res.returncode != 0
     assert "a_dependency_torch_lacks" in res.stderr and "install torch first" not in res.stderr
