@@ -132,3 +132,34 @@ def test_eager_path_matches_the_registered_ops(dtype, side):
     (compiled_grad,) = torch.autograd.grad(compiled, weight, grad)
     assert_bits_equal(compiled, eager)
     assert_bits_equal(compiled_grad, eager_grad)
+
+
+def test_torch_export_gives_eager_noise_and_gradient():
+    """torch.export: eval mode exports as aten.embedding; train mode exports the op with its seed
+    drawn in the graph (fresh noise per call, eager's bits for the same torch.manual_seed) and alpha
+    read from the module's tensor (a new value needs no re-export)."""
+    torch.manual_seed(0)
+    emb = NoisyEmbedding(100, 16, noise_alpha=5.0, padding_idx=0)
+    ids = torch.randint(1, 100, (2, 8))
+    ids[1, 5:] = 0
+    mask = (ids != 0).long()
+    calls = {}
+    for mode in ("eval", "train"):
+        emb.train(mode == "train")
+        calls[mode] = torch.export.export(emb, (ids,), {"attention_mask": mask}).module()
+    targets = {str(n.target) for n in calls["eval"].graph.nodes if n.op == "call_function"}
+    assert "aten.embedding.default" in targets and not any("neft_kernels" in t for t in targets)
+    assert_bits_equal(calls["eval"](ids, attention_mask=mask), torch.nn.functional.embedding(ids, emb.weight, 0))
+
+    exported = calls["train"]
+    outs = []
+    for module in (exported, emb):
+        torch.manual_seed(5)
+        out = module(ids, attention_mask=mask)
+        (grad,) = torch.autograd.grad(out, [p for p in module.parameters()], torch.ones_like(out))
+        outs.append((out.detach(), grad))
+    assert_bits_equal(outs[0][0], outs[1][0])
+    assert_bits_equal(outs[0][1], outs[1][1])
+    assert not torch.equal(exported(ids, attention_mask=mask), outs[0][0])  # a new seed each call
+    emb.noise_alpha = 0.0
+    assert_bits_equal(exported(ids, attention_mask=mask), torch.nn.functional.embedding(ids, emb.weight, 0))
