@@ -163,3 +163,28 @@ def test_torch_export_gives_eager_noise_and_gradient():
     assert not torch.equal(exported(ids, attention_mask=mask), outs[0][0])  # a new seed each call
     emb.noise_alpha = 0.0
     assert_bits_equal(exported(ids, attention_mask=mask), torch.nn.functional.embedding(ids, emb.weight, 0))
+
+
+def test_torch_export_of_a_patched_hugging_face_model_in_train_mode():
+    """patch_model's side-input hooks survive export: the exported train-mode model holds the op and
+    gives eager's logits (per-sequence L from the attention_mask) for the same torch.manual_seed."""
+    pytest.importorskip("transformers")
+    from neft_kernels import patch_model
+
+    from support.hf_models import build
+
+    model = build("llama")
+    model.config.use_cache = False  # transformers' cache object is not an export output
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    patch_model(model, noise_alpha=5.0)
+    model.train()
+    kwargs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    exported = torch.export.export(model, (), kwargs)
+    assert any(n.target == FWD for n in exported.graph.nodes)
+    logits = []
+    for module in (exported.module(), model):
+        torch.manual_seed(3)
+        logits.append(module(**kwargs).logits)
+    assert_bits_equal(logits[0], logits[1])
