@@ -13,7 +13,8 @@ struct TypeTag {
 };
 
 // Calls fn(TypeTag<X>{}) with X the storage type of dtype: Float32, BFloat16 or Float16 as each
-// side spells them (bfloat16 travels as raw uint16_t words on both sides, rounded by integer ops).
+// side spells them (bfloat16 travels as raw uint16_t words on both sides; the CPU rounds it by
+// integer ops, the GPU with cvt.rn).
 //   dispatch_dtype<float, uint16_t, c10::Half>(dtype, [&](auto tag) {
 //     using T = typename decltype(tag)::type; ... });
 template <typename Float32, typename BFloat16, typename Float16, typename Fn>

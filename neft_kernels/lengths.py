@@ -12,6 +12,11 @@ import torch
 LENGTH_MODES = ("per_sequence", "padded")
 
 
+def device_of(*tensors: object) -> torch.device:
+    """The device of the first tensor among ``tensors`` (side inputs and alpha, where no device is given)."""
+    return next(t.device for t in tensors if isinstance(t, torch.Tensor))
+
+
 def _rows(shape: torch.Size) -> tuple[int, int]:
     """(rows, row length): the last dim is the sequence, leading dims are rows; 0-d is one token."""
     width = shape[-1] if len(shape) else 1
@@ -72,18 +77,17 @@ def _cu_starts(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return flags[:n]
 
 
-def token_lengths(shape: torch.Size, *, attention_mask: torch.Tensor | None = None,
+def token_lengths(shape: torch.Size, *, device: torch.device, attention_mask: torch.Tensor | None = None,
                   position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                  noise_mask: torch.Tensor | None = None, length_mode: str = "per_sequence",
-                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(L_n, noised_n)`` of every token of an ``input_ids`` of ``shape``, flattened row-major:
-    the float64 lengths and a bool tensor (None: every token is noised). See :func:`token_scales`."""
+                  noise_mask: torch.Tensor | None = None,
+                  length_mode: str = "per_sequence") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(L_n, noised_n)`` of every token of an ``input_ids`` of ``shape`` on ``device``, flattened
+    row-major: the float64 lengths and a bool tensor (None: every token is noised). See
+    :func:`token_scales`."""
     rows, width = _rows(shape)
     n = rows * width
     if length_mode == "padded":
         attention_mask = position_ids = cu_seqlens = None
-    if device is None:
-        device = next(t.device for t in (attention_mask, position_ids, cu_seqlens, noise_mask) if t is not None)
     real = (attention_mask.expand(shape).reshape(n) != 0) if attention_mask is not None else None
     if position_ids is None and cu_seqlens is None:  # a padded batch, or plain rows: one sequence per row
         if real is None:
@@ -134,7 +138,7 @@ def token_scales(shape: torch.Size, alpha: float | torch.Tensor, embedding_dim: 
     if all(t is None for t in side) and not tensor_alpha:
         return scale_for_length(alpha, max(width, 1), embedding_dim)
     if device is None:
-        device = next(t.device for t in (*side, alpha) if isinstance(t, torch.Tensor))
+        device = device_of(*side, alpha)
     if rows * width == 0:
         return torch.zeros(0, dtype=torch.float32, device=device)
     length, noised = token_lengths(shape, attention_mask=attention_mask, position_ids=position_ids,

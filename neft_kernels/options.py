@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import validation
+from . import backends, validation
 from .lengths import LENGTH_MODES
 from .spec import DISTRIBUTIONS
 
@@ -50,7 +50,7 @@ class NoiseOptions:
         validation.check_choice("length_mode", self.length_mode, LENGTH_MODES)
         validation.check_choice("distribution", self.distribution, DISTRIBUTIONS)
         validation.check_choice("noise_tokens", self.noise_tokens, NOISE_TOKENS)
-        validation.check_choice("backend", self.backend, validation.BACKENDS)
+        validation.check_choice("backend", self.backend, backends.NAMES)
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
 

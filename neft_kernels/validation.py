@@ -8,7 +8,6 @@ import torch
 
 from .spec import SUPPORTED_DTYPES, num_lanes
 
-BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _ID_DTYPES = (torch.int32, torch.int64)
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
@@ -25,7 +24,7 @@ def check_weight(weight: torch.Tensor) -> None:
 def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int32, torch.int64):
+    if input_ids.dtype not in _ID_DTYPES:
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.device != weight.device:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")

@@ -89,9 +89,6 @@ for backend in ("cuda", "triton"):
                     print(f"{e.key[:90]:<90} {e.device_time_total / calls:9.2f} x{e.count / calls:.0f}", flush=True)
         except Exception as err:
             print(f"{backend} {b},{l},{d},{v}: {err!r}", flush=True)
-# GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernels alone and
-# of both, with the launches overlapped (sm_90) and, in a second process, in order
-# (NEFT_KERNELS_CUDA_PDL=0): what programmatic dependent launch saves
 # The backward with the pads one id (a quarter of the tokens in one run, summed in order by one
 # block per column chunk) against the same batch with the pads' ids spread: is that run exposed?
 from neft_kernels.backends import module
@@ -114,6 +111,9 @@ for d, v in ((576, 49152), (4096, 128256)):
               + ", ".join(f"{k} {sorted(t)[3] * 1e3:.4f}" for k, t in times.items()), flush=True)
     except Exception as err:
         print(f"backward alone d={d}: {err!r}", flush=True)
+# GPU time alone (graph replay) of the cuda forward with one scale, of its scales kernels alone and
+# of both, with the launches overlapped (sm_90) and, in a second process, in order
+# (NEFT_KERNELS_CUDA_PDL=0): what programmatic dependent launch saves
 import os, subprocess, sys
 GRAPH_TIMES = r"""
 import torch

@@ -3,9 +3,10 @@
 Prints one JSON line per (kernel, variant, arch) with registers, stack, shared memory and spills read
 from the cubin by ``cuobjdump --dump-resource-usage``, the kernel's SASS instruction count, the
 count of FMA instructions in the PTX and SASS and of flush-to-zero instructions in the PTX (spec v1
-allows neither), the PTX's float32 -> 16-bit conversions (round to nearest even), and the float64
-division and square-root instructions of the scales kernel (spec v1 needs them rounded to nearest;
-ptxas expands those IEEE instructions with FFMAs of its own, which are exact by construction).
+allows neither), the PTX's float32 -> 16-bit conversions (round to nearest even), and the division
+and square-root instructions of the scales kernel (float64) and of the Gaussian stream (float32):
+the spec needs them rounded to nearest; ptxas expands those IEEE instructions with FFMAs of its
+own, which are exact by construction.
 
     python tools/aot_compile.py                 # sm_80 and sm_90
     python tools/aot_compile.py --arch 90 --keep out/   # also keep .ptx/.cubin files

@@ -452,7 +452,7 @@ void forward_rows(const Kernels& k, const int64_t* ids, const T* weight, T* out,
   for (int64_t n = first; n < last; ++n) {
     const float scale = scales ? scales[n] : scale_value;
     T* dst = out + n * d;
-    if (ids[n] < 0 || ids[n] >= num_rows) {  // never read: Python refuses these first, this is a guard
+    if (ids[n] < 0 || ids[n] >= num_rows) {  // never read: a NaN row; the caller raises from the ids' range
       std::fill(dst, dst + d, from_f32<T>(std::numeric_limits<float>::quiet_NaN()));
       continue;
     }

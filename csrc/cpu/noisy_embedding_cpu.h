@@ -13,7 +13,7 @@
 namespace neft::cpu {
 
 // An integer or bool side input read element by element whatever its dtype (masks and position
-// ids arrive as bool, uint8, int32 or int64; a per-element switch costs far less than a
+// ids arrive as any integer or bool dtype; a per-element switch costs far less than a
 // conversion). Broadcast dims have stride 0; an absent input has no data.
 struct IntView {
   const void* data = nullptr;

@@ -96,7 +96,8 @@ void fill_scales(torch::Tensor& out, int64_t width, double alpha, const c10::opt
 // ``noise_mask`` as (rows, width) views, ``cu_seqlens`` 1-D; rows * width = N); otherwise every
 // token takes ``scale_value``. seed_tensor: a 0-d int64 CUDA tensor read by the kernel
 // (graph-safe), else ``seed``. bad_ids: a (3,) int64 CUDA tensor {min, max, V} that records
-// out-of-range ids, or none. One C++ call: two or three launches, no sync.
+// out-of-range ids, or none. One C++ call, no sync: one launch with a single scale, two or three where
+// it derives per-token scales.
 torch::Tensor noisy_embedding_forward(
     const torch::Tensor& ids_in, const torch::Tensor& weight_in, int64_t seed, int64_t offset, double scale_value,
     bool per_token, double alpha, const c10::optional<torch::Tensor>& alpha_tensor, int64_t width,

@@ -26,9 +26,10 @@ using neft::SideView;
 #define NEFT_SCALE_THREADS 256
 #endif
 constexpr int kScaleThreads = NEFT_SCALE_THREADS;
-// Consecutive tokens per thread (at most 32: bit masks): a tile of 4096 tokens, so that rows of up to
-// 4096 need no summary launch.
+// Consecutive tokens per thread (fewer than 32: 32-bit masks built by 1u << n): a tile of 4096 tokens, so
+// that rows of up to 4096 need no summary launch.
 constexpr int kScaleTokens = 16;
+static_assert(kScaleTokens < 32, "per-thread token masks are 32-bit words built by 1u << n");
 constexpr int64_t kScaleTile = kScaleThreads * kScaleTokens;  // tokens of a row per block
 
 // fn(T{}) with T the signed integer type of a side input's element size: only == 0 / != 0 matters,

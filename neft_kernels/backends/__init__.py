@@ -60,6 +60,7 @@ class Backend(Protocol):
 
 _AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _MODULES = {"torch": "reference", "triton": "triton", "cpu": "cpu", "cuda": "cuda"}
+NAMES = ("auto", *_MODULES)  # what backend= accepts
 _DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 
 
@@ -118,8 +119,8 @@ def _why_not(name: str, device: torch.device) -> str | None:
 
 
 def _resolve(name: str, device: torch.device) -> str:
-    if name not in _MODULES and name != "auto":
-        raise ValueError(f"backend must be one of {('auto', *_MODULES)}, got {name!r}")
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     if name == "auto":
         candidates = _AUTO.get(device.type, ("torch",))
         for candidate in candidates:

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..id_check import raise_out_of_range
+from ..lengths import device_of
 
 ABI_VERSION = 10  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature or behaviour changes
 
@@ -58,7 +59,8 @@ def cpu_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callab
 
 def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Callable]:
     """``forward``, ``backward``, ``token_scales`` and ``forward_with_grad`` over ``_C_cuda``: one C++
-    call derives the scales on the device and writes the rows (two or three launches). ``alpha``: a
+    call derives the scales on the device and writes the rows (one launch with a single scale, two or three
+    with per-token scales). ``alpha``: a
     float, or a 0-d float64 CUDA tensor the kernels read (alpha as data, for CUDA graphs)."""
 
     def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, offset: int, scale: float | None,
@@ -77,8 +79,7 @@ def cuda_functions(ext: ModuleType) -> tuple[Callable, Callable, Callable, Calla
                      device: torch.device | None = None) -> torch.Tensor:
         tensor_alpha = isinstance(alpha, torch.Tensor)
         if device is None:
-            device = next(t.device for t in (attention_mask, position_ids, cu_seqlens, noise_mask, alpha)
-                          if isinstance(t, torch.Tensor))
+            device = device_of(attention_mask, position_ids, cu_seqlens, noise_mask, alpha)
         return ext.token_scales(n_tokens, 0.0 if tensor_alpha else alpha, alpha if tensor_alpha else None,
                                 embedding_dim, width, attention_mask, position_ids, cu_seqlens, noise_mask,
                                 torch.device(device))

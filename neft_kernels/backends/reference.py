@@ -9,7 +9,7 @@ from .. import lengths
 from ..id_check import check_id_range
 from ..spec import noise
 
-# Tokens per reference chunk: bounds the int64 temporaries to a few hundred MB.
+# Elements (tokens x d) per reference chunk: bounds the int64 temporaries to a few hundred MB.
 _CHUNK_ELEMENTS = 1 << 22
 
 

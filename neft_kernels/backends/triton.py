@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .. import spec
 from ..id_check import check_id_range
+from ..lengths import device_of
 from ..spec import num_lanes
 
 # Elements handled per program; bounds registers per thread at 4 warps.
@@ -28,6 +29,14 @@ _PHILOX_MUL_B = tl.constexpr(spec.PHILOX_MUL_B)
 _PHILOX_KEY_A = tl.constexpr(spec.PHILOX_KEY_A)
 _PHILOX_KEY_B = tl.constexpr(spec.PHILOX_KEY_B)
 _UNIFORM_SCALE_X2 = tl.constexpr(spec.UNIFORM_SCALE_X2)
+# The Gaussian stream's float32 constants, from the spec.
+_SQRT2_BITS = tl.constexpr(spec.SQRT2_BITS)
+_LN2 = tl.constexpr(spec.LN2)
+_HALF_PI = tl.constexpr(spec.HALF_PI)
+_SQRT_HALF = tl.constexpr(spec.SQRT_HALF)
+_LOG_0, _LOG_1, _LOG_2, _LOG_3 = (tl.constexpr(c) for c in spec.LOG_POLY)
+_SIN_0, _SIN_1, _SIN_2, _SIN_3 = (tl.constexpr(c) for c in spec.SIN_POLY)
+_COS_0, _COS_1, _COS_2, _COS_3 = (tl.constexpr(c) for c in spec.COS_POLY)
 # Gradient rows of one id loaded per step of the backward's in-order sum.
 _BWD_ROWS = 8
 # Never let a kernel contract a*b + c into an FMA: the spec rounds every product first.
@@ -169,19 +178,25 @@ def _uniform(bits):
 
 
 @triton.jit
+def _horner4(x, c0: tl.constexpr, c1: tl.constexpr, c2: tl.constexpr, c3: tl.constexpr):
+    """``((c0 x + c1) x + c2) x + c3`` in float32, each product and sum rounded (no FMA)."""
+    return ((c0 * x + c1) * x + c2) * x + c3
+
+
+@triton.jit
 def _log_f32(u):
     """Spec v2's float32 log of ``u`` in (0, 1) (``neft_kernels.spec.log_f32``): IEEE ops only."""
     bits = u.to(tl.int32, bitcast=True)
     exponent = (bits >> 23) - 127
     mantissa_bits = (bits & 0x7FFFFF) | 0x3F800000
-    big = mantissa_bits > 0x3FB504F3
+    big = mantissa_bits > _SQRT2_BITS
     m = mantissa_bits.to(tl.float32, bitcast=True)
     m = tl.where(big, m * 0.5, m)
     exponent = tl.where(big, exponent + 1, exponent)
     s = tl.div_rn(m - 1.0, m + 1.0)
     z = s * s
-    p = ((0.222222224 * z + 0.285714298) * z + 0.400000006) * z + 0.666666687
-    return exponent.to(tl.float32) * 0.693147182 + ((s + s) + (s * z) * p)
+    p = _horner4(z, _LOG_0, _LOG_1, _LOG_2, _LOG_3)
+    return exponent.to(tl.float32) * _LN2 + ((s + s) + (s * z) * p)
 
 
 @triton.jit
@@ -192,12 +207,12 @@ def _gaussian_pair(a, b):
     radius = tl.sqrt_rn(tl.maximum(_log_f32(u1) * -2.0, 0.0))
     t = u2 * 4.0
     quadrant = t.to(tl.int32)
-    phi = ((t - quadrant.to(tl.float32)) - 0.5) * 1.57079637
+    phi = ((t - quadrant.to(tl.float32)) - 0.5) * _HALF_PI
     p = phi * phi
-    sin_phi = phi + (phi * p) * (((2.75573188e-06 * p + -0.000198412701) * p + 0.00833333377) * p + -0.166666672)
-    cos_phi = 1.0 + p * (((2.48015876e-05 * p + -0.00138888892) * p + 0.0416666679) * p + -0.5)
-    c = (cos_phi - sin_phi) * 0.707106769
-    s = (cos_phi + sin_phi) * 0.707106769
+    sin_phi = phi + (phi * p) * _horner4(p, _SIN_0, _SIN_1, _SIN_2, _SIN_3)
+    cos_phi = 1.0 + p * _horner4(p, _COS_0, _COS_1, _COS_2, _COS_3)
+    c = (cos_phi - sin_phi) * _SQRT_HALF
+    s = (cos_phi + sin_phi) * _SQRT_HALF
     cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
     sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
     return radius * cos, radius * sin
@@ -515,7 +530,7 @@ def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embeddi
     """
     side = (attention_mask, position_ids, cu_seqlens, noise_mask)
     if device is None:
-        device = next(t.device for t in (*side, alpha) if isinstance(t, torch.Tensor))
+        device = device_of(*side, alpha)
     out = torch.empty(n_tokens, dtype=torch.float32, device=device)
     _check_device(out)
     if not n_tokens:

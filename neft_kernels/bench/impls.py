@@ -69,7 +69,7 @@ def implementations(device: torch.device, backends: list[str] | None = None) -> 
         Impl("rand_like_compiled", "inductor", torch.compile(rand_like, dynamic=False)),
     ]
     impls += [Impl("neft", b, _neft(b)) for b in (backends or neft_backends(device))]
-    if device.type == "cuda":  # what the id range check (one min/max and a host-device sync) costs
+    if device.type == "cuda":  # what the sync-free id check (a device record, then a host word or a copy) costs
         impls += [Impl("neft_no_id_check", b, _neft(b, id_check=False)) for b in (backends or neft_backends(device))]
     return impls
 

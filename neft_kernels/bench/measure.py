@@ -22,6 +22,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
+def syncer(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work: ``torch.cuda.synchronize`` on a GPU, nothing on a CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Kineto announces every profiler start/stop on fd 2; keep the progress bar readable."""
@@ -60,7 +65,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = syncer(device)
     for _ in range(reps):
         for name, fn in fns.items():
             if device.type == "cuda":
@@ -86,7 +91,7 @@ def host_us(fn: Callable[[], object], device: torch.device, calls: int = 20) -> 
     On a GPU, where this exceeds the kernel time a call is bound by the host: the GPU idles between
     kernels unless the caller queues other work. On a CPU it is the whole call.
     """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = syncer(device)
     sync()
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -125,15 +130,23 @@ def graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 10) -> float
     return statistics.median(times)
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    """The 20th and 80th percentiles (the value itself for one)."""
+    q = statistics.quantiles(values, n=5) if len(values) > 1 else [values[0]] * 4
+    return q[0], q[-1]
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     """Median and spread (20th-80th percentile) in milliseconds."""
-    ms = sorted(s * 1e3 for s in samples)
-    q = statistics.quantiles(ms, n=5) if len(ms) > 1 else [ms[0]] * 4
-    return {"median_ms": statistics.median(ms), "p20_ms": q[0], "p80_ms": q[-1], "samples": len(ms)}
+    ms = [s * 1e3 for s in samples]
+    p20, p80 = spread(ms)
+    return {"median_ms": statistics.median(ms), "p20_ms": p20, "p80_ms": p80, "samples": len(ms)}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
-    """This machine's device-memory copy bandwidth in GB/s (read + write counted)."""
+def copy_bandwidth(device: torch.device, reps: int) -> float:
+    """This machine's device-memory copy bandwidth in GB/s (read + write counted), over a copy of
+    1 GiB on a GPU, 256 MiB on a CPU."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     times = interleaved_times({"copy": lambda: dst.copy_(src)}, device, reps=reps, inner=2)["copy"]

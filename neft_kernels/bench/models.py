@@ -76,7 +76,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], backends: list[str] | N
         models: list[str] | None = None, progress: bool = True, reps: int = 10, inner: int = 5) -> list[dict]:
     """One record per (model, layout, dtype, pass, implementation)."""
     on_gpu = device.type == "cuda"
-    copy_gbps = measure.copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 28), reps=reps)
+    copy_gbps = measure.copy_bandwidth(device, reps=reps)
     records, key, batch, impls = [], None, None, None
     for model, layout, dtype, pass_ in tqdm(cases(dtypes, models), desc="model shapes", disable=not progress):
         d, vocab = MODEL_SHAPES[model]

@@ -75,7 +75,7 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
     ids, mask, labels = _batch(model.config.vocab_size, batch, length, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
     switch = _Variant(model)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = measure.syncer(device)
 
     def step():
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -104,14 +104,14 @@ def run(name: str, device: torch.device, dtype: torch.dtype, batch: int, length:
     records = []
     for variant in VARIANTS:
         # Paired within each round: drift between rounds (clocks, other load) cancels in the ratio.
-        ratios = sorted(t / base for t, base in zip(times[variant], times["none"], strict=True))
-        spread = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
+        ratios = [t / base for t, base in zip(times[variant], times["none"], strict=True)]
+        p20, p80 = measure.spread(ratios)
         records.append({"kind": "train_step", "model": name, "variant": variant, "device": device.type,
                         "dtype": str(dtype).removeprefix("torch."), "B": batch, "L": length,
                         "step_ms": statistics.median(times[variant]) * 1e3,
                         "min_ms": min(times[variant]) * 1e3, "max_ms": max(times[variant]) * 1e3,
                         "rounds": rounds, "steps_per_round": steps, "vs_no_noise": statistics.median(ratios),
-                        "vs_no_noise_p20": spread[0], "vs_no_noise_p80": spread[-1], "peak_bytes": peaks[variant]})
+                        "vs_no_noise_p20": p20, "vs_no_noise_p80": p80, "peak_bytes": peaks[variant]})
     return records
 
 

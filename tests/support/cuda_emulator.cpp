@@ -48,11 +48,6 @@ static inline void __syncthreads() {
   ++fibers[current_fiber].barriers;
   swapcontext(&fibers[current_fiber].context, &scheduler);
 }
-static inline float __int_as_float(int bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 static inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
