@@ -539,6 +539,11 @@ void per_sequence_scales(float* scales, int64_t rows, int64_t width, double alph
   });
 }
 
+// Whether an id gets a gradient row: in the table and not the padding row.
+inline bool has_grad_row(int64_t id, int64_t num_weights, int64_t padding_idx) {
+  return id != padding_idx && id >= 0 && id < num_weights;
+}
+
 // Columns [j0, j1) of one id's gradient row: its rows summed in token order in float32, rounded once.
 template <typename T>
 void sum_run(const T* grad, const int64_t* order, int64_t begin, int64_t end, int64_t d, int64_t j0, int64_t j1,
@@ -562,7 +567,7 @@ void backward_segments(const T* grad, const int64_t* order, const int64_t* sorte
   const int64_t n = starts.back(), n_segments = static_cast<int64_t>(starts.size()) - 1;
   const int64_t long_run = std::max<int64_t>(n / (2 * at::get_num_threads()), 1);
   const auto is_long = [&](int64_t s) { return starts[s + 1] - starts[s] > long_run; };
-  const auto written = [&](int64_t id) { return id != padding_idx && id >= 0 && id < num_weights; };
+  const auto written = [&](int64_t id) { return has_grad_row(id, num_weights, padding_idx); };
   // at least ~16k additions a task
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
     std::vector<float> acc;
@@ -599,7 +604,7 @@ void backward_in_token_order(const float* grad, const int64_t* ids, int64_t n, f
   at::parallel_for(0, d, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t id = ids[i];
-      if (id == padding_idx || id < 0 || id >= num_weights) continue;
+      if (!has_grad_row(id, num_weights, padding_idx)) continue;
       const float* g = grad + i * d;
       float* o = gw + id * d;
       for (int64_t j = j0; j < j1; ++j) o[j] += g[j];
