@@ -16,53 +16,7 @@ from neft_kernels.integrations.hf import is_patched  # noqa: E402
 
 from support.asserts import assert_bits_equal  # noqa: E402
 from support.hf_models import VOCAB, build, padded_batch  # noqa: E402
-
-ALPHA = 5.0
-
-
-class _Rows(torch.utils.data.Dataset):
-    """Token rows of varied lengths; the collator pads them."""
-
-    def __init__(self, n: int = 16):
-        g = torch.Generator().manual_seed(0)
-        self.rows = [torch.randint(2, VOCAB, (int(torch.randint(4, 13, (), generator=g)),), generator=g)
-                     for _ in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i]}
-
-
-def _collate(items):
-    width = max(len(it["input_ids"]) for it in items)
-    ids = torch.zeros(len(items), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, it in enumerate(items):
-        ids[r, :len(it["input_ids"])] = it["input_ids"]
-        mask[r, :len(it["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def _args(tmp_path, **kw):
-    kw = {"max_steps": 3, "logging_steps": 1, **kw}
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **kw)
-
-
-class _Probe(transformers.TrainerCallback):
-    """Records, at every step, whether the embedding was noisy and what it saw."""
-
-    def __init__(self, fail_at_step: int | None = None):
-        self.patched_during, self.fail_at_step, self.seen = [], fail_at_step, []
-
-    def on_step_begin(self, args, state, control, model=None, **kw):
-        emb = model.get_input_embeddings()
-        self.patched_during.append(isinstance(emb, NoisyEmbedding))
-        if state.global_step == self.fail_at_step:
-            raise RuntimeError("training failed")
+from support.hf_training import ALPHA, Probe, Rows, collate, run_args  # noqa: E402
 
 
 @pytest.mark.slow
@@ -70,8 +24,8 @@ def test_trainer_with_callback_trains_noisy_and_leaves_a_plain_model(tmp_path):
     model = build("llama_tied")
     weight = model.get_input_embeddings().weight
     before = weight.detach().clone()
-    probe = _Probe()
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+    probe = Probe()
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path), train_dataset=Rows(), data_collator=collate,
                                    callbacks=[NEFTuneCallback(noise_alpha=ALPHA), probe])
     result = trainer.train()
     assert probe.patched_during == [True, True, True]
@@ -90,8 +44,8 @@ def test_trainer_with_callback_trains_noisy_and_leaves_a_plain_model(tmp_path):
 @pytest.mark.slow
 def test_callback_unpatches_when_training_raises(tmp_path):
     model = build("llama")
-    probe = _Probe(fail_at_step=1)
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+    probe = Probe(fail_at_step=1)
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path), train_dataset=Rows(), data_collator=collate,
                                    callbacks=[NEFTuneCallback(noise_alpha=ALPHA), probe])
     with pytest.raises(RuntimeError, match="training failed"):
         trainer.train()
@@ -101,8 +55,8 @@ def test_callback_unpatches_when_training_raises(tmp_path):
 
 def test_callback_refuses_transformers_own_neftune(tmp_path):
     with pytest.raises(ValueError, match="neftune_noise_alpha.*|NEFTuneCallback") as info:
-        transformers.Trainer(model=build("llama"), args=_args(tmp_path, neftune_noise_alpha=5.0),
-                             train_dataset=_Rows(), data_collator=_collate, callbacks=[NEFTuneCallback(ALPHA)])
+        transformers.Trainer(model=build("llama"), args=run_args(tmp_path, neftune_noise_alpha=5.0),
+                             train_dataset=Rows(), data_collator=collate, callbacks=[NEFTuneCallback(ALPHA)])
     assert "NEFTuneCallback" in str(info.value) and "neftune_noise_alpha" in str(info.value)
 
 
@@ -111,15 +65,15 @@ def test_callback_added_late_next_to_the_flag_refuses_and_leaves_no_hook(tmp_pat
     """add_callback after construction: the refusal comes at train(), after transformers attached its
     hook; the callback takes that hook off again, so a retry without the flag trains with ours only."""
     model = build("llama")
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, neftune_noise_alpha=5.0), train_dataset=_Rows(),
-                                   data_collator=_collate)
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, neftune_noise_alpha=5.0), train_dataset=Rows(),
+                                   data_collator=collate)
     trainer.add_callback(NEFTuneCallback(ALPHA))
     with pytest.raises(ValueError, match="neftune_noise_alpha"):
         trainer.train()
     emb = model.get_input_embeddings()
     assert not emb._forward_hooks and not hasattr(emb, "neftune_noise_alpha") and not is_patched(model)
-    probe = _Probe()
-    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+    probe = Probe()
+    transformers.Trainer(model=model, args=run_args(tmp_path), train_dataset=Rows(), data_collator=collate,
                          callbacks=[NEFTuneCallback(ALPHA), probe]).train()
     assert probe.patched_during == [True] * 3
 
@@ -147,7 +101,7 @@ def test_patch_model_refuses_next_to_another_neftune_hook():
 @pytest.mark.slow
 def test_callback_keeps_a_patch_the_user_applied_before_training(tmp_path):
     model = patch_model(build("llama"), 3.0, length_mode="padded")
-    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(), data_collator=_collate,
+    transformers.Trainer(model=model, args=run_args(tmp_path), train_dataset=Rows(), data_collator=collate,
                          callbacks=[NEFTuneCallback(ALPHA)]).train()
     emb = model.get_input_embeddings()
     assert is_patched(model) and emb.noise_alpha == 3.0 and emb.noise_options.length_mode == "padded"
@@ -259,12 +213,12 @@ def _loss_curve(tmp_path, seed: int, flag: bool, steps: int, alpha: float = ALPH
         use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
         neftune_noise_alpha=alpha if flag else None)
     callbacks = [losses] if flag else [NEFTuneCallback(alpha, length_mode="padded"), losses]
-    transformers.Trainer(model=model, args=args, train_dataset=_Counting(), data_collator=_collate,
+    transformers.Trainer(model=model, args=args, train_dataset=_Counting(), data_collator=collate,
                          callbacks=callbacks).train()
     return losses.losses
 
 
-class _Counting(_Rows):
+class _Counting(Rows):
     """Learnable rows: counting upwards from a random token, of varied lengths (so padded batches)."""
 
     def __init__(self, n: int = 64):
@@ -337,8 +291,8 @@ def test_callback_reused_across_trainers_restores_after_a_failed_run(tmp_path):
     model = build("llama")
     callback = NEFTuneCallback(ALPHA)
     for fail in (True, False, True):
-        trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Rows(),
-                                       data_collator=_collate, callbacks=[callback, _Probe(1 if fail else None)])
+        trainer = transformers.Trainer(model=model, args=run_args(tmp_path), train_dataset=Rows(),
+                                       data_collator=collate, callbacks=[callback, Probe(1 if fail else None)])
         if fail:
             with pytest.raises(RuntimeError, match="training failed"):
                 trainer.train()
@@ -365,8 +319,8 @@ def test_callback_schedule_sets_alpha_per_step_and_logs_the_noise(tmp_path):
     model = build("llama")
     probe = _AlphaProbe()
     trainer = transformers.Trainer(
-        model=model, args=_args(tmp_path, max_steps=5, logging_steps=2), train_dataset=_Rows(32),
-        data_collator=_collate,
+        model=model, args=run_args(tmp_path, max_steps=5, logging_steps=2), train_dataset=Rows(32),
+        data_collator=collate,
         callbacks=[NEFTuneCallback(noise_alpha=8.0, schedule="linear", final_alpha=0.0, warmup_steps=1), probe])
     trainer.train()
     assert probe.alphas == pytest.approx([0.0, 8.0, 6.0, 4.0, 2.0])  # HF convention: final alpha at max_steps
@@ -385,18 +339,18 @@ def test_callback_schedule_sets_alpha_per_step_and_logs_the_noise(tmp_path):
 @pytest.mark.slow
 def test_callback_response_only_noise_from_the_labels(tmp_path):
     model = build("llama")
-    probe = _Probe()
+    probe = Probe()
     seen = []
     emb = model.get_input_embeddings()
 
-    def collate(items):
-        batch = _collate(items)
+    def collate_with_prompt(items):
+        batch = collate(items)
         batch["labels"][:, :3] = -100  # the prompt
         seen.append(batch)
         return batch
 
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1, logging_steps=1),
-                                   train_dataset=_Rows(), data_collator=collate,
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, max_steps=1, logging_steps=1),
+                                   train_dataset=Rows(), data_collator=collate_with_prompt,
                                    callbacks=[NEFTuneCallback(noise_alpha=ALPHA, noise_tokens="response"), probe])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h][0]

@@ -1,0 +1,219 @@
+"""replace_trainer_neftune: transformers' own ``neftune_noise_alpha`` served by neft_kernels, and the
+launcher that turns it on for an unchanged program. The tests that train are marked slow."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+import transformers.integrations.neftune as hf_neftune  # noqa: E402
+import transformers.trainer as hf_trainer  # noqa: E402
+
+from neft_kernels import NoisyEmbedding, patch_model  # noqa: E402
+from neft_kernels.integrations import (  # noqa: E402
+    NEFTuneCallback,
+    is_patched,
+    launch,  # noqa: E402
+    replace_trainer_neftune,
+    restore_trainer_neftune,
+    trainer_neftune_options,
+)
+
+from support import ROOT  # noqa: E402
+from support.hf_models import build  # noqa: E402
+from support.hf_training import ALPHA, Probe, Rows, collate, run_args  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _transformers_hook_back():
+    yield
+    restore_trainer_neftune()
+    assert hf_trainer.activate_neftune is hf_neftune.activate_neftune
+
+
+def _losses(tmp_path, model, flag: bool, callbacks=()) -> tuple[list[float], list[bool]]:
+    probe = Probe()
+    torch.manual_seed(1)
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, neftune_noise_alpha=ALPHA if flag else None),
+                                   train_dataset=Rows(), data_collator=collate, callbacks=[probe, *callbacks])
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log], probe.patched_during
+
+
+@pytest.mark.slow
+def test_the_flag_trains_with_the_callbacks_noise_and_leaves_a_plain_model(tmp_path):
+    replace_trainer_neftune()
+    model = build("llama_tied")
+    weight = model.get_input_embeddings().weight
+    ours, patched_during = _losses(tmp_path, model, flag=True)
+    assert patched_during == [True] * 3
+    assert type(model.get_input_embeddings()) is nn.Embedding and not is_patched(model)
+    assert model.get_input_embeddings().weight is weight and model.get_output_embeddings().weight is weight
+    # The same noise, bit for bit, as NEFTuneCallback(alpha) gives (same seeds, same patch).
+    callback, _ = _losses(tmp_path, build("llama_tied"), flag=False, callbacks=[NEFTuneCallback(ALPHA)])
+    assert ours == callback
+    restore_trainer_neftune()  # transformers' hook again: other noise
+    theirs, patched_during = _losses(tmp_path, build("llama_tied"), flag=True)
+    assert patched_during == [False] * 3 and theirs != ours
+
+
+@pytest.mark.slow
+def test_a_run_that_raised_is_put_back_when_the_next_begins(tmp_path):
+    replace_trainer_neftune(length_mode="padded")
+    model = patch_model(build("llama"), 2.0)  # the user's own patch, to be kept
+    for fail in (True, False):
+        trainer = transformers.Trainer(model=model, args=run_args(tmp_path, neftune_noise_alpha=ALPHA),
+                                       train_dataset=Rows(), data_collator=collate,
+                                       callbacks=[Probe(1 if fail else None)])
+        if fail:
+            with pytest.raises(RuntimeError, match="training failed"):
+                trainer.train()
+            emb = model.get_input_embeddings()  # as transformers' hook would be: still on
+            assert emb.noise_alpha == ALPHA and emb.noise_options.length_mode == "padded"
+        else:
+            trainer.train()
+    emb = model.get_input_embeddings()
+    assert is_patched(model) and emb.noise_alpha == 2.0 and emb.noise_options.length_mode == "per_sequence"
+
+
+@pytest.mark.slow
+def test_a_peft_model_is_patched_through_the_trainers_accelerator(tmp_path):
+    replace_trainer_neftune()
+    lora = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _, patched_during = _losses(tmp_path, lora, flag=True)
+    assert patched_during == [True] * 3 and not is_patched(lora)
+
+
+def test_options_reach_each_run_and_alpha_is_the_arguments():
+    replace_trainer_neftune(length_mode="padded", noise_tokens="response")
+    model = patch_model(build("llama"), 2.0, distribution="gaussian")
+    handle = hf_trainer.activate_neftune(model, 3.0)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, NoisyEmbedding) and emb.noise_alpha == 3.0
+    assert (emb.noise_options.length_mode, emb.noise_options.noise_tokens, emb.noise_options.distribution) == (
+        "padded", "response", "uniform")
+    hf_trainer.deactivate_neftune(model, handle)
+    assert emb.noise_alpha == 2.0 and emb.noise_options.distribution == "gaussian"  # the user's patch, back
+    replace_trainer_neftune(backend="torch")  # again: new options for later runs, the same swap
+    assert trainer_neftune_options().backend == "torch" and trainer_neftune_options().length_mode == "per_sequence"
+    model = build("llama")
+    hf_trainer.deactivate_neftune(model, hf_trainer.activate_neftune(model, 1.0))
+    assert type(model.get_input_embeddings()) is nn.Embedding and not is_patched(model)
+
+
+def test_options_are_checked_before_anything_is_swapped():
+    for options, error in (({"noise_alpha": 5.0}, TypeError), ({"lenght_mode": "padded"}, TypeError),
+                           ({"length_mode": "whole"}, ValueError)):
+        with pytest.raises(error, match="neftune_noise_alpha|lenght_mode|length_mode"):
+            replace_trainer_neftune(**options)
+        assert trainer_neftune_options() is None and hf_trainer.activate_neftune is hf_neftune.activate_neftune
+
+
+def test_a_run_begun_with_transformers_hook_ends_with_it():
+    model = build("llama")
+    handle = hf_trainer.activate_neftune(model, ALPHA)  # transformers' own, before the swap
+    replace_trainer_neftune()
+    hf_trainer.deactivate_neftune(model, handle)
+    emb = model.get_input_embeddings()
+    assert not emb._forward_hooks and not hasattr(emb, "neftune_noise_alpha")
+
+
+def _old_activate(self, model):
+    """transformers' Trainer method before NEFTune moved to integrations.neftune (its 4.x code)."""
+    embeddings = model.get_input_embeddings()
+    embeddings.neftune_noise_alpha = self.neftune_noise_alpha
+    self.neftune_hook_handle = embeddings.register_forward_hook(hf_neftune.neftune_post_forward_hook)
+    return model
+
+
+def _old_deactivate(self, model):
+    self.neftune_hook_handle.remove()
+    del model.get_input_embeddings().neftune_noise_alpha
+
+
+def test_trainers_with_neftune_methods_are_served_too(monkeypatch):
+    monkeypatch.delattr(hf_trainer, "activate_neftune")
+    monkeypatch.setattr(hf_trainer.Trainer, "_activate_neftune", _old_activate, raising=False)
+    monkeypatch.setattr(hf_trainer.Trainer, "_deactivate_neftune", _old_deactivate, raising=False)
+    trainer = type("Trainer", (), {"neftune_noise_alpha": ALPHA, "accelerator": None})()
+    model = build("llama")
+    replace_trainer_neftune()
+    assert hf_trainer.Trainer._activate_neftune(trainer, model) is model
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, NoisyEmbedding) and emb.noise_alpha == ALPHA
+    hf_trainer.Trainer._deactivate_neftune(trainer, model)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    restore_trainer_neftune()
+    assert hf_trainer.Trainer._activate_neftune is _old_activate
+    monkeypatch.undo()
+
+
+def test_a_trainer_without_neftune_activation_is_refused(monkeypatch):
+    monkeypatch.delattr(hf_trainer, "activate_neftune")
+    with pytest.raises(RuntimeError, match="no NEFTune activation.*NEFTuneCallback"):
+        replace_trainer_neftune()
+    assert trainer_neftune_options() is None
+
+
+_PROGRAM = """
+import sys
+import transformers.trainer as t
+from torch import nn
+from neft_kernels.integrations import trainer_neftune_options
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+model = Model()
+t.activate_neftune(model, 3.0)
+emb = model.get_input_embeddings()
+print(__name__, sys.argv[1:], type(emb).__name__, emb.noise_alpha, emb.noise_options.length_mode,
+      trainer_neftune_options().backend)
+"""
+
+
+@pytest.fixture
+def program(tmp_path, monkeypatch):
+    """A program that activates transformers' NEFTune and prints what the embedding became; run
+    in-process by the launcher, which replaces argv and sys.path[0] as python would."""
+    (tmp_path / "program.py").write_text(_PROGRAM)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "program.py"
+
+
+def test_launcher_runs_a_script_with_our_options_and_its_arguments(program, capsys):
+    launch.main(["--length-mode", "padded", "--backend=torch", str(program), "--lr", "1", "-m", "x"])
+    assert capsys.readouterr().out.split() == ["__main__", "['--lr',", "'1',", "'-m',", "'x']", "NoisyEmbedding",
+                                               "3.0", "padded", "torch"]
+
+
+def test_launcher_runs_a_module(program, capsys):
+    launch.main(["-m", "program", "--length-mode", "padded"])  # after -m: the program's arguments
+    assert capsys.readouterr().out.split() == ["__main__", "['--length-mode',", "'padded']", "NoisyEmbedding",
+                                               "3.0", "per_sequence", "auto"]
+
+
+def test_launcher_refuses_a_bad_option_or_no_program(program, capsys):
+    for argv in (["--length-mode", "whole", str(program)], [], ["--backend", "cpu"], ["-m"]):
+        with pytest.raises(SystemExit) as info:
+            launch.main(argv)
+        assert info.value.code == 2
+    assert trainer_neftune_options() is None
+
+
+def test_launcher_runs_as_python_dash_m(program):
+    res = subprocess.run([sys.executable, "-m", "neft_kernels.integrations.launch", "--noise-tokens", "response",
+                          str(program), "a"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["__main__", "['a']", "NoisyEmbedding", "3.0", "per_sequence", "auto"]
