@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import validation
-from .backends import SEED_HIGH, SEED_LOW, draw_seed
+from .backends import SEED_HIGH, SEED_LOW, TRACED_SEED, draw_seed
 from .compat import clear_hooks, functorch_disabled
 from .distributed import is_dtensor, rank_offset
 from .id_check import check_id_range
@@ -179,6 +179,17 @@ class NoisyEmbedding(nn.Embedding):
         return mask, positions, cu_seqlens, noise_mask
 
     @classmethod
+    def from_pretrained(cls, embeddings: torch.Tensor, freeze: bool = True, padding_idx: int | None = None,
+                        max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                        sparse: bool = False, **noise_options) -> "NoisyEmbedding":
+        """``nn.Embedding.from_pretrained`` (the module holds ``embeddings`` as its weight), with the
+        noise options as keywords. A frozen weight still gets noise: it is on the activations."""
+        if embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be 2-dimensional, got shape {tuple(embeddings.shape)}")
+        return cls(embeddings.shape[0], embeddings.shape[1], padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                   sparse, _weight=embeddings, _freeze=freeze, **noise_options)
+
+    @classmethod
     def from_embedding(cls, embedding: nn.Embedding, noise_alpha: float = 5.0, **kwargs) -> "NoisyEmbedding":
         """A new noisy module on ``embedding``'s own weight Parameter (tied heads stay tied) and settings.
 
@@ -220,6 +231,8 @@ class NoisyEmbedding(nn.Embedding):
         generator = self.noise_options.generator
         if not graph and (generator is None or generator.device.type == "cpu"):  # the common case first
             return draw_seed(generator)
+        if not graph and torch.jit.is_tracing():
+            raise RuntimeError(TRACED_SEED)
         device = weight.device
         if graph and device.type == "cuda":
             if generator is not None and generator.device.type != "cuda":
@@ -235,18 +248,22 @@ class NoisyEmbedding(nn.Embedding):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 noise_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or not self._noise_on or _no_noise_depth or not (
-                torch.is_grad_enabled() or _noise_without_grad_depth):
+        if not self.training or _no_noise_depth or not (torch.is_grad_enabled() or _noise_without_grad_depth):
+            return super().forward(input_ids)
+        weight = self._parameters.get("weight")
+        if weight is None:  # a parametrized weight is a property, not a parameter (nn.utils.parametrize)
+            weight = self.weight
+        # Compiled, exported or captured: alpha as the tensor the graph reads (a new value needs no
+        # recompile), and the op in the graph at alpha 0 too (an export or a CUDA graph keeps no guard).
+        graph = torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing())
+        if not self._noise_on and not graph:
+            if torch.jit.is_tracing():
+                raise RuntimeError(TRACED_SEED)
             return super().forward(input_ids)
         if attention_mask is None and position_ids is None and cu_seqlens is None and noise_mask is None \
                 and self._side_input_stack:
             attention_mask, position_ids, cu_seqlens, noise_mask = self._pending_side_inputs(input_ids)
-        weight, options = self._parameters.get("weight"), self.noise_options
-        if weight is None:  # a parametrized weight is a property, not a parameter (nn.utils.parametrize)
-            weight = self.weight
-        # Compiled or captured: alpha as the tensor the graph reads (a new value needs no recompile).
-        graph = torch.compiler.is_compiling() or (weight.is_cuda
-                                                 and torch.cuda.is_current_stream_capturing())
+        options = self.noise_options
         alpha = self._alpha_tensor(weight.device) if graph else options.noise_alpha
         seed, offset = self._draw_seed(weight, graph), rank_offset(options.tp_group, weight)
         dtensor = is_dtensor(weight)

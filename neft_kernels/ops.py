@@ -43,7 +43,9 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
     if isinstance(seed, torch.Tensor) and seed.is_cpu:
         seed = int(seed)
     if isinstance(alpha, torch.Tensor) and alpha.is_cpu:
-        alpha = float(alpha)  # no sync; only an accelerator's kernels read alpha from memory
+        # No sync; only an accelerator's kernels read alpha from memory. Checked here for compiled
+        # graphs, whose alpha is a graph input that no call-time check saw.
+        alpha = validation.check_alpha(alpha.item())
     flag = device_id_flag(ids) if check_ids and not ids.is_cpu else None
     out = module(backend).forward(ids, weight, seed, offset, None if per_token else scale, alpha, width,
                                   attention_mask, position_ids, cu_seqlens, noise_mask, gaussian,

@@ -118,7 +118,7 @@ def check_alpha_arg(noise_alpha: float | torch.Tensor, like: torch.Tensor) -> fl
         raise TypeError(f"a tensor noise_alpha must hold one floating value on the CPU or on {like.device}, got "
                         f"{noise_alpha.dtype} of shape {tuple(noise_alpha.shape)} on {noise_alpha.device}")
     if noise_alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-        return check_alpha(float(noise_alpha))
+        return check_alpha(noise_alpha.item())  # item: no warning for an alpha that requires grad
     return noise_alpha.reshape(()).to(torch.float64)
 
 

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <limits>
@@ -136,10 +137,15 @@ torch::Tensor noisy_embedding_forward_with_grad(const torch::Tensor& ids, const 
   return out;
 }
 
+constexpr const char* kTracedSeed =
+    "a noise seed drawn while torch.jit.trace runs would be frozen into the trace (every call the same noise): "
+    "trace NoisyEmbedding in eval mode, or use torch.export or torch.compile, which draw the seed in the graph";
+
 // torch.randint(-2**63, 2**63 - 1, ()) from a CPU generator (default: torch's): the same value and
 // generator state, without a tensor (ATen draws 64 bits for a range of 2**32 or more and maps them
-// with uniform_int_from_to).
+// with uniform_int_from_to). Refused while torch.jit.trace runs: the trace would keep the value.
 int64_t draw_seed(const c10::optional<at::Generator>& generator) {
+  TORCH_CHECK(!torch::jit::tracer::isTracing(), kTracedSeed);
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   constexpr uint64_t kRange = ~uint64_t{0};  // (2**63 - 1) - (-2**63)
   constexpr int64_t kLow = std::numeric_limits<int64_t>::min();
@@ -159,7 +165,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 10;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 11;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");

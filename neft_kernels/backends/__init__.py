@@ -165,12 +165,20 @@ def module(name: str) -> Backend | ModuleType:
 SEED_LOW, SEED_HIGH = -(1 << 63), (1 << 63) - 1  # torch.randint's bounds of a host seed
 
 
+# Refused rather than frozen into a torch.jit.trace (C++ draw_seed says the same).
+TRACED_SEED = ("a noise seed drawn while torch.jit.trace runs would be frozen into the trace (every call the same "
+               "noise): trace NoisyEmbedding in eval mode, or use torch.export or torch.compile, which draw the seed "
+               "in the graph")
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """``int(torch.randint(-2**63, 2**63 - 1, (), generator=generator))`` for a CPU generator (None:
     torch's default): the same value and generator state, drawn in C++ where the CPU extension is
     built (a tensor and its ``item`` cost about 1.5 us of host time a call)."""
     cpu = _load("cpu")
     if isinstance(cpu, ImportError):
+        if torch.jit.is_tracing():
+            raise RuntimeError(TRACED_SEED)
         with functorch_disabled():  # under torch.func.vmap: one seed for the whole call, as in C++
             return int(torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator))
     return cpu.draw_seed(generator)

@@ -36,8 +36,11 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
                              noise_mask, ids.device)
     if isinstance(seed, torch.Tensor):
         seed = int(seed)  # the reference reads a device seed on the host
-    return reference_forward(ids.reshape(-1), weight, scale, seed, offset,
-                             "gaussian" if gaussian else "uniform").view(*ids.shape, weight.shape[1])
+    # Written into the output's own shape: a view returned from the op could not be changed in place.
+    out = torch.empty(*ids.shape, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    reference_forward(ids.reshape(-1), weight, scale, seed, offset, "gaussian" if gaussian else "uniform",
+                      out=out.view(ids.numel(), weight.shape[1]))
+    return out
 
 
 def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embedding_dim: int,
@@ -56,13 +59,16 @@ def backward(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_id
 
 
 def reference_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float,
-                      seed: int, offset: int = 0, distribution: str = "uniform") -> torch.Tensor:
-    """Spec v2 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows.
+                      seed: int, offset: int = 0, distribution: str = "uniform",
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spec v2 in plain PyTorch: ``(N,)`` ids and a ``(V, d)`` weight to ``(N, d)`` noisy rows
+    (written into ``out`` where given, and returned).
 
     ``scale`` is the per-token float32 ``scale_n`` as an ``(N,)`` tensor, or one float for all.
     """
     n_tokens, d = ids.numel(), weight.shape[1]
-    out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
+    if out is None:
+        out = torch.empty(n_tokens, d, dtype=weight.dtype, device=weight.device)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(torch.float32)
     else:

@@ -432,9 +432,11 @@ def test_a_device_alpha_gives_the_float_alphas_bits_without_a_sync(backend, devi
         assert_bits_equal(out, noisy_embedding(ids, weight, 3.5, seed=9, attention_mask=m, backend="torch"))
 
 
-def test_a_captured_graph_replays_with_the_alpha_set_before_each_replay():
-    """alpha as data: the module's alpha tensor is read by the kernels at each replay."""
-    emb = NoisyEmbedding(300, 512, noise_alpha=5.0, device="cuda").train()
+@pytest.mark.parametrize("captured_alpha", [5.0, 0.0])
+def test_a_captured_graph_replays_with_the_alpha_set_before_each_replay(captured_alpha):
+    """alpha as data: the module's alpha tensor is read by the kernels at each replay, also in a
+    graph captured at alpha 0 (the first steps of a schedule with warm-up)."""
+    emb = NoisyEmbedding(300, 512, noise_alpha=captured_alpha, device="cuda").train()
     ids = torch.randint(0, 300, (4, 64), device="cuda")
     clean = emb.weight[ids].detach()
     graph, out = _capture(lambda: emb(ids))
@@ -442,6 +444,9 @@ def test_a_captured_graph_replays_with_the_alpha_set_before_each_replay():
         emb.noise_alpha = alpha
         graph.replay()
         assert_uniform_noise_of_alpha(out, clean, alpha, 64)
+    emb.noise_alpha = 0.0
+    graph.replay()
+    assert torch.equal(out, clean)
 
 
 def test_reduce_overhead_compile_uses_the_new_alpha_without_recompiling():

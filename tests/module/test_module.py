@@ -154,3 +154,18 @@ def test_forwards_autograd_does_not_record_get_no_noise_unless_asked():
     assert not torch.equal(emb(ids).detach(), plain)  # with grad recorded: noise, frozen weight or not
     emb.weight.requires_grad_(False)
     assert not torch.equal(emb(ids), plain)
+
+
+def test_from_pretrained_takes_the_noise_options():
+    weight = torch.randn(50, 12)
+    emb = NoisyEmbedding.from_pretrained(weight, padding_idx=0, noise_alpha=3.0, length_mode="padded")
+    plain = nn.Embedding.from_pretrained(weight, padding_idx=0)
+    assert emb.weight.data_ptr() == weight.data_ptr() and not emb.weight.requires_grad and emb.padding_idx == 0
+    assert (emb.noise_alpha, emb.noise_options.length_mode) == (3.0, "padded") and emb.training
+    assert_bits_equal(emb.eval()(_ids().cpu()), plain(_ids().cpu()))
+    assert NoisyEmbedding.from_pretrained(weight, freeze=False).weight.requires_grad
+    with pytest.raises(ValueError, match="noise_alpha"):
+        NoisyEmbedding.from_pretrained(weight, noise_alpha=-1.0)
+    with pytest.raises(ValueError, match="2-dimensional"):
+        NoisyEmbedding.from_pretrained(torch.randn(3))
+

@@ -164,6 +164,13 @@ def test_torch_export_gives_eager_noise_and_gradient():
     emb.noise_alpha = 0.0
     assert_bits_equal(exported(ids, attention_mask=mask), torch.nn.functional.embedding(ids, emb.weight, 0))
 
+    # Exported at alpha 0 (a schedule's warm-up): the op is in the graph, and a later alpha is read.
+    at_zero = torch.export.export(emb, (ids,), {"attention_mask": mask}).module()
+    assert torch.equal(at_zero(ids, attention_mask=mask), torch.nn.functional.embedding(ids, emb.weight, 0))
+    emb.noise_alpha = 5.0
+    torch.manual_seed(5)
+    assert_bits_equal(at_zero(ids, attention_mask=mask), outs[1][0])
+
 
 def test_torch_export_of_a_patched_hugging_face_model_in_train_mode():
     """patch_model's side-input hooks survive export: the exported train-mode model holds the op and
@@ -188,3 +195,28 @@ def test_torch_export_of_a_patched_hugging_face_model_in_train_mode():
         torch.manual_seed(3)
         logits.append(module(**kwargs).logits)
     assert_bits_equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), -1.0, float("inf")])
+def test_a_compiled_call_refuses_a_cpu_alpha_tensor_that_eager_refuses(alpha):
+    """A CPU alpha tensor is a graph input, not seen by the call-time check: the op checks it."""
+    ids, weight = torch.randint(0, 20, (2, 6)), torch.randn(20, 8)
+
+    def f(a):
+        return noisy_embedding(ids, weight, a, seed=3)
+
+    for call in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        with pytest.raises(ValueError, match="noise_alpha must be finite and >= 0"):
+            call(torch.tensor(alpha))
+
+
+@pytest.mark.parametrize("alpha", [5.0, 0.0])
+def test_torch_jit_trace_of_a_noisy_module_in_train_mode_is_refused(alpha):
+    """A trace would keep the seed the module drew: every call the same noise. Eval mode traces."""
+    emb = NoisyEmbedding(20, 8, noise_alpha=alpha)
+    ids = torch.randint(0, 20, (2, 6))
+    with pytest.raises(RuntimeError, match="torch.jit.trace.*eval mode"):
+        torch.jit.trace(emb.train(), (ids,))
+    traced = torch.jit.trace(emb.eval(), (ids,))
+    emb.train()
+    assert_bits_equal(traced(ids), torch.nn.functional.embedding(ids, emb.weight))

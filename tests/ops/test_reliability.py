@@ -357,3 +357,22 @@ def test_without_the_word_the_cuda_path_copies_its_record(monkeypatch):
     with pytest.raises(IndexError, match=r"got values in \[-1, -1\]"):
         flag.raise_pending()
     assert flag.syncs == []
+
+
+@on_backends()
+def test_the_output_can_be_changed_in_place(backend, device):
+    """As F.embedding's: no backend returns a view of its own result (a view made inside the op
+    cannot be changed in place; LLaVA-style models write image features into the embeddings)."""
+    weight = make_weight(30, 8, torch.float32, device).requires_grad_()
+    ids = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(0)).to(device)
+    outs = [noisy_embedding(ids, weight, 5.0, seed=1, backend=backend),
+            add_noise(F.embedding(ids, weight), 5.0, seed=1, backend=backend),
+            NoisyEmbedding(30, 8, _weight=weight.detach(), backend=backend).to(device).train()(ids)]
+    for out in outs:
+        out[0, 1] = 0.0
+        out.mul_(2.0)
+        assert out._base is None and out[0, 1].eq(0).all()
+    (grad,) = torch.autograd.grad(outs[0], weight, torch.ones_like(outs[0]))
+    want = torch.zeros_like(weight).index_add_(0, ids.flatten(), torch.full((10, 8), 2.0, device=device))
+    want[ids[0, 1]] -= 2.0
+    assert_bits_equal(grad, want)
