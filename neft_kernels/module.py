@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 from torch import nn
@@ -241,6 +241,7 @@ class NoisyEmbedding(nn.Embedding):
         if attention_mask is None and position_ids is None and cu_seqlens is None and noise_mask is None \
                 and self._side_input_stack:
             attention_mask, position_ids, cu_seqlens, noise_mask = self._pending_side_inputs(input_ids)
+        weight: torch.Tensor | None
         weight, options = self._parameters.get("weight"), self.noise_options
         if weight is None:  # a parametrized weight is a property, not a parameter (nn.utils.parametrize)
             weight = self.weight
@@ -292,6 +293,7 @@ class NoisyEmbedding(nn.Embedding):
         # where the check is off.
         validation.check_ids(input_ids, self.weight)
         check_id_range(input_ids, self.num_embeddings)
+        assert self.max_norm is not None  # the only case left
         with torch.no_grad():
             torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
                                     self.norm_type)
@@ -305,7 +307,7 @@ class NoisyEmbedding(nn.Embedding):
         DTensor that the parallel style lays out as it was asked to."""
         from torch.distributed.tensor import DTensor, Replicate
 
-        out = super().forward(input_ids)
+        out = cast(DTensor, super().forward(input_ids))  # a DTensor weight's lookup
         mesh = out.device_mesh
         full = out.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
         if any(isinstance(call[k], DTensor) for k in ("attention_mask", "position_ids", "noise_mask")):
