@@ -7,7 +7,8 @@ only one to fix (the tests that exercise each are named).
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator
+from types import FrameType
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch._dynamo
@@ -77,7 +78,7 @@ def function_c_apply(function: type[torch.autograd.Function]) -> Callable:
     """The C entry point that ``Function.apply``'s Python wrapper ends in (``_C._FunctionBase.apply``):
     calling it directly skips the wrapper's signature binding and functorch checks, a third of a
     small eager call's host time. Used only outside tracing and functorch transforms."""
-    return super(torch.autograd.Function, function).apply
+    return super(torch.autograd.Function, function).apply  # type: ignore[misc]  # not in torch's stubs
 
 
 # nn.Module keeps its hooks in these private OrderedDicts; a hook registered with with_kwargs or
@@ -94,7 +95,7 @@ def hooks(module: nn.Module, kind: str) -> dict:
     return getattr(module, _HOOK_DICTS[kind][0])
 
 
-def remove_hooks(module: nn.Module, kind: str, keys: Iterator[int]) -> int:
+def remove_hooks(module: nn.Module, kind: str, keys: Iterable[int]) -> int:
     """Remove the hooks with these ids, as ``RemovableHandle.remove`` would; returns how many."""
     main, extras = _HOOK_DICTS[kind]
     removed = 0
@@ -113,10 +114,13 @@ def clear_hooks(module: nn.Module) -> None:
             getattr(module, name).clear()
 
 
-def caller_self(cls: type) -> object | None:
+_T = TypeVar("_T")
+
+
+def caller_self(cls: type[_T]) -> _T | None:
     """The nearest ``self`` of type ``cls`` up the call stack (``sys._getframe``): transformers calls
     callbacks synchronously from the Trainer's own methods and does not pass the Trainer itself."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, cls):

@@ -15,9 +15,11 @@ more than any batch needs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeGuard
+
 import torch
 
-if torch.distributed.is_available():
+if TYPE_CHECKING or torch.distributed.is_available():  # the type checker sees the class
     from torch.distributed.tensor import DTensor
 else:  # a torch build without distributed: nothing is ever a DTensor
     DTensor = ()
@@ -33,7 +35,7 @@ def _initialized() -> bool:
     return _AVAILABLE and torch.distributed.is_initialized()
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     return isinstance(t, DTensor)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Callable
 
 import torch
 
@@ -85,6 +86,7 @@ class DeviceIdFlag:
         from .backends import cuda_id_check
 
         native = cuda_id_check(device)
+        self._native_read_back: Callable | None
         self._native_read_back, word = native if native is not None else (None, None)
         self._word = None if word is None else ctypes.c_int32.from_address(word)
 
@@ -126,6 +128,7 @@ class DeviceIdFlag:
             # Whatever stream the bad launch was on: its other threads' records and stores have then
             # landed, so the record is whole and the word stays clear.
             torch.cuda.synchronize(self.device)
+            assert self._word is not None  # pending_error reads the record only where the word is set
             self._word.value = 0
             self._pending = False  # a copy in flight holds no more than the record read here
             with torch.cuda.device(self.device):

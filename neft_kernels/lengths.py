@@ -6,6 +6,7 @@ All of it is O(number of tokens) tensor work on the ids' device, with no host-de
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 
@@ -17,7 +18,7 @@ def device_of(*tensors: object) -> torch.device:
     return next(t.device for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _rows(shape: torch.Size) -> tuple[int, int]:
+def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
     """(rows, row length): the last dim is the sequence, leading dims are rows; 0-d is one token."""
     width = shape[-1] if len(shape) else 1
     return (math.prod(shape) // width if width else 0), width
@@ -35,14 +36,21 @@ def round_to_float32(x: float) -> float:
     return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
 
 
+@overload
+def scale_for_length(alpha: float, length: int, embedding_dim: int) -> float: ...
+@overload
+def scale_for_length(alpha: float | torch.Tensor, length: torch.Tensor, embedding_dim: int) -> torch.Tensor: ...
+
+
 def scale_for_length(alpha: float | torch.Tensor, length: int | torch.Tensor,
                      embedding_dim: int) -> float | torch.Tensor:
     """The spec's ``float32(alpha / sqrt(L * d))``, computed in float64 and rounded once; 0 for d = 0
     (no noise). The one place the formula is written: a Python float for an int ``length`` and a
     float ``alpha``; a float32 tensor for a float64 tensor of lengths (each at least 1) and a float
     or 0-d tensor ``alpha``."""
-    if not isinstance(length, torch.Tensor):
-        return 0.0 if embedding_dim == 0 else round_to_float32(alpha / math.sqrt(length * embedding_dim))
+    if not isinstance(length, torch.Tensor):  # then alpha is a float (the first overload); no cast: a hot path
+        return 0.0 if embedding_dim == 0 else round_to_float32(
+            alpha / math.sqrt(length * embedding_dim))  # type: ignore[operator,arg-type]
     if embedding_dim == 0:
         return torch.zeros(length.shape, dtype=torch.float32, device=length.device)
     root = torch.sqrt(length * embedding_dim)
@@ -77,7 +85,7 @@ def _cu_starts(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return flags[:n]
 
 
-def token_lengths(shape: torch.Size, *, device: torch.device, attention_mask: torch.Tensor | None = None,
+def token_lengths(shape: tuple[int, ...], *, device: torch.device, attention_mask: torch.Tensor | None = None,
                   position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                   noise_mask: torch.Tensor | None = None,
                   length_mode: str = "per_sequence") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,7 +116,7 @@ def token_lengths(shape: torch.Size, *, device: torch.device, attention_mask: to
     return length, noised
 
 
-def token_scales(shape: torch.Size, alpha: float | torch.Tensor, embedding_dim: int, *,
+def token_scales(shape: tuple[int, ...], alpha: float | torch.Tensor, embedding_dim: int, *,
                  attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None,
                  cu_seqlens: torch.Tensor | None = None,
@@ -134,8 +142,7 @@ def token_scales(shape: torch.Size, alpha: float | torch.Tensor, embedding_dim: 
     if length_mode == "padded":
         attention_mask = position_ids = cu_seqlens = None
     side = (attention_mask, position_ids, cu_seqlens, noise_mask)
-    tensor_alpha = isinstance(alpha, torch.Tensor)
-    if all(t is None for t in side) and not tensor_alpha:
+    if all(t is None for t in side) and not isinstance(alpha, torch.Tensor):
         return scale_for_length(alpha, max(width, 1), embedding_dim)
     if device is None:
         device = device_of(*side, alpha)

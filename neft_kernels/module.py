@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 from torch import nn
@@ -250,7 +250,7 @@ class NoisyEmbedding(nn.Embedding):
                 noise_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or _no_noise_depth or not (torch.is_grad_enabled() or _noise_without_grad_depth):
             return super().forward(input_ids)
-        weight = self._parameters.get("weight")
+        weight: torch.Tensor | None = self._parameters.get("weight")
         if weight is None:  # a parametrized weight is a property, not a parameter (nn.utils.parametrize)
             weight = self.weight
         # Compiled, exported or captured: alpha as the tensor the graph reads (a new value needs no
@@ -309,6 +309,7 @@ class NoisyEmbedding(nn.Embedding):
         # where the check is off.
         validation.check_ids(input_ids, self.weight)
         check_id_range(input_ids, self.num_embeddings)
+        assert self.max_norm is not None  # the only case left
         with torch.no_grad():
             torch.embedding_renorm_(self.weight, input_ids.clamp(0, self.num_embeddings - 1), self.max_norm,
                                     self.norm_type)
@@ -322,7 +323,7 @@ class NoisyEmbedding(nn.Embedding):
         DTensor that the parallel style lays out as it was asked to."""
         from torch.distributed.tensor import DTensor, Replicate
 
-        out = super().forward(input_ids)
+        out = cast(DTensor, super().forward(input_ids))  # a DTensor weight's lookup
         mesh = out.device_mesh
         full = out.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
         if any(isinstance(call[k], DTensor) for k in ("attention_mask", "position_ids", "noise_mask")):

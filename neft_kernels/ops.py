@@ -385,7 +385,8 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
         scale = 0.0
     else:
         side = _NONE
-        scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # no token to scale
+        # No token to scale; alpha is a float unless tensor_alpha.
+        scale = 0.0 if tensor_alpha else scale_for_length(alpha, max(width, 1), weight.shape[1])  # type: ignore[arg-type]
     name, gaussian = resolve(backend, weight.device), distribution == "gaussian"
     compiling = torch.compiler.is_compiling()
     traced = compiling or functorch_transforms_active()

@@ -8,6 +8,7 @@ still runs.
 from __future__ import annotations
 
 from functools import cache
+from typing import cast
 
 from torch import nn
 
@@ -35,7 +36,7 @@ def noisy_class(cls: type[nn.Embedding]) -> type[NoisyEmbedding]:
 
 def rebuild_noisy(base: type[nn.Embedding]) -> NoisyEmbedding:
     """Unpickling a module of a generated class: the class is made again from its base."""
-    cls = noisy_class(base)
+    cls = noisy_class(base)  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
     return cls.__new__(cls)
 
 
@@ -55,7 +56,8 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
         raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward produces a dense gradient")
     if not isinstance(embedding, NoisyEmbedding):
         vars(embedding)["_neft_original_class"] = type(embedding)
-        embedding.__class__ = noisy_class(type(embedding))
+        embedding.__class__ = noisy_class(type(embedding))  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
+    embedding = cast(NoisyEmbedding, embedding)  # a class assignment is invisible to type checkers
     embedding.configure_noise(noise_options)
     return embedding
 
@@ -66,7 +68,8 @@ def _without_noise(cls: type, noisy: type, original: type) -> type:
     later (FSDP2's ``fully_shard`` makes ``FSDP<cls>``) keeps its wrapping."""
     if cls is noisy:
         return original
-    bases = tuple(_without_noise(b, noisy, original) if issubclass(b, noisy) else b for b in cls.__bases__)
+    bases = tuple(_without_noise(b, noisy, original)  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
+                  if issubclass(b, noisy) else b for b in cls.__bases__)
     namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}  # FSDP's __deepcopy__
     return type(cls.__name__.replace(noisy.__name__, original.__name__), bases, namespace)
 
@@ -79,7 +82,9 @@ def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     original = vars(embedding).pop("_neft_original_class", None)
     if original is not None:
         vars(embedding)[MADE_PLAIN] = True
-        embedding.__class__ = _without_noise(type(embedding), noisy_class(original), original)
+        embedding.__class__ = _without_noise(
+            type(embedding), noisy_class(original),  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
+            original)
         for name in NOISE_STATE:
             vars(embedding).pop(name, None)
     return embedding

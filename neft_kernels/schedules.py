@@ -45,6 +45,7 @@ def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final
             return alpha * step / warmup_steps
         if schedule == "constant":
             return alpha
+        assert total_steps is not None  # checked above for every other schedule
         progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
         shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return final + (alpha - final) * shape

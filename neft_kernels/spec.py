@@ -178,6 +178,7 @@ def noise(n_tokens: int, embedding_dim: int, seed: int, offset: int = 0,
     lane = torch.arange(q, dtype=torch.int64, device=device)
     counter = offset + tok[:, None] * q + lane[None, :]
     r0, r1, r2, r3 = philox4x32_10(counter, seed)
+    quarters: tuple[torch.Tensor, ...]
     if distribution == "gaussian":
         quarters = (*gaussian_pair(r0, r1), *gaussian_pair(r2, r3))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import torch
 
@@ -30,7 +31,7 @@ def check_ids(input_ids: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"input_ids on {input_ids.device} but weight on {weight.device}")
 
 
-def broadcasts_to(tensor, shape: torch.Size) -> bool:
+def broadcasts_to(tensor, shape: torch.Size) -> TypeGuard[torch.Tensor]:
     """Whether ``tensor`` is a tensor whose shape broadcasts to ``shape`` (equal shapes: no work)."""
     if not isinstance(tensor, torch.Tensor):
         return False

@@ -12,7 +12,7 @@ import importlib
 import warnings
 from functools import cache
 from types import ModuleType
-from typing import Callable, Protocol
+from typing import Callable, Protocol, cast
 
 import torch
 
@@ -85,8 +85,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 def _runs_on(name: str) -> tuple[str, ...]:
-    if name == "triton":  # CPU tensors only through the interpreter
-        return ("cuda",) if _load(name).CPU_UNAVAILABLE else ("cuda", "cpu")
+    if name == "triton":  # CPU tensors only through the interpreter (called for loaded backends only)
+        return ("cuda",) if cast(ModuleType, _load(name)).CPU_UNAVAILABLE else ("cuda", "cpu")
     return (_DEVICES[name],) if name in _DEVICES else ("cpu", "cuda")
 
 
@@ -129,10 +129,11 @@ def _resolve(name: str, device: torch.device) -> str:
                     _warn_fallback(candidates[0], candidate, _why_not(candidates[0], device))
                 return candidate
     reason = _why_not(name, device)
-    if isinstance(_load(name), ImportError):
+    loaded = _load(name)
+    if isinstance(loaded, ImportError):
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}. The compiled backends are built by "
                            "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)"
-                           ) from _load(name)
+                           ) from loaded
     if name in _DEVICES and device.type != _DEVICES[name]:
         raise ValueError(f"backend={name!r} runs on {_DEVICES[name]} tensors, got tensors on {device}")
     if reason is not None:
@@ -147,7 +148,7 @@ def cuda_id_check(device: torch.device) -> tuple[Callable, int | None] | None:
     memory, and the copy serves alone); else None."""
     if _why_not("cuda", device) is not None:
         return None
-    ext = module("cuda")
+    ext = cast(ModuleType, module("cuda"))  # the extension's own functions, beyond Backend
     try:
         word = ext.bad_id_word(device.index if device.index is not None else torch.cuda.current_device())
     except RuntimeError as err:
@@ -159,7 +160,7 @@ def cuda_id_check(device: torch.device) -> tuple[Callable, int | None] | None:
 
 def module(name: str) -> Backend | ModuleType:
     """The kernels of a backend that :func:`resolve` returned."""
-    return _load(name)
+    return _load(name)  # type: ignore[return-value]  # resolve returns only backends that loaded; no cast: a hot path
 
 
 SEED_LOW, SEED_HIGH = -(1 << 63), (1 << 63) - 1  # torch.randint's bounds of a host seed

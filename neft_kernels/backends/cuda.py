@@ -2,7 +2,7 @@
 for the id check (``id_check.DeviceIdFlag``) ``read_back``, the native copy of its record, and
 ``bad_id_word``, the host int the forward sets where it records a bad id."""
 
-from .. import _C_cuda
+from .. import _C_cuda  # type: ignore[attr-defined]  # a compiled extension: mypy reads no .so
 from ._extension import check_abi, cuda_functions
 
 check_abi(_C_cuda)

@@ -31,14 +31,13 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
         check_id_range(ids, weight.shape[0])
     elif bad_ids is not None and ids.numel():
         record_bad_ids(ids, weight.shape[0], bad_ids)
-    if scale is None:
-        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
-                             noise_mask, ids.device)
+    scales = scale if scale is not None else token_scales(
+        width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens, noise_mask, ids.device)
     if isinstance(seed, torch.Tensor):
         seed = int(seed)  # the reference reads a device seed on the host
     # Written into the output's own shape: a view returned from the op could not be changed in place.
     out = torch.empty(*ids.shape, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    reference_forward(ids.reshape(-1), weight, scale, seed, offset, "gaussian" if gaussian else "uniform",
+    reference_forward(ids.reshape(-1), weight, scales, seed, offset, "gaussian" if gaussian else "uniform",
                       out=out.view(ids.numel(), weight.shape[1]))
     return out
 

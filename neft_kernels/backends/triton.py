@@ -452,10 +452,9 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Tensor, o
     _check_device(weight)
     if ids.device.type == "cpu":  # the interpreter: CPU ids are checked on the host, no device to sync
         check_id_range(ids, weight.shape[0])
-    if scale is None:
-        scale = token_scales(width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens,
-                             noise_mask, ids.device)
-    return fused_forward(ids, weight, scale, seed, offset, bad_ids, gaussian)
+    scales = scale if scale is not None else token_scales(
+        width, ids.numel(), alpha, weight.shape[1], attention_mask, position_ids, cu_seqlens, noise_mask, ids.device)
+    return fused_forward(ids, weight, scales, seed, offset, bad_ids, gaussian)
 
 
 def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | float, seed: int | torch.Tensor,
@@ -475,8 +474,8 @@ def fused_forward(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor |
     q = num_lanes(d)
     block_n, block_q = forward_blocks(d)
     per_token = isinstance(scale, torch.Tensor)
-    if per_token and not (scale.dtype == torch.float32 and scale.is_contiguous()):  # one dispatch less per call
-        scale = scale.to(torch.float32).contiguous()
+    if isinstance(scale, torch.Tensor) and not (scale.dtype == torch.float32 and scale.is_contiguous()):
+        scale = scale.to(torch.float32).contiguous()  # only where needed: one dispatch less per call
     scale_arg = scale if per_token else out  # unused when scalar
     seed_ptr = isinstance(seed, torch.Tensor)
     grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(q, block_q))

@@ -52,7 +52,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
     floors = _philox_floors(device, shape_list, reps)
     records = []
     configs = [(s, dt, p) for s in shape_list for dt in dtypes for p in PASSES]
-    batch_key, batch = None, None
+    batch_key = None  # the first config makes its batch
     for (b, length, d, vocab), dtype, pass_ in tqdm(configs, desc="neft bench", disable=not progress):
         if batch_key != ((b, length, d, vocab), dtype):  # configs come grouped by shape and dtype
             batch_key, batch = ((b, length, d, vocab), dtype), inputs(b, length, d, vocab, dtype, device)

@@ -8,6 +8,8 @@ module in train mode, against ``F.embedding`` and transformers' hook; interleave
 from __future__ import annotations
 
 import statistics
+from types import ModuleType
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -98,15 +100,16 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         f"noisy_embedding (auto: {resolve('auto', device)})": lambda: noisy_embedding(
             ids, weight, ALPHA, seed=1, attention_mask=mask),
         "NoisyEmbedding (train)": lambda: emb(ids, attention_mask=mask),
-        "checks + backend resolution": lambda: (
-            validation.check_call(ids, weight, 0, mask, None, None, None), resolve("auto", device)),
+        "checks + backend resolution": lambda: (  # a tuple: both calls in one lambda
+            validation.check_call(ids, weight, 0, mask, None, None, None),  # type: ignore[func-returns-value]
+            resolve("auto", device)),
         "seed: draw_seed": draw_seed,
         "seed: torch.randint().item()": lambda: torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64).item(),
         "torch.empty (output)": lambda: torch.empty(b, length, d, device=device),
         "autograd.Function entry (C), no work": lambda: nothing(weight),
     }
     if device.type == "cpu" and "cpu" in available_backends("cpu"):
-        cpu = module("cpu")
+        cpu = cast(ModuleType, module("cpu"))  # the extension's own functions, beyond Backend
         fns["cpu: forward_with_grad (C++)"] = lambda: cpu.forward_with_grad(
             ids, weight, 1, 0, None, ALPHA, length, mask, None, None, None, False, None, False, None)
     plain = weight.detach()  # the kernels alone, outside autograd
@@ -114,7 +117,7 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         fns["noisy_embedding (triton)"] = lambda: noisy_embedding(ids, weight, ALPHA, seed=1, attention_mask=mask,
                                                                   backend="triton")
     if "triton" in available_backends(device.type):  # on a CPU: the interpreter (tests)
-        triton_backend = module("triton")
+        triton_backend = cast(ModuleType, module("triton"))  # fused_forward too, beyond Backend
         fns["triton: token_scales (1 launch)"] = lambda: triton_backend.token_scales(
             length, ids.numel(), ALPHA, d, mask, None, None, None, device)
         fns["triton: fused_forward (1 launch)"] = lambda: triton_backend.fused_forward(ids, plain, 0.1, 1, 0)
@@ -124,8 +127,11 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
         flag = device_id_flag(ids)
         if flag is not None:  # None with the check off (NEFT_KERNELS_CHECK_IDS=0)
             cuda_check = "word" if flag._word is not None else "copy"
-            fns[f"id check, cuda ({cuda_check})"] = lambda: (device_id_flag(ids), flag.after_launch("cuda"))
-            fns["id check, triton (copy)"] = lambda: (device_id_flag(ids), flag.read_back())
+            # Tuples: both calls in one lambda.
+            fns[f"id check, cuda ({cuda_check})"] = lambda: (
+                device_id_flag(ids), flag.after_launch("cuda"))  # type: ignore[func-returns-value]
+            fns["id check, triton (copy)"] = lambda: (
+                device_id_flag(ids), flag.read_back())  # type: ignore[func-returns-value]
 
         def device_guard():
             with torch.cuda.device(device):
@@ -133,7 +139,7 @@ def breakdown(device: torch.device, shape: tuple[int, int, int, int], reps: int 
 
         fns["torch.cuda.device(...) enter/exit"] = device_guard
         if "cuda" in available_backends("cuda"):
-            from .. import _C_cuda
+            from .. import _C_cuda  # type: ignore[attr-defined]  # a compiled extension: mypy reads no .so
 
             fns["cuda: _C_cuda.forward (1 launch)"] = lambda: _C_cuda.forward(
                 ids, plain, 1, 0, 0.1, False, 0.0, None, length, None, None, None, None, None, None, False)

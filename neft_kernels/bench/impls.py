@@ -26,15 +26,16 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> to
     return F.embedding(ids, weight)
 
 
-def hf_hook(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hf_hook(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """transformers' ``neftune_post_forward_hook`` on a plain lookup: L = padded width."""
     out = F.embedding(ids, weight)
     dims = torch.tensor(out.size(1) * out.size(2))
     mag = ALPHA / torch.sqrt(dims)
-    return out + torch.zeros_like(out).uniform_(-mag, mag)
+    # 0-d tensor bounds, as the hook passes them (torch takes them; its stub says float).
+    return out + torch.zeros_like(out).uniform_(-mag, mag)  # type: ignore[arg-type]
 
 
-def rand_like(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rand_like(ids: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The same noise written for inductor, which fuses it into one kernel: the strongest peer."""
     out = F.embedding(ids, weight)
     mag = ALPHA / (out.size(1) * out.size(2)) ** 0.5

@@ -16,7 +16,7 @@ import itertools
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -58,13 +58,16 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max([0, *itertools.accumulate(e.nbytes() for e in events)])
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
-                      inner: int, warmup: int = 2) -> dict[str, list[float]]:
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def interleaved_times(fns: Mapping[_Key, Callable[[], object]], device: torch.device, reps: int,
+                      inner: int, warmup: int = 2) -> dict[_Key, list[float]]:
     """Seconds per call: ``reps`` samples of each function, taken in turn."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples: dict[_Key, list[float]] = {name: [] for name in fns}
     sync = syncer(device)
     for _ in range(reps):
         for name, fn in fns.items():

@@ -29,7 +29,8 @@ MODEL_SHAPES = {
 LAYOUTS = {"padded 8x2048": (8, 2048, "attention_mask"), "packed 1x32768": (1, 32768, "position_ids")}
 
 
-def model_inputs(d: int, vocab: int, layout: str, dtype: torch.dtype, device: torch.device):
+def model_inputs(d: int, vocab: int, layout: str, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """(ids, weight requiring grad, side-input kwargs, output gradient) of one row of the table."""
     rows, width, side = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(0)
@@ -50,8 +51,8 @@ def model_inputs(d: int, vocab: int, layout: str, dtype: torch.dtype, device: to
 
 
 def _impls(device: torch.device, dtype: torch.dtype, backends: list[str] | None) -> dict[str, Callable]:
-    impls = {"embedding[eager]": lambda ids, w, side: F.embedding(ids, w),
-             "hf_hook[eager]": lambda ids, w, side: hf_hook(ids, w, None)}
+    impls: dict[str, Callable] = {"embedding[eager]": lambda ids, w, side: F.embedding(ids, w),
+                                  "hf_hook[eager]": lambda ids, w, side: hf_hook(ids, w, None)}
     if dtype == torch.bfloat16:  # one compile per row: the compiled peer on the dtype training uses
         compiled = torch.compile(rand_like, dynamic=False)
         impls["rand_like_compiled[inductor]"] = lambda ids, w, side: compiled(ids, w, None)
@@ -85,6 +86,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], backends: list[str] | N
             if on_gpu:
                 torch.cuda.empty_cache()
             batch, impls = model_inputs(d, vocab, layout, dtype, device), _impls(device, dtype, backends)
+        assert batch is not None and impls is not None  # the first case makes them
         ids, weight, side, grad_out = batch
         fns = {name: pass_fn(pass_, fn, ids, weight, side, grad_out) for name, fn in impls.items()}
         times = measure.interleaved_times(fns, device, reps=reps, inner=inner)

@@ -6,6 +6,10 @@ import csv
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is optional: imported where the plot is drawn
+    from matplotlib.typing import LineStyleType
 
 _COLUMNS = [("impl", "{:<18}"), ("backend", "{:<8}"), ("pass", "{:<16}"), ("shape", "{:<22}"),
             ("dtype", "{:<8}"), ("median_ms", "{:>9.3f}"), ("spread_ms", "{:>15}"), ("peak_MiB", "{:>9.1f}"),
@@ -120,7 +124,7 @@ def _plot_lines(axes, passes, records, label, colours) -> list:
 
     models = list(dict.fromkeys((r["d"], r["V"]) for r in records))
     markers = {m: "os^Dv"[k % 5] for k, m in enumerate(models)}
-    styles = {"bfloat16": "-", "float32": "--"}
+    styles: dict[str, LineStyleType] = {"bfloat16": "-", "float32": "--"}
     series: dict[tuple, list[tuple[int, float]]] = {}
     for r in records:
         series.setdefault((r["pass"], label(r), r["dtype"], (r["d"], r["V"])), []).append(

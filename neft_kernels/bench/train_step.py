@@ -36,7 +36,8 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
                                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                                       max_position_embeddings=4096, tie_word_embeddings=name == "smollm2-135m")
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    # transformers' @wraps(nn.Module.to) hides the bound self from mypy.
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()  # type: ignore[call-arg]
 
 
 def _batch(vocab: int, batch: int, length: int, device: torch.device):

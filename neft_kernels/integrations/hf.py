@@ -45,7 +45,7 @@ def _input_embeddings(model: nn.Module) -> list[nn.Embedding]:
     if not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); pass a transformers or PEFT model")
     try:
-        root = model.get_input_embeddings()
+        root = model.get_input_embeddings()  # type: ignore[operator]  # HF method, typed Tensor | Module
     except NotImplementedError as err:  # character-level models (CANINE) have no token embedding table
         raise TypeError(f"{type(model).__name__} has no input embeddings to patch ({err})") from err
     if root is None:
@@ -64,7 +64,7 @@ def _input_embeddings(model: nn.Module) -> list[nn.Embedding]:
 
 def _noisy_below(module: nn.Module, paths: tuple[str, ...]) -> list[NoisyEmbedding]:
     """The noisy embeddings at (or inside, once PEFT has wrapped them) ``paths`` below ``module``."""
-    out = []
+    out: list[NoisyEmbedding] = []
     for path in paths:
         try:
             sub = module.get_submodule(path)
@@ -152,7 +152,7 @@ def _hook_ancestors(model: nn.Module, embeddings: list[NoisyEmbedding]) -> None:
     targets = {id(e) for e in embeddings}
     names = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in targets]
     modules = dict(model.named_modules(remove_duplicate=False))
-    hooked = set()
+    hooked: set[int] = set()
     prefixes = sorted({".".join(n.split(".")[:i]) for n in names for i in range(n.count(".") + 1)}, key=len)
     for prefix in prefixes:
         module = modules[prefix]
@@ -191,7 +191,7 @@ def _repatch_replaced(root: nn.Module) -> None:
     options = vars(root).get(_OPTIONS)
     if options is None or not hasattr(root, "get_input_embeddings"):
         return
-    modules = list(root.get_input_embeddings().modules())
+    modules = list(root.get_input_embeddings().modules())  # type: ignore[operator]  # HF method, typed Tensor | Module
     if not any(isinstance(m, NoisyEmbedding) or vars(m).get(MADE_PLAIN) for m in modules):
         patch_model(root, **options.as_kwargs())
 
@@ -201,7 +201,8 @@ def _neftune_sites(model: nn.Module) -> list[nn.Module]:
     ``get_input_embeddings()`` (PEFT's LoRA or ``modules_to_save`` wrapper, where transformers'
     ``activate_neftune`` hooks a PEFT model)."""
     sites = {id(m): m for m in _input_embeddings(model)}
-    sites.update((id(m), m) for m in model.get_input_embeddings().modules())
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]  # HF method, typed Tensor | Module
+    sites.update((id(m), m) for m in embeddings.modules())
     return list(sites.values())
 
 
@@ -221,8 +222,9 @@ def other_neftune(model: nn.Module) -> list[str]:
         if getattr(site, "neftune_noise_alpha", None) is not None:
             found.append(f"{type(site).__name__}.neftune_noise_alpha = {site.neftune_noise_alpha}")
     for owner in (model, getattr(model, "config", None)):
-        if getattr(owner, "neftune_noise_alpha", None) is not None:
-            found.append(f"{type(owner).__name__}.neftune_noise_alpha = {owner.neftune_noise_alpha}")
+        alpha = getattr(owner, "neftune_noise_alpha", None)
+        if alpha is not None:
+            found.append(f"{type(owner).__name__}.neftune_noise_alpha = {alpha}")
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import weakref
 
+from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..compat import caller_self
@@ -49,7 +50,7 @@ class NEFTuneCallback(TrainerCallback):
             check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
         self.log_stats = log_stats
         self._alpha_at = None
-        self._model = None
+        self._model: nn.Module | None = None
         self._restore = None
         self._wrapped: weakref.WeakSet = weakref.WeakSet()  # by object: a freed trainer's id can come back
 
@@ -100,10 +101,12 @@ class NEFTuneCallback(TrainerCallback):
                 logs.update(self._telemetry())
             return log(logs, *args, **kwargs)
 
-        trainer.train = train_then_unpatch
-        trainer.log = log_with_noise
+        # A deliberate monkeypatch of this trainer object (its class is left alone).
+        trainer.train = train_then_unpatch  # type: ignore[method-assign]
+        trainer.log = log_with_noise  # type: ignore[method-assign]
 
     def _embeddings(self) -> list[NoisyEmbedding]:
+        assert self._model is not None  # called only while a model is patched
         return [m for m in self._model.modules() if isinstance(m, NoisyEmbedding)]
 
     def _telemetry(self) -> dict[str, float]:

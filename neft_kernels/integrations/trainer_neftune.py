@@ -29,7 +29,8 @@ class _Run:
     too, should the functions be restored mid-run)."""
 
     def __init__(self, model: nn.Module, restore: Callable[[], None]):
-        self.model, self._restore = model, restore
+        self.model = model
+        self._restore: Callable[[], None] | None = restore
 
     def remove(self) -> None:
         if self._restore is not None:
@@ -91,6 +92,7 @@ def replace_trainer_neftune(**options: Any) -> None:
         import transformers
         import transformers.trainer as trainer_module
 
+        swaps: list[tuple[Any, str, Callable[..., Any]]]
         if hasattr(trainer_module, "activate_neftune"):
             swaps = [(trainer_module, "activate_neftune", _activate),
                      (trainer_module, "deactivate_neftune", _deactivate)]
