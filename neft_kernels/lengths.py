@@ -50,7 +50,7 @@ def scale_for_length(alpha: float | torch.Tensor, length: int | torch.Tensor,
     or 0-d tensor ``alpha``."""
     if not isinstance(length, torch.Tensor):  # then alpha is a float (the first overload); no cast: a hot path
         return 0.0 if embedding_dim == 0 else round_to_float32(
-            alpha / math.sqrt(length * embedding_dim))  # type: ignore[operator,arg-type]
+            alpha / math.sqrt(length * embedding_dim))  # type: ignore[arg-type]
     if embedding_dim == 0:
         return torch.zeros(length.shape, dtype=torch.float32, device=length.device)
     root = torch.sqrt(length * embedding_dim)

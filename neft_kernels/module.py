@@ -256,7 +256,7 @@ class NoisyEmbedding(nn.Embedding):
         # Compiled, exported or captured: alpha as the tensor the graph reads (a new value needs no
         # recompile), and the op in the graph at alpha 0 too (an export or a CUDA graph keeps no guard).
         graph = torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing())
-        if not self._noise_on and not graph:
+        if not graph and not self._noise_on:  # graph first: no dynamo guard on _noise_on
             if torch.jit.is_tracing():
                 raise RuntimeError(TRACED_SEED)
             return super().forward(input_ids)

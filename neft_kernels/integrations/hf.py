@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -328,14 +329,18 @@ def patched(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "per_
 def _snapshot(model: nn.Module):
     """A function that puts ``model``'s patch state back exactly as it is now: which embeddings are
     noisy and with which options (hand-built ones too), which modules carry our hooks, what
-    ``patch_model`` last recorded on the root, and which embeddings were made plain by hand."""
+    ``patch_model`` last recorded on the root, and which embeddings were made plain by hand. It
+    holds the root weakly (a run that never ended keeps its restore beside the model, not in it)."""
     noisy = [(e, e.noise_options) for e in model.modules() if isinstance(e, NoisyEmbedding)]
     plain = [(e, vars(e).get(MADE_PLAIN)) for e in model.modules()
              if isinstance(e, nn.Embedding) and not isinstance(e, NoisyEmbedding)]
     hooked = {id(m) for m in model.modules() if _has_our_hook(m)}
-    root_options = vars(model).get(_OPTIONS)
+    root_options, root = vars(model).get(_OPTIONS), weakref.ref(model)
 
     def restore() -> None:
+        model = root()
+        if model is None:
+            return
         for module in model.modules():
             if id(module) not in hooked:
                 _remove_our_hooks(module)

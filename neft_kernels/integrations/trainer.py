@@ -13,6 +13,7 @@ from ..module import NoisyEmbedding
 from ..options import NoiseOptions
 from ..schedules import Schedule, alpha_schedule, check_schedule
 from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftune
+from .trainer_neftune import end_open_run
 
 
 def _running_trainer() -> Trainer | None:
@@ -142,6 +143,9 @@ class NEFTuneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("NEFTuneCallback needs the model, which the Trainer passes to on_train_begin")
+        # replace_trainer_neftune's patch, from this run (refused below) or from a run that raised:
+        # taken off, so that neither the refusal nor the restore at train end leaves it on.
+        end_open_run(model)
         if getattr(args, "neftune_noise_alpha", None) is not None:
             # transformers attached its hook as train() began: take it off again, then refuse.
             remove_other_neftune(model)

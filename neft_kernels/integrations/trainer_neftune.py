@@ -10,6 +10,7 @@ Trainer calls there: the model is patched with :func:`~neft_kernels.patch_model`
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable
 
 from torch import nn
@@ -19,37 +20,44 @@ from .hf import _snapshot, patch_model
 
 logger = logging.getLogger("neft_kernels")
 
-_RUN = "_neft_trainer_run"  # on the patched model: the run that patched it (a run that raised never ended)
 _installed: dict[str, Any] = {}  # what replace_trainer_neftune swapped out, and the options
+# The runs that patched a model and have not ended (a train() that raised ends none), beside the
+# models rather than in them: a model pickles and copies as it would with transformers' hook.
+_open: weakref.WeakKeyDictionary[nn.Module, _Run] = weakref.WeakKeyDictionary()
 
 
 class _Run:
     """What the replaced activation returns in place of transformers' hook handle: ``remove()`` puts
-    the model back as it was before the run, whoever calls it (transformers' own ``deactivate``
-    too, should the functions be restored mid-run)."""
+    the model back as it was before the run (a plain model, or the user's own patch)."""
 
     def __init__(self, model: nn.Module, restore: Callable[[], None]):
-        self.model = model
+        self._model = weakref.ref(model)
         self._restore: Callable[[], None] | None = restore
 
     def remove(self) -> None:
         if self._restore is not None:
             self._restore()
             self._restore = None
-            if vars(self.model).get(_RUN) is self:
-                del vars(self.model)[_RUN]
+        model = self._model()
+        if model is not None and _open.get(model) is self:
+            del _open[model]
+
+
+def end_open_run(model: nn.Module) -> None:
+    """Put back ``model`` if a run with ``neftune_noise_alpha`` patched it and never ended."""
+    run = _open.get(model)
+    if run is not None:
+        run.remove()
 
 
 def _activate(model: nn.Module, neftune_noise_alpha: float, accelerator=None) -> _Run:
     """``transformers.integrations.neftune.activate_neftune``'s signature, patching instead of hooking."""
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    stale = vars(unwrapped).get(_RUN)
-    if stale is not None:  # an earlier train() raised before deactivating: start from before it
-        stale.remove()
+    end_open_run(unwrapped)  # an earlier train() raised before deactivating: start from before it
     options = NoiseOptions.make(_installed["options"], noise_alpha=neftune_noise_alpha)
     run = _Run(unwrapped, _snapshot(unwrapped))
     patch_model(unwrapped, **options.as_kwargs())
-    vars(unwrapped)[_RUN] = run
+    _open[unwrapped] = run
     return run
 
 
@@ -82,8 +90,10 @@ def replace_trainer_neftune(**options: Any) -> None:
     argument's (``length_mode``, ``distribution``, ``noise_tokens``, ``backend``, ``generator``,
     ``tp_group``), checked here. Each ``train()`` with the argument set patches the model with
     :func:`~neft_kernels.patch_model` as it begins and puts it back as it was when it ends; a run
-    that raised is put back when the next one begins. Calling again changes the options for later
-    runs. Alpha schedules and the noise statistics in the logs are ``NEFTuneCallback``'s.
+    that raised is put back when the next one begins (with the argument, or with
+    ``NEFTuneCallback``) or by :func:`restore_trainer_neftune`. Calling again changes the options
+    for later runs. Alpha schedules and the noise statistics in the logs are ``NEFTuneCallback``'s.
+    Imports ``transformers.trainer``.
     """
     if "noise_alpha" in options:
         raise TypeError("replace_trainer_neftune takes no noise_alpha: it is TrainingArguments.neftune_noise_alpha")
@@ -113,8 +123,11 @@ def replace_trainer_neftune(**options: Any) -> None:
 
 
 def restore_trainer_neftune() -> None:
-    """Undo :func:`replace_trainer_neftune`: later runs use transformers' hook again. Call it between
-    runs: a run under way keeps the patch until it ends."""
+    """Undo :func:`replace_trainer_neftune`: later runs use transformers' hook again, and models that
+    a run which raised left patched are put back now (so that the hook never adds noise on top).
+    Call it between runs: a run under way would lose its noise."""
+    for run in list(_open.values()):
+        run.remove()
     for owner, name, original in _installed.get("swapped", ()):
         setattr(owner, name, original)
     _installed.clear()

@@ -81,6 +81,37 @@ def test_a_run_that_raised_is_put_back_when_the_next_begins(tmp_path):
 
 
 @pytest.mark.slow
+def test_after_a_run_that_raised_restore_puts_the_model_back_and_the_hook_adds_the_only_noise(tmp_path):
+    replace_trainer_neftune()
+    model = build("llama")
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, neftune_noise_alpha=ALPHA),
+                                   train_dataset=Rows(), data_collator=collate, callbacks=[Probe(1)])
+    with pytest.raises(RuntimeError, match="training failed"):
+        trainer.train()
+    torch.save(model, tmp_path / "mid-run.pt")  # the open run is kept beside the model, not in it
+    restore_trainer_neftune()
+    assert type(model.get_input_embeddings()) is nn.Embedding and not is_patched(model)
+    _, patched_during = _losses(tmp_path, model, flag=True)  # transformers' hook alone
+    assert patched_during == [False] * 3 and not is_patched(model)
+
+
+@pytest.mark.slow
+def test_a_callback_refusing_the_flag_leaves_no_patch_behind(tmp_path):
+    """The replaced activation patched the model before the callback refused the flag: the refusal
+    takes that patch off, so the next run (callback only) ends with a plain model."""
+    replace_trainer_neftune()
+    model = build("llama")
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, neftune_noise_alpha=ALPHA),
+                                   train_dataset=Rows(), data_collator=collate)
+    trainer.add_callback(NEFTuneCallback(2.0))
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        trainer.train()
+    assert type(model.get_input_embeddings()) is nn.Embedding and not is_patched(model)
+    _, patched_during = _losses(tmp_path, model, flag=False, callbacks=[NEFTuneCallback(2.0)])
+    assert patched_during == [True] * 3 and not is_patched(model)
+
+
+@pytest.mark.slow
 def test_a_peft_model_is_patched_through_the_trainers_accelerator(tmp_path):
     replace_trainer_neftune()
     lora = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -161,9 +192,11 @@ def test_a_trainer_without_neftune_activation_is_refused(monkeypatch):
 
 _PROGRAM = """
 import sys
+before = "transformers" in sys.modules
 import transformers.trainer as t
 from torch import nn
 from neft_kernels.integrations import trainer_neftune_options
+import beside  # a module next to the script: sys.path[0] is the script's folder
 
 class Model(nn.Module):
     def __init__(self):
@@ -176,44 +209,54 @@ class Model(nn.Module):
 model = Model()
 t.activate_neftune(model, 3.0)
 emb = model.get_input_embeddings()
-print(__name__, sys.argv[1:], type(emb).__name__, emb.noise_alpha, emb.noise_options.length_mode,
-      trainer_neftune_options().backend)
+print(__name__, __file__ == beside.SCRIPT, sys.argv[1:], before, type(emb).__name__, emb.noise_alpha,
+      emb.noise_options.length_mode, trainer_neftune_options().backend)
 """
 
 
 @pytest.fixture
 def program(tmp_path, monkeypatch):
-    """A program that activates transformers' NEFTune and prints what the embedding became; run
-    in-process by the launcher, which replaces argv and sys.path[0] as python would."""
-    (tmp_path / "program.py").write_text(_PROGRAM)
+    """A program (in its own folder, beside a module it imports) that activates transformers' NEFTune
+    and prints what the embedding became; the launcher runs it in-process, replacing argv and
+    sys.path[0] as python would (restored after each test), from another working directory."""
+    folder = tmp_path / "program"
+    folder.mkdir()
+    (folder / "program.py").write_text(_PROGRAM)
+    (folder / "beside.py").write_text(f"SCRIPT = {str(folder / 'program.py')!r}\n")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "beside", raising=False)
     monkeypatch.chdir(tmp_path)
-    return tmp_path / "program.py"
+    return folder / "program.py"
 
 
 def test_launcher_runs_a_script_with_our_options_and_its_arguments(program, capsys):
-    launch.main(["--length-mode", "padded", "--backend=torch", str(program), "--lr", "1", "-m", "x"])
-    assert capsys.readouterr().out.split() == ["__main__", "['--lr',", "'1',", "'-m',", "'x']", "NoisyEmbedding",
-                                               "3.0", "padded", "torch"]
+    launch.main(["--length-mode", "padded", "--backend=torch", "program/program.py", "--lr", "1", "-m", "x"])
+    assert capsys.readouterr().out.split() == ["__main__", "True", "['--lr',", "'1',", "'-m',", "'x']", "True",
+                                               "NoisyEmbedding", "3.0", "padded", "torch"]
 
 
-def test_launcher_runs_a_module(program, capsys):
-    launch.main(["-m", "program", "--length-mode", "padded"])  # after -m: the program's arguments
-    assert capsys.readouterr().out.split() == ["__main__", "['--length-mode',", "'padded']", "NoisyEmbedding",
-                                               "3.0", "per_sequence", "auto"]
+def test_launcher_runs_a_module(program, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(program.parent))  # as python -m's working directory on sys.path
+    launch.main(["--", "-m", "program", "--length-mode", "padded"])  # after -m: the program's arguments
+    assert capsys.readouterr().out.split() == ["__main__", "True", "['--length-mode',", "'padded']", "True",
+                                               "NoisyEmbedding", "3.0", "per_sequence", "auto"]
 
 
-def test_launcher_refuses_a_bad_option_or_no_program(program, capsys):
-    for argv in (["--length-mode", "whole", str(program)], [], ["--backend", "cpu"], ["-m"]):
+def test_launcher_refuses_a_bad_option_or_no_program(program):
+    for argv in (["--length-mode", "whole", str(program)], ["--length", "padded", str(program)], [],
+                 ["--backend", "cpu"], ["-m"], ["missing.py"]):
         with pytest.raises(SystemExit) as info:
             launch.main(argv)
-        assert info.value.code == 2
+        assert info.value.code == 2, argv
     assert trainer_neftune_options() is None
 
 
-def test_launcher_runs_as_python_dash_m(program):
+def test_launcher_runs_as_python_dash_m_and_replaces_once_the_program_imports_the_trainer(program):
+    """In a fresh process: transformers is not imported before the program starts (what it sets
+    first, HF_HOME say, is set before transformers reads it)."""
     res = subprocess.run([sys.executable, "-m", "neft_kernels.integrations.launch", "--noise-tokens", "response",
                           str(program), "a"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split() == ["__main__", "['a']", "NoisyEmbedding", "3.0", "per_sequence", "auto"]
+    assert res.stdout.split() == ["__main__", "True", "['a']", "False", "NoisyEmbedding", "3.0", "per_sequence",
+                                  "auto"]

@@ -66,6 +66,22 @@ def test_alpha_changes_every_step_under_fullgraph_compile_with_no_recompile(back
     assert frames[0] > 0 and frames == frames[:1] * 4  # compiled by the first call, never again
 
 
+def test_a_module_compiled_at_alpha_0_takes_a_later_alpha_without_recompiling():
+    """A schedule's warm-up starts at alpha 0: the compiled graph holds the op then too (no guard on
+    alpha's value, as an exported program or a CUDA graph keeps none)."""
+    torch._dynamo.reset()
+    emb = NoisyEmbedding(50, 64, noise_alpha=0.0, backend="torch")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(emb, fullgraph=True, backend=counter)
+    ids = torch.randint(0, 50, (4, 32))
+    clean = emb.weight[ids].detach()
+    assert torch.equal(step(ids), clean)
+    frames = counter.frame_count
+    emb.noise_alpha = 5.0
+    assert_uniform_noise_of_alpha(step(ids), clean, 5.0, 32)
+    assert frames > 0 and counter.frame_count == frames
+
+
 @pytest.mark.slow  # torch.compile of a whole model with dynamic shapes
 def test_alpha_on_a_compiled_patched_model_over_several_lengths():
     from support.hf_models import VOCAB, build

@@ -168,4 +168,3 @@ def test_from_pretrained_takes_the_noise_options():
         NoisyEmbedding.from_pretrained(weight, noise_alpha=-1.0)
     with pytest.raises(ValueError, match="2-dimensional"):
         NoisyEmbedding.from_pretrained(torch.randn(3))
-
