@@ -1,6 +1,7 @@
 """replace_trainer_neftune: transformers' own ``neftune_noise_alpha`` served by neft_kernels, and the
 launcher that turns it on for an unchanged program. The tests that train are marked slow."""
 
+import os
 import subprocess
 import sys
 
@@ -260,3 +261,39 @@ def test_launcher_runs_as_python_dash_m_and_replaces_once_the_program_imports_th
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["__main__", "True", "['a']", "False", "NoisyEmbedding", "3.0", "per_sequence",
                                   "auto"]
+
+
+_TRAINING = """
+import sys
+import torch
+import transformers
+from neft_kernels import NoisyEmbedding
+from neft_kernels.integrations import is_patched
+from support.hf_models import build
+from support.hf_training import Rows, collate
+
+class Noisy(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        print("step", isinstance(model.get_input_embeddings(), NoisyEmbedding))
+
+model = build("llama")
+args = transformers.TrainingArguments(output_dir=sys.argv[1], max_steps=2, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                      neftune_noise_alpha=5.0)
+transformers.Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate, callbacks=[Noisy()]).train()
+print("after", is_patched(model))
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters, each training two steps
+def test_an_unchanged_training_script_under_the_launcher_trains_with_our_noise(tmp_path):
+    """The config-driven case end to end: a script that sets only neftune_noise_alpha."""
+    (tmp_path / "train.py").write_text(_TRAINING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    outputs = []
+    for launcher in (["-m", "neft_kernels.integrations.launch"], []):
+        res = subprocess.run([sys.executable, *launcher, str(tmp_path / "train.py"), str(tmp_path / "out")],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outputs.append([line for line in res.stdout.splitlines() if line.startswith(("step", "after"))])
+    assert outputs == [["step True", "step True", "after False"], ["step False", "step False", "after False"]]
