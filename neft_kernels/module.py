@@ -170,6 +170,11 @@ class NoisyEmbedding(nn.Embedding):
         if noise_mask is MISSING_LABELS:
             raise ValueError(f"noise_tokens={self.noise_options.noise_tokens!r} takes the noised tokens from the "
                              "labels the model is called with, and this call has none")
+        if self.noise_options.noise_tokens != "all" and noise_mask is not None and noise_mask.shape != input_ids.shape:
+            raise ValueError(f"noise_tokens={self.noise_options.noise_tokens!r} takes the noised tokens from the "
+                             f"labels, which must index these ids: labels of shape {tuple(noise_mask.shape)}, ids "
+                             f"of shape {tuple(input_ids.shape)} (a classifier's labels are not per token); use "
+                             "noise_tokens='all'")
         mask, positions, noise_mask = ((t != 0 if t.is_floating_point() else t)
                                        if validation.broadcasts_to(t, input_ids.shape) else None
                                        for t in (mask, positions, noise_mask))

@@ -66,6 +66,11 @@ class NoiseOptions:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    def __deepcopy__(self, memo: dict) -> NoiseOptions:
+        # Immutable: a deep-copied module (PEFT's modules_to_save copy, TRL's reference model) keeps
+        # drawing from the user's generator rather than from a stale copy of it.
+        return self
+
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments (the same objects: a generator is not copied)."""
         return {name: getattr(self, name) for name in self.names()}

@@ -277,10 +277,15 @@ def patch_model(model: nn.Module, noise_alpha: float = 5.0, length_mode: str = "
             rows start a sub-sequence wherever the position is 0. ``noise_tokens="response"``
             (or ``"prompt"``) takes the noised tokens from the ``labels`` the model is called with.
 
-    Idempotent: patching again only updates the options. Undo with :func:`unpatch_model`.
+    Idempotent: patching again sets the options to those given (the others to their defaults).
+    Undo with :func:`unpatch_model`.
     """
     # Everything that can be refused is refused before the model is touched.
     noise_options = NoiseOptions.make(noise_alpha=noise_alpha, length_mode=length_mode, **options)
+    if noise_options.noise_tokens != "all" and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"noise_tokens={noise_options.noise_tokens!r} takes the noised tokens from the labels, and an "
+                         "encoder-decoder's labels are the decoder's targets, not its input tokens: use "
+                         "noise_tokens='all'")
     targets = _input_embeddings(model)
     for emb in targets:
         if emb.sparse:
@@ -341,15 +346,28 @@ def _snapshot(model: nn.Module):
         model = root()
         if model is None:
             return
+        was_noisy = {id(emb) for emb, _ in noisy}
         for module in model.modules():
             if id(module) not in hooked:
                 _remove_our_hooks(module)
+            if isinstance(module, NoisyEmbedding) and id(module) not in was_noisy and "_neft_original_class" in vars(
+                    module):  # made noisy since (a replaced input embedding, PEFT's copy): as patched then
+                if root_options is None:
+                    make_plain(module)
+                    vars(module).pop(MADE_PLAIN, None)
+                else:
+                    module.configure_noise(root_options)
         for emb, made_plain in plain:
             make_plain(emb)
             if not made_plain:
                 vars(emb).pop(MADE_PLAIN, None)
         for emb, opts in noisy:
-            emb.configure_noise(opts)
+            if isinstance(emb, NoisyEmbedding):
+                emb.configure_noise(opts)
+            else:  # unpatched since: patched again with its options, and its hooks
+                make_noisy(emb, **opts.as_kwargs())
+        if any(not _has_our_hook(m) for m in model.modules() if id(m) in hooked):
+            _hook_ancestors(model, [emb for emb, _ in noisy])
         if root_options is None:
             vars(model).pop(_OPTIONS, None)
         else:

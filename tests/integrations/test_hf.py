@@ -527,3 +527,65 @@ def test_from_embedding_of_a_patched_scaled_embedding_keeps_the_scale_and_drops_
 
     with pytest.raises(TypeError, match="NoisyEmbedding.from_embedding"):
         Mine.from_embedding(build("gemma3").get_input_embeddings())
+
+
+@pytest.mark.parametrize("entry_alpha", [None, 2.0])
+def test_patched_exit_takes_care_of_embeddings_made_noisy_inside_the_block(entry_alpha):
+    """An input embedding replaced inside the block, and PEFT's modules_to_save copy, follow the
+    restore: plain again when the block was entered plain, the entry options when entered patched."""
+    peft = pytest.importorskip("peft")
+    model = build("llama")
+    if entry_alpha is not None:
+        patch_model(model, entry_alpha, length_mode="padded")
+    with patched(model, ALPHA):
+        replaced = nn.Embedding(hf_models.VOCAB, 32)
+        model.set_input_embeddings(replaced)
+        ids, mask = padded_batch()
+        model.train()(input_ids=ids, attention_mask=mask)  # the call makes the replacement noisy
+        assert isinstance(replaced, NoisyEmbedding)
+    if entry_alpha is None:
+        assert type(replaced) is nn.Embedding and not is_patched(model)
+    else:
+        assert replaced.noise_alpha == entry_alpha and replaced.noise_options.length_mode == "padded"
+    unpatch_model(model)
+    with patched(model, ALPHA):
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                          modules_to_save=["embed_tokens"]))
+        assert sum(isinstance(m, NoisyEmbedding) for m in lora.modules()) == 2
+    assert not any(isinstance(m, NoisyEmbedding) for m in lora.modules()) and not is_patched(lora)
+
+
+def test_unpatch_inside_a_block_entered_patched_is_undone_on_exit():
+    model = patch_model(build("llama"), 2.0)
+    with patched(model, ALPHA):
+        unpatch_model(model)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, NoisyEmbedding) and emb.noise_alpha == 2.0 and is_patched(model)
+    ids, mask = padded_batch()
+    seen, hook = _capture(emb)
+    model.train()(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    noise = (seen["out"] - F.embedding(ids, emb.weight))[mask.bool()]
+    assert 0 < noise.abs().max() <= 2.0 / (3 * 32) ** 0.5 * (1 + 1e-5)  # alpha 2; L = 3 in the shortest row
+
+
+def test_labels_that_do_not_index_the_input_tokens_are_refused_for_response_noise():
+    with pytest.raises(ValueError, match="encoder-decoder's labels"):
+        patch_model(hf_models.t5(), ALPHA, noise_tokens="response")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=hf_models.VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      num_labels=2, pad_token_id=0)
+    model = patch_model(transformers.LlamaForSequenceClassification(config), ALPHA, noise_tokens="prompt").train()
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="labels of shape \\(3,\\), ids of shape \\(3, 12\\)"):
+        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0]))
+
+
+def test_a_deep_copy_draws_from_the_users_generator():
+    """PEFT's modules_to_save copy and TRL's reference model are deep copies: NoiseOptions is
+    immutable and keeps the generator object itself."""
+    g = torch.Generator().manual_seed(2)
+    model = patch_model(build("llama"), ALPHA, generator=g)
+    copy = __import__("copy").deepcopy(model)
+    assert copy.get_input_embeddings().noise_options.generator is g
