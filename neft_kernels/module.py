@@ -63,11 +63,13 @@ def noise_without_grad() -> Iterator[None]:
 class NoisyEmbedding(nn.Embedding):
     """``nn.Embedding`` with NEFTune noise in train mode; the same ``state_dict`` and weight.
 
-    In eval mode, with ``noise_alpha == 0``, under :func:`no_noise`, or in a forward that autograd
-    does not record (``torch.no_grad``, ``inference_mode``; see :func:`noise_without_grad`),
-    ``forward`` is exactly ``F.embedding``. In train mode each call draws a fresh 64-bit seed from
-    the ``generator`` option (default: torch's default CPU generator, so ``torch.manual_seed`` makes
-    runs reproducible; CPU draws need no device sync) and calls :func:`neft_kernels.noisy_embedding`.
+    In eval mode, with ``noise_alpha == 0`` (eagerly: a compiled, exported or captured call keeps the
+    op, which adds ``e * 0``, so that a later alpha is read), under :func:`no_noise`, or in a forward
+    that autograd does not record (``torch.no_grad``, ``inference_mode``; see
+    :func:`noise_without_grad`), ``forward`` is exactly ``F.embedding``. In train mode each call
+    draws a fresh 64-bit seed from the ``generator`` option (default: torch's default CPU generator,
+    so ``torch.manual_seed`` makes runs reproducible; CPU draws need no device sync) and calls
+    :func:`neft_kernels.noisy_embedding`.
 
     The noise options (``noise_alpha``, ``length_mode``, ``distribution``, ``backend``,
     ``generator``, ``tp_group``, ...) are those of :class:`~neft_kernels.NoiseOptions`, passed as
