@@ -53,7 +53,11 @@ def noise_rank(tp_group=None, weight: torch.Tensor | None = None) -> int:
     if tp_group is None:
         rank = dist.get_rank()
     else:
-        rank = min(dist.get_process_group_ranks(tp_group))
+        ranks = dist.get_process_group_ranks(tp_group)
+        if dist.get_rank() not in ranks:
+            raise ValueError(f"tp_group holds ranks {ranks}, not this rank ({dist.get_rank()}): pass the group this "
+                             "rank's embedding is replicated across")
+        rank = min(ranks)
     if rank >= MAX_RANKS:
         raise ValueError(f"rank-aware noise supports {MAX_RANKS} noise streams (ranks), got rank {rank}")
     return rank

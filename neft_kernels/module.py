@@ -330,6 +330,12 @@ class NoisyEmbedding(nn.Embedding):
         DTensor that the parallel style lays out as it was asked to."""
         from torch.distributed.tensor import DTensor, Replicate
 
+        if self.max_norm is not None:
+            raise ValueError("max_norm with a tensor-parallel (DTensor) weight: torch has no sharded renorm")
+        # The sharded lookup gives an id outside every rank's rows a zero row: refuse it here (on an
+        # accelerator with a sync, as for max_norm; set_id_check(False) turns it off).
+        local_ids = input_ids.to_local() if isinstance(input_ids, DTensor) else input_ids
+        check_id_range(local_ids, self.num_embeddings)
         out = cast(DTensor, super().forward(input_ids))  # a DTensor weight's lookup
         mesh = out.device_mesh
         full = out.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()

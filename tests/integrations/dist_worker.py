@@ -82,11 +82,11 @@ def fsdp2(rank: int) -> dict:
     return dict(calls=seen, mask=padded_batch(0)[1], losses=losses, final_weight=emb.weight.full_tensor().detach())
 
 
-def _tp_embedding(mesh, tp_group=None, output_layouts=None) -> NoisyEmbedding:
+def _tp_embedding(mesh, tp_group=None, output_layouts=None, max_norm=None) -> NoisyEmbedding:
     """Replicated output (the default), or ``output_layouts`` (sequence parallel: Shard(1))."""
     output_layouts = Replicate() if output_layouts is None else output_layouts
     torch.manual_seed(0)
-    emb = NoisyEmbedding(96, 32, noise_alpha=5.0, tp_group=tp_group)  # same init on every rank
+    emb = NoisyEmbedding(96, 32, noise_alpha=5.0, tp_group=tp_group, max_norm=max_norm)  # same init on every rank
     return parallelize_module(emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=output_layouts))
 
 
@@ -104,7 +104,19 @@ def tp(rank: int) -> dict:
     sp_seen = _capture(sp)
     with sp.side_inputs(attention_mask=mask):
         sp(ids)
-    return dict(calls=seen, mask=mask, grad=_full(emb.weight.grad).clone(), sp_calls=sp_seen)
+    # Refused: an id outside the table (the sharded lookup would give a zero row), max_norm (no
+    # sharded renorm), a tp_group without this rank.
+    refused = []
+    bad = ids.clone()
+    bad[0, 0] = 96
+    for call in (lambda: emb(bad), lambda: _tp_embedding(mesh, max_norm=1.0)(ids),
+                 lambda: NoisyEmbedding(96, 32, tp_group=dist.new_group([0])).train()(ids)):
+        try:
+            call()
+            refused.append(None)
+        except (IndexError, ValueError) as err:
+            refused.append(f"{type(err).__name__}: {err}")
+    return dict(calls=seen, mask=mask, grad=_full(emb.weight.grad).clone(), sp_calls=sp_seen, refused=refused)
 
 
 def mesh4(rank: int) -> dict:

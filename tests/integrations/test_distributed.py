@@ -86,6 +86,12 @@ def test_tensor_parallel_noise_is_added_once_and_equals_one_process(tmp_path):
     sp = [r["sp_calls"][0] for r in ranks]
     assert sp[0]["out"].shape == (3, 6, 32)
     assert_bits_equal(torch.cat([c["out"] for c in sp], dim=1), _spec(sp[0], 0, ranks[0]["mask"]))
+    for r, rank in zip(ranks, (0, 1), strict=True):
+        bad_id, max_norm, not_in_group = r["refused"]
+        assert bad_id.startswith("IndexError") and "96" in bad_id
+        assert max_norm.startswith("ValueError") and "no sharded renorm" in max_norm
+        # new_group([0]): rank 0 is in it (its own stream, no error), rank 1 is not.
+        assert (not_in_group is None) if rank == 0 else ("not this rank (1)" in not_in_group)
 
 
 def test_two_by_two_mesh_shares_noise_within_tp_and_not_across_dp(tmp_path):
