@@ -361,12 +361,9 @@ def _snapshot(model: nn.Module):
             make_plain(emb)
             if not made_plain:
                 vars(emb).pop(MADE_PLAIN, None)
-        for emb, opts in noisy:
-            if isinstance(emb, NoisyEmbedding):
-                emb.configure_noise(opts)
-            else:  # unpatched since: patched again with its options, and its hooks
-                make_noisy(emb, **opts.as_kwargs())
-        if any(not _has_our_hook(m) for m in model.modules() if id(m) in hooked):
+        for emb, opts in noisy:  # its options again (made noisy again if unpatched since)
+            make_noisy(emb, **opts.as_kwargs())
+        if any(not _has_our_hook(m) for m in model.modules() if id(m) in hooked):  # unpatched since
             _hook_ancestors(model, [emb for emb, _ in noisy])
         if root_options is None:
             vars(model).pop(_OPTIONS, None)
