@@ -90,7 +90,12 @@ def _(ids, weight, seed, alpha, offset, scale, width, attention_mask, position_i
 def _backward_op(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int],
                  scale_grad_by_freq: bool, backend: str) -> torch.Tensor:
     """(N, d) grad rows -> (V, d) weight gradient, summed in float32, in ``grad``'s dtype."""
-    # The op is public: ids from elsewhere than our forward are checked (on CPU; no sync).
+    # The op is public: ids from elsewhere than our forward are checked (on CPU; no sync), and so is
+    # one grad row per id on the ids' device (the kernels read grad row i for the i-th id: another
+    # count of rows read past the end on a GPU).
+    if grad.dim() != 2 or grad.shape[0] != ids.numel() or grad.device != ids.device:
+        raise ValueError(f"embedding_bwd: grad must be (N, d) with one row per id on the ids' device, got grad of "
+                         f"shape {tuple(grad.shape)} on {grad.device} for {ids.numel()} ids on {ids.device}")
     check_id_range(ids, num_weights, allow_sync=False)
     return _backward_impl(grad, ids, num_weights, padding_idx, scale_grad_by_freq, backend)
 

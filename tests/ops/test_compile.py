@@ -47,6 +47,16 @@ def test_opcheck_backward(backend, device):
     torch.library.opcheck(BWD, (grad, ids, 20, 3, True, backend))
 
 
+@on_backends("torch", "cpu", "cuda")
+def test_backward_op_refuses_grad_rows_that_are_not_one_per_id(backend, device):
+    """The public backward op reads grad row i for the i-th id: other shapes are refused before any
+    kernel (the CUDA kernel read past the end of grad for more ids than rows)."""
+    ids = torch.randint(0, 20, (5,), device=device)
+    for grad in (torch.ones(3, 4, device=device), torch.ones(7, 4, device=device), torch.ones(1, 5, 4, device=device)):
+        with pytest.raises(ValueError, match="one row per id"):
+            BWD(grad, ids, 20, None, False, backend)
+
+
 @torch._inductor.config.patch(fallback_random=True)
 def test_compiled_module_reproduces_eager_with_fallback_random():
     """The seed is a graph input drawn by torch's RNG: same manual_seed, same bits; new seed, new noise."""
