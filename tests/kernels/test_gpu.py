@@ -37,16 +37,19 @@ def test_compiled_forward_matches_reference_and_spec_model(dtype, kind):
     assert_bits_equal(out, expected(ids, weight, 5.0, seed, 77, mask, pos, "per_sequence"))
 
 
-def test_64_bit_row_offsets():
-    """V * d > 2**31: rows past the int32 range are read from the right place."""
+@on_backends("triton", "cuda", device="cuda")
+def test_64_bit_row_offsets(backend, device):
+    """V * d > 2**31: rows past the int32 range are read from the right place, and their gradient
+    written there (the CUDA C++ kernels too: 16-byte lanes at d = 2048)."""
     vocab, d = (1 << 20) + 64, 2048
     weight = torch.randn(vocab, d, dtype=torch.bfloat16, device="cuda")
     ids = torch.tensor([[vocab - 1, vocab - 2, 0, (1 << 20) + 7]], device="cuda")
-    out = noisy_embedding(ids, weight, 5.0, seed=3, backend="triton")
+    out = noisy_embedding(ids, weight, 5.0, seed=3, backend=backend)
     assert_bits_equal(out, noisy_embedding(ids, weight, 5.0, seed=3, backend="torch"))
     weight.requires_grad_()
-    noisy_embedding(ids, weight, 5.0, seed=3, backend="triton").float().sum().backward()
-    assert (weight.grad[vocab - 1] == 1).all() and (weight.grad[1] == 0).all()
+    noisy_embedding(ids, weight, 5.0, seed=3, backend=backend).float().sum().backward()
+    assert (weight.grad[vocab - 1] == 1).all() and (weight.grad[(1 << 20) + 7] == 1).all()
+    assert (weight.grad[1] == 0).all() and weight.grad.sum() == 4 * d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
