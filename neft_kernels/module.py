@@ -24,6 +24,8 @@ NOISE_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack",
 MISSING_LABELS = object()
 _no_noise_depth = 0
 _noise_without_grad_depth = 0
+_EMBEDDING_ARGS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                   "sparse", "_weight", "_freeze", "device", "dtype")  # nn.Embedding's, named in a refusal
 
 
 @contextmanager
@@ -101,6 +103,7 @@ class NoisyEmbedding(nn.Embedding):
         dtype=None,
         **noise_options,
     ) -> None:
+        NoiseOptions.refuse_unknown(noise_options, "NoisyEmbedding", _EMBEDDING_ARGS)
         options = NoiseOptions.make(**noise_options)
         if sparse:
             raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward "

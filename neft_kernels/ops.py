@@ -201,7 +201,9 @@ def _examples(tensors, in_dims, batch: int) -> list[list]:
 
 _VMAP_RANDOMNESS = ("vmap: noisy_embedding draws random noise, and vmap's randomness is 'error' (its default): pass "
                     "randomness='different' (each example its own noise, as in one call over the stacked examples) "
-                    "or 'same' (every example the same noise) to torch.func.vmap")
+                    "or 'same' (every example the same noise) to torch.func.vmap. torch.func.jacfwd vmaps with "
+                    "randomness='error' unless given one: pass randomness='same'; torch.func.hessian takes none: "
+                    "write hessian(f) as jacfwd(jacrev(f), randomness='same')")
 
 
 def _stacked_call(batch: int, in_dims, tensors, args) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -57,10 +57,17 @@ class NoiseOptions:
     @classmethod
     def make(cls, base: NoiseOptions | None = None, **changes: Any) -> NoiseOptions:
         """``base`` (default: the defaults) with ``changes``; a misspelt option is refused by name."""
-        unknown = sorted(set(changes) - set(cls.names()))
-        if unknown:
-            raise TypeError(f"unknown noise option(s) {unknown}; the options are {list(cls.names())}")
+        cls.refuse_unknown(changes)
         return dataclasses.replace(base, **changes) if base is not None else cls(**changes)
+
+    @classmethod
+    def refuse_unknown(cls, keywords: Iterable[str], caller: str | None = None, own: Iterable[str] = ()) -> None:
+        """Raise TypeError naming the ``keywords`` that are not options (nor, where given, ``caller``'s
+        ``own`` keywords, which the message lists too)."""
+        unknown = sorted(set(keywords) - set(cls.names()) - set(own))
+        if unknown:
+            also = f"; {caller} also takes {list(own)}" if caller else ""
+            raise TypeError(f"unknown noise option(s) {unknown}; the options are {list(cls.names())}{also}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -1,9 +1,9 @@
 """Kernels, one module per backend, each implementing :class:`Backend`.
 
 ``resolve`` turns a requested backend name into an available one, ``module`` gives its kernels,
-``available_backends`` lists what this process can run, ``draw_seed`` draws a host seed. The
-compiled backends (``cpu``, ``cuda``) are optional extensions; ``auto`` falls back from a missing
-one with a single warning.
+``available_backends`` lists what this process can run (``why_unavailable`` says why one cannot),
+``draw_seed`` draws a host seed. The compiled backends (``cpu``, ``cuda``) are optional extensions;
+``auto`` falls back from a missing one with a single warning.
 """
 
 from __future__ import annotations
@@ -118,6 +118,23 @@ def _why_not(name: str, device: torch.device) -> str | None:
     return None
 
 
+_BUILD_HINT = ("the compiled backends are built by `pip install --no-build-isolation -e .` (the CUDA one only where "
+               "torch has CUDA and nvcc is present; NEFT_KERNELS_BUILD_EXT=0 skips both)")
+
+
+def why_unavailable(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run on ``device``'s tensors in this process, or None when it can."""
+    device = torch.device(device)
+    reason = _why_not(name, device)
+    if isinstance(_load(name), ImportError):
+        return f"{reason}; {_BUILD_HINT}"
+    if reason is None and device.type not in _runs_on(name):
+        if name == "triton":
+            return cast(ModuleType, _load(name)).CPU_UNAVAILABLE
+        return f"it runs on {' or '.join(_runs_on(name))} tensors"
+    return reason
+
+
 def _resolve(name: str, device: torch.device) -> str:
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
@@ -131,9 +148,7 @@ def _resolve(name: str, device: torch.device) -> str:
     reason = _why_not(name, device)
     loaded = _load(name)
     if isinstance(loaded, ImportError):
-        raise RuntimeError(f"backend={name!r} is unavailable: {reason}. The compiled backends are built by "
-                           "`pip install --no-build-isolation -e .` (NEFT_KERNELS_BUILD_EXT=0 skips them)"
-                           ) from loaded
+        raise RuntimeError(f"backend={name!r} is unavailable: {reason}; {_BUILD_HINT}") from loaded
     if name in _DEVICES and device.type != _DEVICES[name]:
         raise ValueError(f"backend={name!r} runs on {_DEVICES[name]} tensors, got tensors on {device}")
     if reason is not None:

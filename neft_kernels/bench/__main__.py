@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import backends
 from . import host, measure, models, report, train_step
 from .harness import HOST_SHAPE, PASSES, compile_settings, pass_callables, shapes, train_configs
 from .impls import implementations, inputs
@@ -37,17 +38,36 @@ def _philox_floors(device: torch.device, shape_list, reps: int) -> dict[tuple, f
     return {s: measure.summary(t)["median_ms"] for s, t in measure.interleaved_times(fns, device, reps, 1).items()}
 
 
+def _cpu_isa() -> str | None:
+    """The instruction set the C++ CPU kernels use here (their figures depend on it), if built."""
+    try:
+        from .._C_cpu import cpu_isa
+    except ImportError:
+        return None
+    return cpu_isa()
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,L,d,V (four positive integers), got {text!r}")
+    return values
+
+
 def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: list[str] | None = None,
         progress: bool = True, only_shapes: list[tuple[int, int, int, int]] | None = None) -> list[dict]:
     """Every (shape, dtype, pass, implementation) record, against the copy bandwidth of this run."""
     on_gpu = device.type == "cuda"
     reps, inner = (30, 10) if on_gpu else ((7, 1) if quick else (10, 1))
-    copy_gbps = measure.copy_bandwidth(device, reps=reps)
+    first_copy_gbps = measure.copy_bandwidth(device, reps=reps)
     impls = implementations(device, backends)
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "device_name": (torch.cuda.get_device_name(device) if on_gpu
                             else platform.processor() or platform.machine()),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **({"cpu_isa": _cpu_isa()} if not on_gpu else {})}
     shape_list = only_shapes or shapes(device, quick)
     floors = _philox_floors(device, shape_list, reps)
     records = []
@@ -78,10 +98,12 @@ def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: 
         for r in rows:
             r["speedup_vs_hf_hook"] = hook_ms / r["median_ms"]
         records += rows
-    # Load from elsewhere can only lower a bandwidth: keep the better of a first and a last reading.
-    copy_gbps = max(copy_gbps, measure.copy_bandwidth(device, reps=reps))
+    # Load from elsewhere can only lower a bandwidth: keep the better of a first and a last reading
+    # (both recorded: far apart, the machine was busy and every figure of the run is noisy).
+    last_copy_gbps = measure.copy_bandwidth(device, reps=reps)
+    copy_gbps = max(first_copy_gbps, last_copy_gbps)
     for r in records:
-        r["copy_gbps"] = copy_gbps
+        r.update(copy_gbps=copy_gbps, copy_gbps_first=first_copy_gbps, copy_gbps_last=last_copy_gbps)
         r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps
     return records
 
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "packed row), for the named models or, with no name, all of: "
                              + ", ".join(models.MODEL_SHAPES) + " (default: with --full on a GPU)")
     parser.add_argument("--shape", action="append", metavar="B,L,d,V",
-                        type=lambda text: tuple(int(x) for x in text.split(",")),
+                        type=_shape,
                         help="repeatable; replaces the default shapes")
     parser.add_argument("--json", type=Path, help="write the records (and -host / -train-step files beside it)")
     parser.add_argument("--csv", type=Path, help="write the op records as CSV")
@@ -118,13 +140,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'neft_kernels[bench]'")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here")
+    for name in args.backend or ():
+        if name not in backends.available_backends(device):
+            reason = backends.why_unavailable(name, device)
+            parser.error(f"--backend {name} cannot run on {device.type} here: {reason}")
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
     quick = not args.full
     with compile_settings():
         records = run(device, dtypes, quick, args.backend, progress=not args.no_progress, only_shapes=args.shape)
     first = records[0]
-    print(f"\n{first['device_name']} ({first['device']}, {first['threads']} threads), torch {first['torch']}, "
+    threads = f"{first['threads']} thread{'s' if first['threads'] != 1 else ''}"
+    isa = f", CPU kernels: {first['cpu_isa']}" if first.get("cpu_isa") else ""
+    print(f"\n{first['device_name']} ({first['device']}, {threads}{isa}), torch {first['torch']}, "
           f"{first['date']}; copy bandwidth {first['copy_gbps']:.1f} GB/s")
+    if min(first["copy_gbps_first"], first["copy_gbps_last"]) < 0.8 * first["copy_gbps"]:
+        print(f"warning: copy bandwidth read {first['copy_gbps_first']:.1f} GB/s before the run and "
+              f"{first['copy_gbps_last']:.1f} after it: other work is using this machine, every figure is noisy")
     print(report.table(records))
     print("(columns: python -m neft_kernels.bench --help)")
     for r in records:
@@ -149,16 +182,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             steps += train_step.run(name, device, dtype, batch, length, per_round, rounds)
         print("\nTraining steps (forward, backward, AdamW), variants interleaved:")
         print(train_step.table(steps))
+    written = []
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.plot)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(records, path)
+            written.append(path)
     if args.json:
-        report.write_json(host_records, args.json.with_name(args.json.stem + "-host.json"))
-        if steps:
-            report.write_json(steps, args.json.with_name(args.json.stem + "-train-step.json"))
-        if model_records:
-            report.write_json(model_records, args.json.with_name(args.json.stem + "-models.json"))
+        for suffix, extra in (("-host", host_records), ("-train-step", steps), ("-models", model_records)):
+            if extra:
+                written.append(args.json.with_name(args.json.stem + suffix + ".json"))
+                report.write_json(extra, written[-1])
+    print("\nwritten: " + ", ".join(map(str, written)) if written
+          else "\nnothing saved (--json PATH, --csv PATH and --plot PATH write the results)")
     return records + host_records + model_records + steps
 
 

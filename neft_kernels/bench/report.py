@@ -34,7 +34,24 @@ COLUMNS_HELP = """columns of the table:
               table) over the median time; %copy: that against this run's copy bandwidth
   x hook      hf_hook's median time over this row's (> 1: faster than the hook)
   host us     host time per call: the Python and launch cost a training loop pays (GPU: nothing waited for)
-  graph ms    GPU time alone, by CUDA-graph replay (GPU forward only)"""
+  graph ms    GPU time alone, by CUDA-graph replay (GPU forward only)
+  x hook > 1 means faster than the hook; every other "x" column (x F.embedding, x emb, x no noise) > 1
+  means slower than its baseline.
+
+then, on CPU, per forward shape: neft's median over the bare Philox stream's for the same number of
+  noise values (the C++ kernels' own Philox, into a buffer allocated once: the floor of a fused
+  forward), and that floor in ns per element; it depends on the CPU's instruction set (printed in the
+  header, NEFT_KERNELS_CPU_ISA forces one).
+host-time table: host microseconds per eager forward call at a tiny shape, where only the per-call
+  cost counts (Python, checks, launches; a GPU is never waited for), with each side input in turn,
+  and that over F.embedding's.
+training steps: a Llama-shaped model from a config (random weights, padded batches with masks,
+  AdamW), with no noise, transformers' hook and patch_model, interleaved in rounds. step ms: median
+  over rounds; x no noise: the median over rounds of the step time over the same round's no-noise
+  step time (paired, so that drift between rounds cancels; it need not equal the ratio of the
+  medians), with its 20th-80th percentile.
+warning: the copy bandwidth read before and after the run differ by more than 20%: other work is
+  using the machine, and every figure is noisy."""
 
 
 def _row(r: dict) -> dict:

@@ -38,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         usage="%(prog)s [options] [--] (-m MODULE | SCRIPT) [program arguments ...]",
         description="Run a program (as python would) with TrainingArguments.neftune_noise_alpha served by "
                     "neft_kernels' fused, per-sequence NEFTune instead of transformers' forward hook.")
+    defaults = NoiseOptions()
     for flag, choices in _FLAGS.items():
-        parser.add_argument(flag, choices=choices, default=None, help="a NoiseOptions field (default: its default)")
+        field = flag.removeprefix("--").replace("-", "_")
+        parser.add_argument(flag, choices=choices, default=None,
+                            help=f"NoiseOptions.{field} (default: {getattr(defaults, field)})")
     return parser
 
 

@@ -45,7 +45,9 @@ class NEFTuneCallback(TrainerCallback):
 
     def __init__(self, noise_alpha: float = 5.0, *, schedule: Schedule = "constant", final_alpha: float = 0.0,
                  warmup_steps: int = 0, log_stats: bool = True, **options) -> None:
-        self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)  # a misspelling fails here
+        own = ("schedule", "final_alpha", "warmup_steps", "log_stats")
+        NoiseOptions.refuse_unknown(options, "NEFTuneCallback", own)
+        self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)
         self.schedule = (schedule, final_alpha, warmup_steps)
         if not callable(schedule):  # all but the run's length, which a decay needs (checked at train begin)
             check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)

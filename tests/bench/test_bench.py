@@ -96,9 +96,16 @@ def test_default_benchmark_writes_json_csv_and_plot(tmp_path):
     assert steps[0]["vs_no_noise"] == 1.0  # each round's ratio against itself
     assert all(r["vs_no_noise_p20"] <= r["vs_no_noise"] <= r["vs_no_noise_p80"] for r in steps)
     assert "Training steps" in res.stdout and "Host time per eager forward call" in res.stdout
+    assert f"written: {tmp_path / 'r.json'}" in res.stdout and str(tmp_path / "r-train-step.json") in res.stdout
+    assert all(r["copy_gbps"] == max(r["copy_gbps_first"], r["copy_gbps_last"]) for r in records)
+    if ("neft", "cpu") in impls:  # the C++ kernels' figures depend on the instruction set: it is said
+        from neft_kernels._C_cpu import cpu_isa
+
+        assert all(r["cpu_isa"] == cpu_isa() for r in records) and f"CPU kernels: {cpu_isa()}" in res.stdout
 
 
 def test_cli_lists_its_choices_and_checks_plot_before_running(monkeypatch, capsys):
+    from neft_kernels.backends import available_backends
     from neft_kernels.bench.__main__ import main
 
     with pytest.raises(SystemExit):
@@ -111,6 +118,19 @@ def test_cli_lists_its_choices_and_checks_plot_before_running(monkeypatch, capsy
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
+    # what cannot run here is a usage error before the run, not a traceback from inside it
+    for argv, message in ((["--shape", "2,16,64"], "expected B,L,d,V (four positive integers), got '2,16,64'"),
+                          (["--shape", "2,16,64,0"], "four positive integers"),
+                          (["--backend", "triton", "--device", "cpu"], "--backend triton cannot run on cpu here")):
+        if argv[1] == "triton" and "triton" in available_backends("cpu"):
+            continue  # the interpreter runs it here
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--device", "cuda"])
+        assert "sees no CUDA GPU here" in capsys.readouterr().err
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit):
         main(["--plot", "r.png"])

@@ -346,6 +346,8 @@ def test_misspelled_callback_option_is_refused_at_construction():
 
     with pytest.raises(TypeError, match="noise_aplha"):
         NEFTuneCallback(noise_aplha=5.0)
+    with pytest.raises(TypeError, match=r"\['shedule'\]; .*NEFTuneCallback also takes \['schedule', 'final_alpha'"):
+        NEFTuneCallback(5.0, shedule="linear")
     with pytest.raises(ValueError, match="length_mode"):
         NEFTuneCallback(5.0, length_mode="per-sequence")
     assert repr(NEFTuneCallback(5.0, length_mode="padded")) == "NEFTuneCallback(noise_alpha=5.0, length_mode='padded')"

@@ -26,6 +26,9 @@ def test_every_entry_point_takes_the_same_options_and_refuses_a_misspelling():
             make(distrib="gaussian")
         with pytest.raises(ValueError, match="distribution must be one of"):
             make(distribution="laplace")
+    # an entry point with keywords of its own lists them beside the options
+    with pytest.raises(TypeError, match=r"\['padding_ix'\]; the options .*; NoisyEmbedding also takes .*'padding_idx'"):
+        NoisyEmbedding(10, 4, padding_ix=0)
     emb = NoisyEmbedding(10, 4, noise_alpha=2.0, distribution="gaussian", noise_tokens="response")
     assert emb.noise_options == NoiseOptions(2.0, distribution="gaussian", noise_tokens="response")
     with pytest.raises(ValueError):
