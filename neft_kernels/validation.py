@@ -139,7 +139,8 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: str = "input_ids") -> None:
     """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device, ascending. Its values are
-    never read on the host (that would sync); entries outside ``[0, N)`` mark no start."""
+    not read here (:func:`check_cu_seqlens_ascending` reads a CPU one's where the op uses it);
+    entries outside ``[0, N)`` mark no start."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -149,6 +150,25 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: 
                         f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens on {cu_seqlens.device} but {of} on {device}")
+
+
+def check_cu_seqlens_ascending(cu_seqlens: torch.Tensor) -> None:
+    """Refuse a CPU ``cu_seqlens`` whose entries descend anywhere (repeats are fine).
+
+    The kernels find entries by binary search and the reference by membership, so an unsorted
+    tensor would give backend-dependent starts. Reading CPU values costs no sync; an accelerator's
+    are not read (that would sync), there ascending entries stay the caller's contract."""
+    if not cu_seqlens.is_cpu:
+        return
+    if len(cu_seqlens) <= 256:  # a list is the cheapest host read for the usual few entries
+        values = cu_seqlens.tolist()
+        if values == sorted(values):
+            return
+    elif not bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        return
+    at = int((cu_seqlens[1:] < cu_seqlens[:-1]).nonzero()[0])
+    raise ValueError(f"cu_seqlens must be ascending (flash-attention's cumulative sequence starts), got "
+                     f"{int(cu_seqlens[at])} before {int(cu_seqlens[at + 1])} at index {at + 1}")
 
 
 def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,

@@ -95,3 +95,24 @@ def test_alpha_may_be_any_real_number_type():
     want = _call(noise_alpha=5.0)
     for alpha in (5, numpy.float32(5.0), numpy.float64(5.0), torch.tensor(5.0)):
         assert torch.equal(_call(noise_alpha=alpha), want)
+
+
+@on_backends("torch", "cpu", "triton", device="cpu")
+def test_unsorted_cu_seqlens_on_the_cpu_is_refused(backend, device):
+    """The kernels find cu_seqlens entries by binary search, the reference by membership: descending
+    entries gave each CPU backend other starts, silently. CPU values cost no sync to read: refused
+    (repeats, entries outside [0, N) and many entries stay accepted)."""
+    ids, weight = torch.tensor([[1, 2, 3, 4, 0, 1]]), torch.randn(5, 4)
+    for cu in (torch.tensor([0, 4, 2, 6], dtype=torch.int32), torch.tensor([3, 0, 6]),
+               torch.cat([torch.arange(300), torch.tensor([7])])):
+        with pytest.raises(ValueError, match="cu_seqlens must be ascending"):
+            _call(input_ids=ids, weight=weight, cu_seqlens=cu, backend=backend)
+        with pytest.raises(ValueError, match="cu_seqlens must be ascending"):
+            add_noise(torch.randn(1, 6, 4), 5.0, seed=0, cu_seqlens=cu, backend=backend)
+        emb = NoisyEmbedding(5, 4, backend=backend).train()
+        with pytest.raises(ValueError, match="cu_seqlens must be ascending"):
+            emb(ids, cu_seqlens=cu)
+    for cu in (torch.tensor([0, 2, 2, 6], dtype=torch.int32), torch.tensor([-3, 0, 4, 9]), torch.arange(300),
+               torch.tensor([4])):
+        got = _call(input_ids=ids, weight=weight, cu_seqlens=cu, backend=backend)
+        assert torch.equal(got, _call(input_ids=ids, weight=weight, cu_seqlens=cu, backend="torch"))
