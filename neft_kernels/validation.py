@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import TypeGuard
 
 import torch
@@ -132,6 +133,10 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     """nn.Embedding's rule: negative indices count from the end."""
     if padding_idx is None:
         return None
+    if type(padding_idx) is not int:  # NumPy and one-value tensor ints become an int; floats are refused
+        if isinstance(padding_idx, bool) or not hasattr(type(padding_idx), "__index__"):
+            raise TypeError(f"padding_idx must be an int, got {type(padding_idx).__name__}")
+        padding_idx = operator.index(padding_idx)
     if not -num_embeddings <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx must lie within num_embeddings ({num_embeddings}), got {padding_idx}")
     return padding_idx % num_embeddings

@@ -34,6 +34,8 @@ def _call(**kw):
     (dict(length_mode="flattened"), ValueError, "length_mode"),
     (dict(backend="mps"), ValueError, "backend"),
     (dict(padding_idx=5), ValueError, "padding_idx"),
+    (dict(padding_idx=2.0), TypeError, "padding_idx must be an int, got float"),
+    (dict(padding_idx=True), TypeError, "padding_idx must be an int, got bool"),
     (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
     (dict(weight=torch.zeros(5, 4).numpy()), TypeError, "weight must be a torch.Tensor"),
     (dict(noise_alpha="5"), TypeError, "noise_alpha"),
@@ -116,3 +118,26 @@ def test_unsorted_cu_seqlens_on_the_cpu_is_refused(backend, device):
                torch.tensor([4])):
         got = _call(input_ids=ids, weight=weight, cu_seqlens=cu, backend=backend)
         assert torch.equal(got, _call(input_ids=ids, weight=weight, cu_seqlens=cu, backend="torch"))
+
+
+@on_backends("torch", "cpu", "triton", device="cpu")
+def test_padding_idx_may_be_any_integer_type(backend, device):
+    """A NumPy or tensor padding_idx (a config's, say) is the int it holds on every backend: before,
+    the C++ backend refused a float one with pybind's argument dump, the Triton one a NumPy int
+    with an interpreter error, while the reference took both."""
+    numpy = pytest.importorskip("numpy")
+    ids = torch.tensor([[1, 2, 2, 3]])
+    grad_out = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def grad_of(padding_idx):
+        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = noisy_embedding(ids, weight, 5.0, seed=3, padding_idx=padding_idx, backend=backend)
+        return torch.autograd.grad(out, weight, grad_out)[0]
+
+    want = grad_of(2)
+    assert (want[2] == 0).all() and (want[1] != 0).all()
+    for padding_idx in (numpy.int64(2), numpy.int32(-3), torch.tensor(2)):
+        assert torch.equal(grad_of(padding_idx), want)
+    emb = NoisyEmbedding(5, 4, padding_idx=numpy.int64(2), backend=backend).train()
+    emb(ids).sum().backward()
+    assert (emb.weight.grad[2] == 0).all() and (emb.weight.grad[1] != 0).all()
