@@ -106,7 +106,9 @@ def check_alpha(noise_alpha: float, name: str = "noise_alpha") -> float:
         raise TypeError(f"{name} must be a real number, got {type(noise_alpha).__name__}") from err
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {noise_alpha}")
-    return alpha
+    # -0.0 as +0.0: the one-scale path rounds it to a +0 scale, the per-token one kept a -0 scale,
+    # so a call with a mask and one without gave -0.0 weight elements other signs.
+    return alpha + 0.0
 
 
 def check_alpha_arg(noise_alpha: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

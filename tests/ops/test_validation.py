@@ -1,5 +1,7 @@
 """Bad arguments are refused before any kernel runs, with errors that name the argument."""
 
+import math
+
 import pytest
 import torch
 
@@ -141,3 +143,20 @@ def test_padding_idx_may_be_any_integer_type(backend, device):
     emb = NoisyEmbedding(5, 4, padding_idx=numpy.int64(2), backend=backend).train()
     emb(ids).sum().backward()
     assert (emb.weight.grad[2] == 0).all() and (emb.weight.grad[1] != 0).all()
+
+
+@on_backends("torch", "cpu", "triton", device="cpu")
+def test_alpha_negative_zero_is_alpha_zero(backend, device):
+    """alpha = -0.0 passes the >= 0 check; it gave the one-scale path a +0 scale and the per-token
+    path (a mask, an alpha tensor) a -0 scale, so -0.0 weight elements came out with other signs
+    with a mask than without (the spec: a scale-0 token keeps its weight, -0.0 becoming +0.0 where
+    e >= 0). It is alpha 0 everywhere now."""
+    ids, weight = torch.tensor([[0, 1, 2, 0]]), torch.full((3, 8), -0.0)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    want = noisy_embedding(ids, weight, 0.0, seed=1, backend=backend)
+    for alpha in (-0.0, torch.tensor(-0.0)):
+        for side in ({}, {"attention_mask": mask}):
+            got = noisy_embedding(ids, weight, alpha, seed=1, backend=backend, **side)
+            assert torch.equal(got.signbit(), want.signbit()), (alpha, side)
+    emb = NoisyEmbedding(3, 8, _weight=weight.clone(), noise_alpha=-0.0, backend=backend)
+    assert math.copysign(1.0, emb.noise_alpha) == 1.0
