@@ -24,16 +24,25 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
     return (math.prod(shape) // width if width else 0), width
 
 
-def round_to_float32(x: float) -> float:
-    """A finite non-negative double rounded to nearest-even float32, in pure Python (traceable).
+_FLOAT32_MIN_NORMAL = 2.0**-126
+_FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
 
-    Python's ``round`` is round-half-even, so rounding the 24-bit mantissa matches IEEE for every
-    normal float32; NEFTune scales are far from the subnormal and overflow ranges.
+
+def round_to_float32(x: float) -> float:
+    """A finite non-negative double rounded to nearest-even float32 (IEEE, once), in pure Python
+    (traceable): the value ``float32(x)`` holds, ``inf`` past the float32 range.
+
+    Python's ``round`` is round-half-even: a normal float32 rounds its 24-bit mantissa, a subnormal
+    one to a multiple of ``2**-149`` (rounding it to 24 bits first would round twice: a tiny alpha's
+    one-scale path then differed from the per-token scales' single rounding).
     """
     if x == 0:
         return 0.0
+    if x < _FLOAT32_MIN_NORMAL:
+        return math.ldexp(round(math.ldexp(x, 149)), -149)
     mantissa, exponent = math.frexp(x)
-    return math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
+    rounded = math.ldexp(round(mantissa * (1 << 24)), exponent - 24)
+    return rounded if rounded <= _FLOAT32_MAX else math.inf
 
 
 @overload

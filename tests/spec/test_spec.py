@@ -111,6 +111,26 @@ def test_round_to_float32_ties_to_even():
     assert round_to_float32(1 + ulp / 2 + 2**-40) == 1 + ulp
     for x in (0.0, 0.1, 5 / math.sqrt(512 * 4096), 3.4e38):
         assert round_to_float32(x) == float(np.float32(x))
+    # Subnormal results round once, to a multiple of 2**-149 (24 bits first would make the second a
+    # tie: 2.5 * 2**-149 + 2**-175 went to 2 * 2**-149); past the range, inf.
+    tiny = 2.0**-149
+    for x in (2.5 * tiny + 2.0**-175, 2.5 * tiny, 3.5 * tiny, 0.4 * tiny, 0.6 * tiny, 2.0**-126 - 2.0**-160,
+              1.17e-38, 3.4028235677973366e38, 3.4028235677973367e38, 1e39, 1e300):
+        with np.errstate(over="ignore"):
+            assert round_to_float32(x) == float(np.float32(x)), x
+    assert round_to_float32(1e39) == math.inf
+
+
+@on_backends("torch", "cpu", "triton", device="cpu")
+def test_tiny_alpha_scales_round_once_on_both_paths(backend, device):
+    """An alpha whose scale is a float32 subnormal: the one-scale path (no side input) gives the
+    per-token path's bits and the spec model's (float32 of the float64 quotient, rounded once)."""
+    weight, ids = torch.zeros(3, 1), torch.tensor([0])
+    alpha = 2.5 * 2.0**-149 + 2.0**-175  # d = L = 1: the scale is alpha
+    one = noisy_embedding(ids, weight, alpha, seed=1, backend=backend)
+    per_token = noisy_embedding(ids, weight, alpha, seed=1, backend=backend, attention_mask=torch.ones(1, dtype=int))
+    assert_bits_equal(one, per_token)
+    assert_bits_equal(one, expected(ids, weight, alpha, 1, 0, None, None, "per_sequence"))
 
 
 @pytest.mark.slow  # 2**31 inputs, ~10 s
