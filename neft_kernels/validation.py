@@ -83,8 +83,9 @@ def normalize_seed(seed: int | torch.Tensor, device: torch.device | None = None)
             raise TypeError(f"a tensor seed must hold one int64 value on the CPU or on the weight's device "
                             f"({device}), got {seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
         return seed.reshape(())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
         raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {type(seed).__name__}")
+    seed = operator.index(seed)  # a NumPy integer, say
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
     return seed - (1 << 64) if seed >= 1 << 63 else seed

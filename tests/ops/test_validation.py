@@ -94,6 +94,20 @@ def test_zero_width_embeddings_work_like_nn_embedding(backend, device):
     assert emb(ids).shape == torch.nn.Embedding(10, 0)(ids.cpu()).shape == (1, 3, 0)
 
 
+def test_seed_may_be_any_integer_type():
+    """A NumPy integer seed (np.random's) was refused as "got int64", beside a message asking for
+    int64. Integers are taken as the int they hold; floats and bools stay refused."""
+    numpy = pytest.importorskip("numpy")
+    for seed in (7, 2**64 - 1, -(2**63)):
+        want = _call(seed=seed)
+        for typed in (numpy.int64(seed) if seed < 2**63 else numpy.uint64(seed),):
+            assert torch.equal(_call(seed=typed), want)
+    assert torch.equal(_call(seed=numpy.int32(-5)), _call(seed=-5))
+    for bad in (True, numpy.float64(3.0)):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            _call(seed=bad)
+
+
 def test_alpha_may_be_any_real_number_type():
     numpy = pytest.importorskip("numpy")
     want = _call(noise_alpha=5.0)
