@@ -5,6 +5,7 @@ through every backend, bit-exact with the independent spec model; gradients equa
 CI runs a fixed (derandomized) set of examples; ``NEFT_FUZZ_EXAMPLES=2000`` runs more, at random.
 """
 
+import math
 import os
 
 import torch
@@ -82,3 +83,64 @@ def test_weight_gradient_equals_f_embedding(backend, device, b, padding, data):
     (ours,) = torch.autograd.grad(out, weight, grad_out)
     (theirs,) = torch.autograd.grad(F.embedding(x["ids"], weight, padding_idx=padding_idx), weight, grad_out)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+_SIDE_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64]
+
+
+@st.composite
+def wide_batches(draw):
+    """What ``batches`` leaves out: 0- to 3-D ids (empty ones too), int32 and non-contiguous ids and
+    weights, side inputs of every integer dtype broadcast from trailing dims, a noise_mask, the
+    Gaussian stream, padding_idx (negative too), scale_grad_by_freq and a tensor alpha."""
+    shape = tuple(draw(st.integers(0, 4)) for _ in range(draw(st.integers(0, 3))))
+    n = math.prod(shape)
+    vocab, d = draw(st.integers(1, 9)), draw(st.sampled_from([1, 2, 3, 4, 5, 7, 9, 13, 33]))
+    ids = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n)),
+                       dtype=draw(st.sampled_from([torch.int32, torch.int64]))).reshape(shape)
+    if len(shape) >= 2 and draw(st.booleans()):
+        ids = ids.transpose(-1, -2).contiguous().transpose(-1, -2)
+    kw = {}
+    for name, values in (("attention_mask", st.integers(0, 2)), ("position_ids", st.integers(-1, 3)),
+                         ("noise_mask", st.integers(0, 1))):
+        if draw(st.booleans()):
+            side_shape = shape[draw(st.integers(0, len(shape))):]
+            count = math.prod(side_shape)
+            side = torch.tensor(draw(st.lists(values, min_size=count, max_size=count))).reshape(side_shape)
+            dtype = draw(st.sampled_from(_SIDE_DTYPES))
+            lowest = 0 if dtype == torch.uint8 else -1
+            kw[name] = (side != 0) if dtype == torch.bool else side.clamp(min=lowest).to(dtype)
+    if draw(st.booleans()):
+        kw["cu_seqlens"] = torch.tensor(sorted(draw(st.lists(st.integers(-2, n + 2), max_size=6))),
+                                        dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+    values = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=vocab * d, max_size=vocab * d))
+    weight = torch.tensor(values).view(vocab, d).to(draw(st.sampled_from(DTYPES)))
+    if draw(st.booleans()):
+        weight = weight.t().contiguous().t()
+    alpha = draw(st.sampled_from([0.0, 0.1, 5.0, 1e6]))
+    if draw(st.booleans()):
+        alpha = torch.tensor(alpha, dtype=draw(st.sampled_from([torch.float32, torch.float64])))
+    kw.update(seed=draw(st.integers(-(1 << 63), (1 << 64) - 1)), offset=draw(st.integers(0, 1 << 40)),
+              length_mode=draw(st.sampled_from(["per_sequence", "padded"])),
+              distribution=draw(st.sampled_from(["uniform", "gaussian"])), scale_grad_by_freq=draw(st.booleans()),
+              padding_idx=draw(st.one_of(st.none(), st.integers(-vocab, vocab - 1))))
+    return ids, weight, alpha, kw
+
+
+@on_backends("cpu", "triton")
+@_SETTINGS
+@given(b=wide_batches())
+def test_forward_and_gradient_equal_the_reference_bit_for_bit(backend, device, b):
+    """Every fused backend gives the reference's bits (backend="torch", on the same device), forward
+    and weight gradient, in every dtype."""
+    ids, weight, alpha, kw = b
+    results = []
+    for name in (backend, "torch"):
+        w = weight.to(device).requires_grad_()
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        out = noisy_embedding(ids.to(device), w, alpha, backend=name, **moved)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype).to(device)
+        results.append((out, *torch.autograd.grad(out, w, grad_out)))
+    (out, grad), (ref_out, ref_grad) = results
+    assert_bits_equal(out, ref_out)
+    assert_bits_equal(grad, ref_grad)
