@@ -1,8 +1,7 @@
 """The functional op: O(1) host work per call, one autograd rule, and the ``torch.library`` ops.
 
-Per call, Python reads shapes, dtypes and devices only (and a CPU ``cu_seqlens``'s entries, checked
-ascending); everything per token (scales from the side inputs, the id range) happens in the backend,
-on the tensors' device. The autograd rule is
+Per call, Python reads shapes, dtypes and devices only; everything per token (scales from the side
+inputs, the id range) happens in the backend, on the tensors' device. The autograd rule is
 :class:`_NoisyEmbeddingFunction`'s: eagerly it calls the backend directly (dispatch through
 ``torch.library`` costs more host time than the kernel takes on a GPU); under ``torch.compile`` the
 call is the custom op ``neft_kernels::noisy_embedding_fwd``, whose registered autograd is the same
@@ -47,8 +46,6 @@ def _forward_impl(ids: torch.Tensor, weight: torch.Tensor, seed: int | torch.Ten
         # No sync; only an accelerator's kernels read alpha from memory. Checked here for compiled
         # graphs, whose alpha is a graph input that no call-time check saw.
         alpha = validation.check_alpha(alpha.item())
-    if cu_seqlens is not None:
-        validation.check_cu_seqlens_ascending(cu_seqlens)
     flag = device_id_flag(ids) if check_ids and not ids.is_cpu else None
     out = module(backend).forward(ids, weight, seed, offset, None if per_token else scale, alpha, width,
                                   attention_mask, position_ids, cu_seqlens, noise_mask, gaussian,
@@ -340,8 +337,8 @@ def noisy_embedding(
             cumulative starts ``[0, l0, l0 + l1, ...]`` over the flattened tokens, ascending as
             flash-attention requires; a sub-sequence starts at each entry (the same ``L`` as the
             equivalent ``position_ids``). Repeated entries and entries outside ``[0, N)`` mark no
-            extra start. A CPU tensor whose entries descend is refused; an accelerator's values are
-            not read on the host (that would sync).
+            extra start. A CPU tensor whose entries descend is refused (by the backend, which reads it
+            anyway); an accelerator's values are not read on the host (that would sync).
         noise_mask: tokens where it is 0 get no noise but still count towards ``L`` (response-
             or prompt-only noise, a multimodal model's placeholder tokens); broadcasts like
             ``attention_mask``.
@@ -405,8 +402,6 @@ def _noisy_embedding(input_ids, weight, alpha: float | torch.Tensor, seed, offse
     device_seed = type(seed) is not int and isinstance(seed, torch.Tensor) and not seed.is_cpu
     with_grad = None if traced or tensor_alpha or device_seed or native_autograd_unseen() else _with_grad(name)
     if with_grad is not None:  # the backend's own autograd node, native code
-        if side[2] is not None:
-            validation.check_cu_seqlens_ascending(side[2])
         flag = device_id_flag(input_ids) if check_ids and name != "cpu" else None  # CPU ids: checked in C++
         out = with_grad(input_ids, weight, int(seed), offset, None if per_token else scale, alpha, width, *side,
                         gaussian, padding_idx, bool(scale_grad_by_freq), None if flag is None else flag.buffer)

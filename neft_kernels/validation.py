@@ -93,7 +93,9 @@ def normalize_seed(seed: int | torch.Tensor, device: torch.device | None = None)
 
 def check_offset(offset: int, n_tokens: int, embedding_dim: int) -> None:
     if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+        kind = type(offset)  # qualified: NumPy's int64 is not torch's
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"offset must be a Python int, got {name} (int(offset) converts an integer)")
     if offset < 0 or offset + n_tokens * num_lanes(embedding_dim) > 1 << 63:
         raise ValueError(f"offset must be >= 0 and keep every Philox counter below 2**63, got {offset}")
 
@@ -147,8 +149,8 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: str = "input_ids") -> None:
     """flash-attention's ``cu_seqlens``: 1-D int32/int64 on the ids' device, ascending. Its values are
-    not read here (:func:`check_cu_seqlens_ascending` reads a CPU one's where the op uses it);
-    entries outside ``[0, N)`` mark no start."""
+    not read here (the backends read a CPU one's: :func:`check_cu_seqlens_ascending`); entries
+    outside ``[0, N)`` mark no start."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -161,22 +163,19 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, device: torch.device, of: 
 
 
 def check_cu_seqlens_ascending(cu_seqlens: torch.Tensor) -> None:
-    """Refuse a CPU ``cu_seqlens`` whose entries descend anywhere (repeats are fine).
+    """Refuse a CPU ``cu_seqlens`` whose entries descend anywhere (repeats are fine); the backends
+    whose scales read one call it (the C++ one checks in C++).
 
     The kernels find entries by binary search and the reference by membership, so an unsorted
     tensor would give backend-dependent starts. Reading CPU values costs no sync; an accelerator's
     are not read (that would sync), there ascending entries stay the caller's contract."""
     if not cu_seqlens.is_cpu:
         return
-    if len(cu_seqlens) <= 256:  # a list is the cheapest host read for the usual few entries
-        values = cu_seqlens.tolist()
-        if values == sorted(values):
-            return
-    elif not bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        return
-    at = int((cu_seqlens[1:] < cu_seqlens[:-1]).nonzero()[0])
-    raise ValueError(f"cu_seqlens must be ascending (flash-attention's cumulative sequence starts), got "
-                     f"{int(cu_seqlens[at])} before {int(cu_seqlens[at + 1])} at index {at + 1}")
+    descends = (cu_seqlens[1:] < cu_seqlens[:-1]).nonzero()
+    if len(descends):
+        at = int(descends[0])
+        raise ValueError(f"cu_seqlens must be ascending (flash-attention's cumulative sequence starts), got "
+                         f"{int(cu_seqlens[at])} before {int(cu_seqlens[at + 1])} at index {at + 1}")
 
 
 def check_call(input_ids: torch.Tensor, weight: torch.Tensor, offset: int, attention_mask: torch.Tensor | None,

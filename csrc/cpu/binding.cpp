@@ -46,6 +46,12 @@ void side_input_scales(float* scales, int64_t n, int64_t width, double alpha, in
     TORCH_CHECK(cu_seqlens->dim() == 1, "cu_seqlens must be 1-D");
     side.n_cu = cu_seqlens->numel();
     if (side.n_cu) side.cu_seqlens = row_view(cu_seqlens, 1, side.n_cu, "cu_seqlens");
+    // The scales find entries by binary search, the reference marks them by membership: a
+    // descending entry would give each backend other starts. Host memory: no sync to read it.
+    for (int64_t k = 1; k < side.n_cu; ++k)
+      TORCH_CHECK_VALUE(side.cu_seqlens(0, k - 1) <= side.cu_seqlens(0, k),
+                        "cu_seqlens must be ascending (flash-attention's cumulative sequence starts), got ",
+                        side.cu_seqlens(0, k - 1), " before ", side.cu_seqlens(0, k), " at index ", k);
   }
   neft::cpu::token_scales(scales, n, width, alpha, d, side);
 }

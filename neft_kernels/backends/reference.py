@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import lengths
+from .. import lengths, validation
 from ..id_check import check_id_range
 from ..spec import noise
 
@@ -47,6 +47,8 @@ def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embeddi
                  cu_seqlens: torch.Tensor | None, noise_mask: torch.Tensor | None = None,
                  device: torch.device | None = None) -> torch.Tensor | float:
     """The backend contract's per-token scales, by :func:`neft_kernels.lengths.token_scales`."""
+    if cu_seqlens is not None:
+        validation.check_cu_seqlens_ascending(cu_seqlens)
     return lengths.token_scales((n_tokens // width, width) if width else (0, 0), alpha, embedding_dim,
                                 attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
                                 noise_mask=noise_mask, device=device)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import spec
+from .. import spec, validation
 from ..id_check import check_id_range
 from ..lengths import device_of
 from ..spec import num_lanes
@@ -528,6 +528,8 @@ def token_scales(width: int, n_tokens: int, alpha: float | torch.Tensor, embeddi
     the same bits as :func:`neft_kernels.lengths.token_scales`.
     """
     side = (attention_mask, position_ids, cu_seqlens, noise_mask)
+    if cu_seqlens is not None:  # the kernel's binary search needs ascending entries
+        validation.check_cu_seqlens_ascending(cu_seqlens)
     if device is None:
         device = device_of(*side, alpha)
     out = torch.empty(n_tokens, dtype=torch.float32, device=device)
