@@ -114,12 +114,14 @@ def test_hugging_face_model_compiles_fullgraph_in_train_and_eval(tied):
 
 @requires("cpu")
 def test_compiled_cpu_backend_still_refuses_out_of_range_ids():
-    """Python's range check is skipped inside graphs; the kernel's own check must hold."""
+    """Python's range check is skipped inside graphs; the kernel's own check must hold, at the table's
+    edges too (id V and -1: the range the compiled path's wrapper reads back from the kernel)."""
     weight = torch.randn(10, 4)
     f = torch.compile(lambda i, s: noisy_embedding(i, weight, 5.0, seed=s, backend="cpu"), fullgraph=True)
-    assert f(torch.tensor([[1, 9]]), torch.tensor(0)).shape == (1, 2, 4)
-    with pytest.raises(IndexError, match="must lie in"):
-        f(torch.tensor([[1, 13]]), torch.tensor(0))
+    assert f(torch.tensor([[0, 9]]), torch.tensor(0)).shape == (1, 2, 4)
+    for bad, got in (([[1, 10]], r"\[1, 10\]"), ([[-1, 2]], r"\[-1, 2\]"), ([[1, 13]], r"\[1, 13\]")):
+        with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 10\), got values in " + got):
+            f(torch.tensor(bad), torch.tensor(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
