@@ -50,6 +50,31 @@ def test_train_mode_is_the_functional_op_with_a_seed_from_torch_generator():
     assert not torch.equal(out[0], emb.weight[ids[0]])
 
 
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+def test_train_mode_passes_every_option_to_the_op(distribution):
+    """distribution, length_mode, padding_idx and scale_grad_by_freq reach the op: the output is the
+    functional op's with the same options and the seed the module drew, the gradient F.embedding's."""
+    emb = _module(noise_alpha=5.0, padding_idx=2, scale_grad_by_freq=True, distribution=distribution,
+                  length_mode="padded")
+    ids = _ids()
+    ids[0, :3] = 2  # the padding row, repeated
+    ids[1, 1:5] = ids[1, 0]  # a repeated id: scale_grad_by_freq divides its gradient by 5
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # "padded": L is the row width and every token is noised all the same
+    torch.manual_seed(42)
+    out = emb(ids, attention_mask=mask)
+    torch.manual_seed(42)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    assert_bits_equal(out, noisy_embedding(ids, emb.weight, 5.0, seed=seed, attention_mask=mask, length_mode="padded",
+                                           distribution=distribution, backend=BACKEND))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (grad,) = torch.autograd.grad(out, emb.weight, grad_out)
+    weight = emb.weight.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.embedding(ids, weight, padding_idx=2, scale_grad_by_freq=True), weight, grad_out)
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6)
+    assert (grad[2] == 0).all()
+
+
 def test_reproducible_under_manual_seed_and_fresh_noise_each_call():
     emb = _module()
     ids = _ids()
