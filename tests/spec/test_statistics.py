@@ -9,7 +9,7 @@ import torch
 from neft_kernels import noisy_embedding, spec
 
 from support.asserts import assert_bits_equal
-from support.cases import make_weight
+from support.cases import expected, make_weight
 
 
 @pytest.mark.parametrize("length_mode", ["per_sequence", "padded"])
@@ -57,9 +57,11 @@ def test_gaussian_moments_and_tails_are_those_of_a_standard_normal():
 def test_gaussian_keeps_the_uniform_stream_and_the_scale():
     w = make_weight(20, 64, torch.float32)
     ids = torch.arange(20).view(2, 10)
-    uniform = noisy_embedding(ids, w, 5.0, seed=3, backend="torch") - w[ids]
+    uniform_out = noisy_embedding(ids, w, 5.0, seed=3, backend="torch")
+    # v2 keeps v1's uniform stream: the independent NumPy model's v1 bits (the default distribution)
+    assert_bits_equal(uniform_out, expected(ids, w, 5.0, 3, 0, None, None, "per_sequence"))
+    uniform = uniform_out - w[ids]
     gaussian = noisy_embedding(ids, w, 5.0, seed=3, distribution="gaussian", backend="torch") - w[ids]
-    assert_bits_equal(uniform + w[ids], noisy_embedding(ids, w, 5.0, seed=3, backend="torch"))
     scale = 5.0 / math.sqrt(10 * 64)
     assert uniform.abs().max() <= scale
     assert 0.7 < gaussian.std().item() / scale < 1.3 and gaussian.abs().max() > scale  # N(0, 1), not U(-1, 1)
