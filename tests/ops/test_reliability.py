@@ -25,7 +25,7 @@ def test_out_of_range_ids_are_refused(backend, device, bad):
 def test_cpu_ids_are_checked_even_with_the_device_check_off():
     previous = set_id_check(False)
     try:
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=r"input_ids must lie in \[0, 5\), got values in \[7, 7\]"):
             noisy_embedding(torch.tensor([7]), torch.zeros(5, 4), 1.0, seed=0)
     finally:
         set_id_check(previous)
