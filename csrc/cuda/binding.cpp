@@ -105,14 +105,25 @@ torch::Tensor noisy_embedding_forward(
     const c10::optional<torch::Tensor>& cu_seqlens, const c10::optional<torch::Tensor>& noise_mask,
     const c10::optional<torch::Tensor>& seed_tensor, const c10::optional<torch::Tensor>& bad_ids, bool gaussian) {
   TORCH_CHECK(weight_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
+  // The kernel dereferences every pointer on the weight's device: one from another GPU would fault
+  // there (or be read across the bus where peer access is on), and an empty seed tensor would be
+  // taken for no seed tensor at all.
+  TORCH_CHECK(ids_in.device() == weight_in.device(), "input_ids on ", ids_in.device(), " but weight on ",
+              weight_in.device());
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const auto [ids, weight] = neft::prepare_forward(ids_in, weight_in);
   const neft::DType dtype = neft::dtype_of(weight);
   torch::Tensor out = torch::empty(neft::output_sizes(ids_in, weight.size(1)), weight.options());
   if (ids.numel() == 0 || weight.size(1) == 0) return out;
-  if (seed_tensor) TORCH_CHECK(seed_tensor->is_cuda() && seed_tensor->scalar_type() == torch::kLong, "seed tensor");
+  if (seed_tensor)
+    TORCH_CHECK(seed_tensor->device() == weight.device() && seed_tensor->scalar_type() == torch::kLong &&
+                    seed_tensor->numel() == 1,
+                "seed tensor: one int64 value on ", weight.device(), ", got ", seed_tensor->scalar_type(), " of shape ",
+                seed_tensor->sizes(), " on ", seed_tensor->device());
   if (bad_ids)
-    TORCH_CHECK(bad_ids->is_cuda() && bad_ids->scalar_type() == torch::kLong && bad_ids->numel() >= 3, "bad_ids");
+    TORCH_CHECK(bad_ids->device() == weight.device() && bad_ids->scalar_type() == torch::kLong &&
+                    bad_ids->numel() >= 3 && bad_ids->is_contiguous(),
+                "bad_ids: a contiguous (3,) int64 record on ", weight.device());
   torch::Tensor scales;
   if (per_token) {
     scales = torch::empty({ids.numel()}, weight.options().dtype(torch::kFloat));
@@ -131,9 +142,13 @@ torch::Tensor noisy_embedding_forward(
 torch::Tensor embedding_backward(const torch::Tensor& grad_in, const torch::Tensor& ids_in, int64_t num_weights,
                                  int64_t padding_idx, bool scale_grad_by_freq) {
   TORCH_CHECK(grad_in.is_cuda() && ids_in.is_cuda(), "backend='cuda' needs CUDA tensors");
+  // As the CPU binding: the kernel reads grad row order[s] for every id, so one row per id, on one device.
+  TORCH_CHECK(ids_in.device() == grad_in.device(), "ids on ", ids_in.device(), " but grad on ", grad_in.device());
+  TORCH_CHECK(grad_in.dim() == 2, "grad must be (N, d), got shape ", grad_in.sizes());
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const torch::Tensor grad = grad_in.contiguous();
   const torch::Tensor ids = ids_in.to(torch::kLong).contiguous().view(-1);
+  TORCH_CHECK(ids.numel() == grad.size(0), "one grad row per id: ", ids.numel(), " ids, ", grad.size(0), " rows");
   const neft::DType dtype = neft::dtype_of(grad);
   torch::Tensor grad_weight = torch::zeros({num_weights, grad.size(1)}, grad.options());
   if (ids.numel() == 0 || grad.size(1) == 0) return grad_weight;

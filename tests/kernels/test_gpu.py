@@ -157,6 +157,40 @@ def test_cuda_cpp_backward_is_deterministic_and_matches(dtype):
     torch.testing.assert_close(first.float(), ref_weight.grad.to(dtype).float(), rtol=tol, atol=1e-4)
 
 
+@requires("cuda", "cuda")
+def test_cuda_binding_refuses_arguments_its_kernels_would_misread():
+    """The extension's own checks (the public ops call it directly): one grad row per id (the backward
+    kernel reads row order[s] for each id: fewer rows were read past the end), a seed tensor of one
+    value (an empty one was taken for no seed tensor: seed 0)."""
+    from neft_kernels import _C_cuda
+
+    ids = torch.randint(0, 20, (5,), device="cuda")
+    for grad in (torch.ones(3, 4, device="cuda"), torch.ones(1, 5, 4, device="cuda")):
+        with pytest.raises(RuntimeError, match="one grad row per id|grad must be"):
+            _C_cuda.backward(grad, ids, 20, -1, False)
+    weight = torch.randn(20, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="seed tensor"):
+        _C_cuda.forward(ids, weight, 0, 0, 0.5, False, 0.0, None, 5, None, None, None, None,
+                        torch.empty(0, dtype=torch.int64, device="cuda"), None, False)
+
+
+@requires("cuda", "cuda")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_binding_refuses_tensors_on_another_gpu():
+    """Pointers from another GPU would be dereferenced on the weight's (a fault, or reads across the bus)."""
+    from neft_kernels import _C_cuda
+
+    weight = torch.randn(20, 8, device="cuda:0")
+    ids = torch.randint(0, 20, (5,), device="cuda:1")
+    with pytest.raises(RuntimeError, match="input_ids on cuda:1 but weight on cuda:0"):
+        _C_cuda.forward(ids, weight, 0, 0, 0.5, False, 0.0, None, 5, None, None, None, None, None, None, False)
+    with pytest.raises(RuntimeError, match="seed tensor"):
+        _C_cuda.forward(ids.to("cuda:0"), weight, 0, 0, 0.5, False, 0.0, None, 5, None, None, None, None,
+                        torch.tensor(3, device="cuda:1"), None, False)
+    with pytest.raises(RuntimeError, match="ids on cuda:1 but grad on cuda:0"):
+        _C_cuda.backward(torch.ones(5, 8, device="cuda:0"), ids, 20, -1, False)
+
+
 @on_backends("triton", "cuda", device="cuda")
 def test_bad_ids_raise_on_cuda_without_a_sync_and_are_never_read(backend, device):
     """The kernel records bad ids; a later call (or the backward) raises once the record has landed."""
