@@ -326,7 +326,7 @@ def noisy_embedding(
             0-d floating tensor on the CPU or on the weight's device: there the kernels read it
             (a compiled graph takes it as an input, a captured CUDA graph reads its current
             value at each replay); its value is not checked on the host (that would sync).
-        seed: 64-bit Philox key: an int in ``[-2**63, 2**64)``, or a 0-d int64 tensor on the CPU
+        seed: 64-bit Philox key: an int (or NumPy integer) in ``[-2**63, 2**64)``, or a 0-d int64 tensor on the CPU
             or on the weight's device (read by the kernel there, so a captured CUDA graph uses
             the seed each replay draws).
         offset: first Philox counter; lets one seed serve disjoint calls.

@@ -61,12 +61,12 @@ class NoiseOptions:
         return dataclasses.replace(base, **changes) if base is not None else cls(**changes)
 
     @classmethod
-    def refuse_unknown(cls, keywords: Iterable[str], caller: str | None = None, own: Iterable[str] = ()) -> None:
-        """Raise TypeError naming the ``keywords`` that are not options (nor, where given, ``caller``'s
-        ``own`` keywords, which the message lists too)."""
+    def refuse_unknown(cls, keywords: Iterable[str], caller: str = "", own: tuple[str, ...] = ()) -> None:
+        """Raise TypeError naming the ``keywords`` that are not options (nor ``caller``'s ``own``
+        keywords, which the message lists too)."""
         unknown = sorted(set(keywords) - set(cls.names()) - set(own))
         if unknown:
-            also = f"; {caller} also takes {list(own)}" if caller else ""
+            also = f"; {caller} also takes {list(own)}" if own else ""
             raise TypeError(f"unknown noise option(s) {unknown}; the options are {list(cls.names())}{also}")
 
     @classmethod

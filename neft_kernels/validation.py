@@ -138,9 +138,15 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     """nn.Embedding's rule: negative indices count from the end."""
     if padding_idx is None:
         return None
-    if type(padding_idx) is not int:  # NumPy and one-value tensor ints become an int; floats are refused
-        if isinstance(padding_idx, bool) or not hasattr(type(padding_idx), "__index__"):
-            raise TypeError(f"padding_idx must be an int, got {type(padding_idx).__name__}")
+    if type(padding_idx) is not int:  # NumPy and one-value CPU tensor ints become an int; floats are refused
+        if isinstance(padding_idx, torch.Tensor):  # not a device value: that would sync every call
+            ok = padding_idx.is_cpu and padding_idx.dtype != torch.bool and not padding_idx.dtype.is_floating_point
+            kind = f"{padding_idx.dtype} tensor on {padding_idx.device}"
+        else:
+            ok = not isinstance(padding_idx, bool) and hasattr(type(padding_idx), "__index__")
+            kind = type(padding_idx).__name__
+        if not ok:
+            raise TypeError(f"padding_idx must be an int, got {kind}")
         padding_idx = operator.index(padding_idx)
     if not -num_embeddings <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx must lie within num_embeddings ({num_embeddings}), got {padding_idx}")
@@ -171,9 +177,9 @@ def check_cu_seqlens_ascending(cu_seqlens: torch.Tensor) -> None:
     are not read (that would sync), there ascending entries stay the caller's contract."""
     if not cu_seqlens.is_cpu:
         return
-    descends = (cu_seqlens[1:] < cu_seqlens[:-1]).nonzero()
-    if len(descends):
-        at = int(descends[0])
+    descends = cu_seqlens[1:] < cu_seqlens[:-1]
+    if descends.any():
+        at = int(descends.nonzero()[0])
         raise ValueError(f"cu_seqlens must be ascending (flash-attention's cumulative sequence starts), got "
                          f"{int(cu_seqlens[at])} before {int(cu_seqlens[at + 1])} at index {at + 1}")
 

@@ -4,6 +4,7 @@
 # would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
@@ -13,12 +14,17 @@ fi
 # The editable install below serves Python edits as they are; it is redone (rebuilding the C++
 # extensions, a minute or more) only when what it builds from or with has changed since.
 stamp=.venv/.neft_kernels-install
-inputs=$( (find setup.py pyproject.toml MANIFEST.in csrc -type f | LC_ALL=C sort | xargs cat;
-           env | { grep -E '^(NEFT_KERNELS_BUILD_[A-Z]*|TORCH_CUDA_ARCH_LIST|CUDA_HOME)=' || true; } | LC_ALL=C sort
+inputs=$( (find scripts/setup.sh setup.py pyproject.toml MANIFEST.in csrc -type f -print0 | LC_ALL=C sort -z |
+             xargs -0r sha256sum
+           env | { grep -E '^(NEFT_KERNELS_BUILD_[A-Z]*|TORCH_CUDA_ARCH_LIST|CUDA_HOME|CUDA_PATH)=' || true; } |
+             LC_ALL=C sort
+           command -v nvcc || true
+           .venv/bin/python -c "import torch; print(torch.__version__, torch.version.cuda)"
          ) | sha256sum)
 built=neft_kernels._C_cpu  # what a build leaves (a clean of the tree removes it)
 [ "${NEFT_KERNELS_BUILD_EXT:-1}" = 0 ] && built=neft_kernels
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && .venv/bin/python -c "import $built" 2>/dev/null; then
+# -I: not from the source tree in the current directory, from the venv's install
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && (cd / && "$root/.venv/bin/python" -I -c "import $built") 2>/dev/null; then
   exit 0
 fi
 rm -f "$stamp"

@@ -171,7 +171,7 @@ void philox_words(torch::Tensor& out, int64_t seed, int64_t offset) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 11;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 12;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("philox_words", &philox_words, "fill (n, 4) int32 with Philox4x32-10 words of consecutive counters");
   m.def("forward", &noisy_embedding_forward,
         "fused NEFTune forward, noise spec v2 (uniform or Gaussian), scales from side inputs and noise_mask");

@@ -278,7 +278,7 @@ bool overlaps_launches(int64_t device) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("ABI_VERSION") = 11;  // neft_kernels/backends/_extension.py refuses a build from other sources
+  m.attr("ABI_VERSION") = 12;  // neft_kernels/backends/_extension.py refuses a build from other sources
   m.def("forward", &noisy_embedding_forward, "fused NEFTune forward, noise spec v2: uniform or Gaussian (CUDA)");
   m.def("runs_on", &runs_on, "whether this build has kernels for the CUDA device of this index");
   m.def("overlaps_launches", &overlaps_launches,

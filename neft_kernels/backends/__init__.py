@@ -125,13 +125,13 @@ _BUILD_HINT = ("the compiled backends are built by `pip install --no-build-isola
 def why_unavailable(name: str, device: torch.device | str) -> str | None:
     """Why backend ``name`` cannot run on ``device``'s tensors in this process, or None when it can."""
     device = torch.device(device)
+    if name in _DEVICES and device.type != _DEVICES[name]:
+        return f"it runs on {_DEVICES[name]} tensors"
     reason = _why_not(name, device)
     if isinstance(_load(name), ImportError):
-        return f"{reason}; {_BUILD_HINT}"
-    if reason is None and device.type not in _runs_on(name):
-        if name == "triton":
-            return cast(ModuleType, _load(name)).CPU_UNAVAILABLE
-        return f"it runs on {' or '.join(_runs_on(name))} tensors"
+        return f"{reason}; {_BUILD_HINT}" if name in _DEVICES else reason
+    if reason is None and device.type not in _runs_on(name):  # triton on CPU without its interpreter
+        return cast(ModuleType, _load(name)).CPU_UNAVAILABLE
     return reason
 
 
@@ -148,7 +148,8 @@ def _resolve(name: str, device: torch.device) -> str:
     reason = _why_not(name, device)
     loaded = _load(name)
     if isinstance(loaded, ImportError):
-        raise RuntimeError(f"backend={name!r} is unavailable: {reason}; {_BUILD_HINT}") from loaded
+        hint = f"; {_BUILD_HINT}" if name in _DEVICES else ""
+        raise RuntimeError(f"backend={name!r} is unavailable: {reason}{hint}") from loaded
     if name in _DEVICES and device.type != _DEVICES[name]:
         raise ValueError(f"backend={name!r} runs on {_DEVICES[name]} tensors, got tensors on {device}")
     if reason is not None:

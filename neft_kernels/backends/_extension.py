@@ -10,7 +10,7 @@ import torch
 from ..id_check import raise_out_of_range
 from ..lengths import device_of
 
-ABI_VERSION = 11  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature or behaviour changes
+ABI_VERSION = 12  # what csrc/ exports as ABI_VERSION: bumped whenever a binding's signature or behaviour changes
 
 
 def check_abi(ext: ModuleType) -> None:

@@ -57,13 +57,13 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return values
 
 
-def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backends: list[str] | None = None,
+def run(device: torch.device, dtypes: list[torch.dtype], quick: bool, backend_names: list[str] | None = None,
         progress: bool = True, only_shapes: list[tuple[int, int, int, int]] | None = None) -> list[dict]:
     """Every (shape, dtype, pass, implementation) record, against the copy bandwidth of this run."""
     on_gpu = device.type == "cuda"
     reps, inner = (30, 10) if on_gpu else ((7, 1) if quick else (10, 1))
     first_copy_gbps = measure.copy_bandwidth(device, reps=reps)
-    impls = implementations(device, backends)
+    impls = implementations(device, backend_names)
     meta = {"device": device.type, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "device_name": (torch.cuda.get_device_name(device) if on_gpu
                             else platform.processor() or platform.machine()),
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here")
     for name in args.backend or ():
-        if name not in backends.available_backends(device):
-            reason = backends.why_unavailable(name, device)
+        reason = backends.why_unavailable(name, device)
+        if reason is not None:
             parser.error(f"--backend {name} cannot run on {device.type} here: {reason}")
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
     quick = not args.full

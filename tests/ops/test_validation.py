@@ -38,6 +38,8 @@ def _call(**kw):
     (dict(padding_idx=5), ValueError, "padding_idx"),
     (dict(padding_idx=2.0), TypeError, "padding_idx must be an int, got float"),
     (dict(padding_idx=True), TypeError, "padding_idx must be an int, got bool"),
+    (dict(padding_idx=torch.tensor(True)), TypeError, "padding_idx must be an int, got torch.bool tensor"),
+    (dict(padding_idx=torch.tensor(2.0)), TypeError, "padding_idx must be an int, got torch.float32 tensor"),
     (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
     (dict(weight=torch.zeros(5, 4).numpy()), TypeError, "weight must be a torch.Tensor"),
     (dict(noise_alpha="5"), TypeError, "noise_alpha"),
@@ -164,7 +166,8 @@ def test_alpha_negative_zero_is_alpha_zero(backend, device):
     """alpha = -0.0 passes the >= 0 check; it gave the one-scale path a +0 scale and the per-token
     path (a mask, an alpha tensor) a -0 scale, so -0.0 weight elements came out with other signs
     with a mask than without (the spec: a scale-0 token keeps its weight, -0.0 becoming +0.0 where
-    e >= 0). It is alpha 0 everywhere now."""
+    e >= 0). A float or CPU alpha of -0.0 is alpha 0 now (an accelerator's alpha tensor is not read
+    on the host: a -0.0 there keeps its -0 scales)."""
     ids, weight = torch.tensor([[0, 1, 2, 0]]), torch.full((3, 8), -0.0)
     mask = torch.ones(1, 4, dtype=torch.long)
     want = noisy_embedding(ids, weight, 0.0, seed=1, backend=backend)
