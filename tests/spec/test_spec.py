@@ -133,7 +133,7 @@ def test_tiny_alpha_scales_round_once_on_both_paths(backend, device):
     assert_bits_equal(one, expected(ids, weight, alpha, 1, 0, None, None, "per_sequence"))
 
 
-@pytest.mark.slow  # 2**31 inputs, ~10 s
+@pytest.mark.slow  # 75M floats, ~4 s
 def test_doubling_folds_into_the_uniform_scale_for_every_word():
     """``(x * UNIFORM_SCALE) * 2 - 1 == x * UNIFORM_SCALE_X2 - 1`` in float32 for every value the
     map meets (x = float32 of 0 .. 2**31 - 1): the kernels' one multiply gives spec v1's bits."""
@@ -141,8 +141,14 @@ def test_doubling_folds_into_the_uniform_scale_for_every_word():
 
     scale, scale_x2, one = np.float32(UNIFORM_SCALE), np.float32(UNIFORM_SCALE_X2), np.float32(1)
     assert scale_x2 == scale * 2
-    step = 1 << 25
-    for start in range(0, 1 << 31, step):
-        x = np.arange(start, start + step, dtype=np.int64).astype(np.float32)  # int -> float32 rounds to nearest
+    # Those floats, each once (ints round to them, 2**31 included): 0 .. 2**24 exactly, then each
+    # binade [2**e, 2**(e+1)) for e = 24 .. 30 in its 2**23 steps (all exact in float32).
+    steps = np.arange(1 << 23, dtype=np.float32)
+    chunks = [np.arange(0, 1 << 24, dtype=np.float32)]
+    chunks += [np.float32(2.0**e) + steps * np.float32(2.0 ** (e - 23)) for e in range(24, 31)]
+    chunks.append(np.array([2.0**31], dtype=np.float32))
+    every = np.concatenate(chunks)
+    assert len(every) == (1 << 24) + 7 * (1 << 23) + 1 and (np.diff(every) > 0).all()  # each float once
+    for x in chunks:
         two_steps = (x * scale) * np.float32(2) - one
         np.testing.assert_array_equal((x * scale_x2 - one).view(np.int32), two_steps.view(np.int32))
