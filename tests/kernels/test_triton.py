@@ -49,18 +49,20 @@ _SLOW_HERE = [pytest.mark.slow] if interpreted("triton", DEVICE) else []
 def test_token_scales_kernel_gives_reference_bits(width, block, walk, monkeypatch):
     """The one-launch scales kernel against the reference's tensor ops; small blocks make every
     program walk across its neighbours, as long packed rows do at full size."""
-    # The scale's rounding, alpha 0 and a strided cu_seqlens are the same in every program: with
-    # small blocks (the walks, slow under the interpreter) one alpha and dense entries suffice.
+    # The scale's rounding, alpha 0 and a strided cu_seqlens are the same in every program: where
+    # rows outgrow a block (the walks, slow under the interpreter) one alpha and dense entries suffice.
     alphas = ((5.0, 4096), (3.4641022345673926, 16), (0.0, 7))
     if block:
         monkeypatch.setattr(triton_backend, "_SCALES_BLOCK", block)
         monkeypatch.setattr(triton_backend, "_SCALES_WALK", walk)
+    walks = width > triton_backend._SCALES_BLOCK
+    if walks:
         alphas = alphas[:1]
     for mask, pos, cu in scale_cases(width):
         mask, pos, cu = (None if t is None else t.to(DEVICE) for t in (mask, pos, cu))
         for alpha, d in alphas:
             got = triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, cu)
-            if cu is not None and not block:  # a strided view of the same entries gives the same scales
+            if cu is not None and not walks:  # a strided view of the same entries gives the same scales
                 strided = torch.stack([cu, cu], 1).reshape(-1)[::2]
                 assert_bits_equal(triton_backend.token_scales(width, 3 * width, alpha, d, mask, pos, strided), got)
             want = token_scales((3, width), alpha, d, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
