@@ -20,6 +20,8 @@ from .telemetry import NoiseStats
 
 # What configure_noise sets on a module: make_plain removes it.
 NOISE_STATE = ("noise_options", "_noise_on", "_alpha_data", "_side_input_stack", "_noise_stats")
+# Where make_noisy keeps an embedding's own class (make_plain puts it back).
+ORIGINAL_CLASS = "_neft_original_class"
 # A side-input frame's noise_mask when the noised tokens come from labels and the call had none.
 MISSING_LABELS = object()
 _no_noise_depth = 0
@@ -210,7 +212,7 @@ class NoisyEmbedding(nn.Embedding):
         from .patching import make_noisy
 
         NoiseOptions.make(noise_alpha=noise_alpha, **kwargs)  # refused before anything is built
-        base = vars(embedding).get("_neft_original_class", type(embedding))  # a patched one: its own class
+        base = vars(embedding).get(ORIGINAL_CLASS, type(embedding))  # a patched one: its own class
         if base.forward is not nn.Embedding.forward and not issubclass(base, NoisyEmbedding):
             if cls is not NoisyEmbedding:
                 raise TypeError(f"{cls.__name__}.from_embedding cannot keep {base.__name__}'s own forward: use "

@@ -12,7 +12,7 @@ from typing import cast
 
 from torch import nn
 
-from .module import NOISE_STATE, NoisyEmbedding
+from .module import NOISE_STATE, ORIGINAL_CLASS, NoisyEmbedding
 from .options import NoiseOptions
 
 
@@ -55,7 +55,7 @@ def make_noisy(embedding: nn.Embedding, noise_alpha: float = 5.0, **options) -> 
     if embedding.sparse:
         raise ValueError("NoisyEmbedding does not support sparse=True: its fused backward produces a dense gradient")
     if not isinstance(embedding, NoisyEmbedding):
-        vars(embedding)["_neft_original_class"] = type(embedding)
+        vars(embedding)[ORIGINAL_CLASS] = type(embedding)
         embedding.__class__ = noisy_class(type(embedding))  # type: ignore[arg-type]  # a class is hashable (mypy#11470)
     embedding = cast(NoisyEmbedding, embedding)  # a class assignment is invisible to type checkers
     embedding.configure_noise(noise_options)
@@ -79,7 +79,7 @@ MADE_PLAIN = "_neft_made_plain"  # set by make_plain: patch_model's hooks leave 
 
 def make_plain(embedding: nn.Embedding) -> nn.Embedding:
     """Undo :func:`make_noisy`: the original class again, the same module and weight."""
-    original = vars(embedding).pop("_neft_original_class", None)
+    original = vars(embedding).pop(ORIGINAL_CLASS, None)
     if original is not None:
         vars(embedding)[MADE_PLAIN] = True
         embedding.__class__ = _without_noise(

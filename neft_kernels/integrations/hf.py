@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..compat import hooks, remove_hooks
-from ..module import MISSING_LABELS, NoisyEmbedding
+from ..module import MISSING_LABELS, ORIGINAL_CLASS, NoisyEmbedding
 from ..options import NoiseOptions
 from ..patching import MADE_PLAIN, make_noisy, make_plain
 
@@ -259,7 +259,7 @@ def refuse_other_neftune(model: nn.Module) -> None:
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` holds an embedding made noisy by :func:`patch_model` (or ``make_noisy``), or
     our hooks: the check that the noise is on."""
-    return any(isinstance(m, NoisyEmbedding) and "_neft_original_class" in vars(m) or _has_our_hook(m)
+    return any(isinstance(m, NoisyEmbedding) and ORIGINAL_CLASS in vars(m) or _has_our_hook(m)
                for m in model.modules())
 
 
@@ -350,8 +350,8 @@ def _snapshot(model: nn.Module):
         for module in model.modules():
             if id(module) not in hooked:
                 _remove_our_hooks(module)
-            if isinstance(module, NoisyEmbedding) and id(module) not in was_noisy and "_neft_original_class" in vars(
-                    module):  # made noisy since (a replaced input embedding, PEFT's copy): as patched then
+            if isinstance(module, NoisyEmbedding) and id(module) not in was_noisy and ORIGINAL_CLASS in vars(module):
+                # made noisy since (a replaced input embedding, PEFT's copy): as patched then
                 if root_options is None:
                     make_plain(module)
                     vars(module).pop(MADE_PLAIN, None)
