@@ -26,7 +26,7 @@ def _params():
 @pytest.mark.parametrize("backend,device,case", list(_params()))
 def test_backend_matches_the_spec_model(backend, device, case):
     check_matches_spec_model(backend, case.dtype, case.d, case.kind, case.length_mode, device,
-                             distribution=case.distribution, with_noise_mask=case.noise_mask)
+                             distribution=case.distribution, with_noise_mask=case.noise_mask, few_seeds=case.few_seeds)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=backend_marks("triton", "cuda"))])

@@ -51,19 +51,20 @@ def test_weight_grad_matches_f_embedding(backend, device, dtype, padding_idx, sc
     assert (grad[untouched] == 0).all()
 
 
-@on_backends(slow_interpreter=True)  # 4096 rows of one id, summed in order: seconds under the interpreter
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_grads_accumulate_in_float32(backend, device, dtype):
-    """4096 unit gradients into one row: a bf16 (fp16) running sum stalls at 256 (2048)."""
+@on_backends(slow_interpreter=True)  # thousands of rows of one id, summed in order: seconds under the interpreter
+@pytest.mark.parametrize("dtype,n", [(torch.bfloat16, 1024), (torch.float16, 4096)])
+def test_low_precision_grads_accumulate_in_float32(backend, device, dtype, n):
+    """n unit gradients into one row, and n / 2 into each of two: a bf16 (fp16) running sum stalls
+    at 256 (2048), below n."""
     weight = torch.zeros(4, 8, dtype=dtype, device=device, requires_grad=True)
-    ones = torch.ones(4096, 8, dtype=dtype, device=device)
-    split = torch.full((4096,), 1, device=device)
+    ones = torch.ones(n, 8, dtype=dtype, device=device)
+    split = torch.full((n,), 1, device=device)
     split[::2] = 2
     (two_rows,) = torch.autograd.grad(noisy_embedding(split, weight, 0.0, seed=0, backend=backend), weight, ones)
     (one_row,) = torch.autograd.grad(noisy_embedding(torch.ones_like(split), weight, 0.0, seed=0, backend=backend),
                                      weight, ones)
-    assert (two_rows[1:3] == 2048).all() and (two_rows[[0, 3]] == 0).all()
-    assert (one_row[1] == 4096).all() and (one_row[[0, 2, 3]] == 0).all()
+    assert (two_rows[1:3] == n // 2).all() and (two_rows[[0, 3]] == 0).all()
+    assert (one_row[1] == n).all() and (one_row[[0, 2, 3]] == 0).all()
 
 
 # The reference on CUDA sums with index_add_'s atomics: its order, and so its bits, vary.

@@ -24,6 +24,9 @@ WIDE = 4096 + 3  # more lanes than the widest launch block: several programs per
 # Real models' widths whose lane counts (d / 4) are not powers of two: each takes another launch block
 # (32, 64, 128, 256 lanes, several per row) in the compiled kernels.
 REAL_WIDTHS = [576, 1152, 2304, 5120]
+# The Triton interpreter at real widths takes two (seed, offset) pairs, not all six (2 s a pair at
+# d = 5120): there the launch blocks are under test; the seeds' edges are at every width of DIMS.
+FEW_SEEDS = [(1, 12345), (2**64 - 1, 2**33 + 3)]
 
 
 def side_inputs(kind: str, shape: tuple[int, int], device: str = "cpu"):
@@ -81,14 +84,16 @@ def noise_mask_for(shape: tuple[int, int], device: str = "cpu") -> torch.Tensor:
 
 
 def check_matches_spec_model(backend: str, dtype: torch.dtype, d: int, kind: str, length_mode: str,
-                             device: str = "cpu", distribution: str = "uniform", with_noise_mask: bool = False) -> None:
-    """A (3, 11) batch through ``backend`` equals the spec model bit for bit, over every seed."""
+                             device: str = "cpu", distribution: str = "uniform", with_noise_mask: bool = False,
+                             few_seeds: bool = False) -> None:
+    """A (3, 11) batch through ``backend`` equals the spec model bit for bit, over every seed
+    (``FEW_SEEDS`` with ``few_seeds``)."""
     weight = make_weight(37, d, dtype, device)
     ids = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(d)).to(device)
     mask, pos = side_inputs(kind, (3, 11), device)
     cu = cu_seqlens_for(kind, (3, 11), device)
     noise_mask = noise_mask_for((3, 11), device) if with_noise_mask else None
-    for seed, offset in zip(SEEDS, OFFSETS * 2, strict=True):
+    for seed, offset in FEW_SEEDS if few_seeds else zip(SEEDS, OFFSETS * 2, strict=True):
         out = noisy_embedding(ids, weight, 5.0, seed=seed, offset=offset, attention_mask=mask, position_ids=pos,
                               cu_seqlens=cu, length_mode=length_mode, backend=backend, distribution=distribution,
                               noise_mask=noise_mask)
@@ -105,6 +110,7 @@ class SpecCase(NamedTuple):
     length_mode: str
     distribution: str = "uniform"
     noise_mask: bool = False
+    few_seeds: bool = False
 
     @property
     def id(self) -> str:
@@ -121,7 +127,8 @@ def spec_cases(backend: str, device: str) -> list[SpecCase]:
     kernels also at d = 4099 (uniform; Gaussian without and with a noise_mask). The Triton
     interpreter, about 50 times slower, takes the uniform stream over the first grid and the
     Gaussian stream with a noise_mask at d = 13 and cu_seqlens with a mask. Every compiled backend and
-    the interpreter also at real models' widths (``REAL_WIDTHS``), padded and packed."""
+    the interpreter also at real models' widths (``REAL_WIDTHS``), padded and packed (the
+    interpreter over ``FEW_SEEDS``)."""
     cases = []
     if interpreted(backend, device):
         for dtype, d, kind, length_mode in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES):
@@ -129,7 +136,7 @@ def spec_cases(backend: str, device: str) -> list[SpecCase]:
         for dtype, length_mode in itertools.product(DTYPES, LENGTH_MODES):
             cases.append(SpecCase(dtype, 13, "cu_seqlens+mask", length_mode, "gaussian", True))
         for dtype, d, kind in itertools.product((torch.float32, torch.bfloat16), REAL_WIDTHS, ("mask", "packed")):
-            cases.append(SpecCase(dtype, d, kind, "per_sequence"))
+            cases.append(SpecCase(dtype, d, kind, "per_sequence", few_seeds=True))
         return cases
     for dtype, d, kind, length_mode, distribution in itertools.product(DTYPES, DIMS, KINDS, LENGTH_MODES,
                                                                        DISTRIBUTIONS):
