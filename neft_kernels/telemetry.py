@@ -20,7 +20,8 @@ class NoiseStats:
             length, noised = token_lengths(input_ids.shape, device=input_ids.device, **side)
             n = length.numel()
             noised = torch.ones(n, dtype=torch.bool, device=length.device) if noised is None else noised
-            clean, noisy = clean.reshape(n, -1).float(), noisy.reshape(n, -1).float()
+            d = clean.shape[-1]  # not -1: an empty batch has no rows to infer it from
+            clean, noisy = clean.reshape(n, d).float(), noisy.reshape(n, d).float()
             ratio = (noisy - clean).norm(dim=-1).double() / clean.norm(dim=-1).double().clamp(min=1e-30)
             w = noised.double()
             sums = torch.stack([w.new_tensor(float(n)), w.sum(), (length * w).sum(), (ratio * w).sum()])

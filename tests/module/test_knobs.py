@@ -241,3 +241,11 @@ def test_noise_stats_are_recorded_on_request_only():
     # |e| ~ U(0, 1): the noise norm is about alpha / sqrt(3 L) per token, against an embedding norm of about 0.1 sqrt(d)
     assert 0 < stats["noise_ratio"] < 10
     assert emb.read_noise_stats() == {}  # reading stops the recording
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0,)])
+def test_noise_stats_of_an_empty_batch_count_no_tokens(shape):
+    emb = NoisyEmbedding(50, 32, noise_alpha=5.0)
+    emb.record_noise_stats()
+    assert emb(torch.zeros(shape, dtype=torch.long)).shape == shape + (32,)  # recording does not break the call
+    assert emb.read_noise_stats() == {"noised_fraction": 0.0, "mean_length": 0.0, "noise_ratio": 0.0}
