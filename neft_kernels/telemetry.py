@@ -13,7 +13,8 @@ class NoiseStats:
     sync); :meth:`read` brings the sums to the host once."""
 
     def __init__(self) -> None:
-        self._sums: torch.Tensor | None = None  # float64: tokens, noised, sum of L, sum of ratios
+        # float64: tokens, noised, sum of L, sum of ratios, tokens with a ratio
+        self._sums: torch.Tensor | None = None
 
     def add(self, input_ids: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, side: dict) -> None:
         with torch.no_grad():
@@ -22,18 +23,24 @@ class NoiseStats:
             noised = torch.ones(n, dtype=torch.bool, device=length.device) if noised is None else noised
             d = clean.shape[-1]  # not -1: an empty batch has no rows to infer it from
             clean, noisy = clean.reshape(n, d).float(), noisy.reshape(n, d).float()
-            ratio = (noisy - clean).norm(dim=-1).double() / clean.norm(dim=-1).double().clamp(min=1e-30)
+            norm = clean.norm(dim=-1).double()
+            # A zero embedding (an nn.Embedding's padding_idx row, noised in "padded" mode or without a
+            # mask) has no ratio: a clamped denominator made it ~1e29 and the mean meaningless.
+            rated = noised & (norm > 0)
+            ratio = torch.where(rated, (noisy - clean).norm(dim=-1).double() / norm.clamp(min=1e-300), 0.0)
             w = noised.double()
-            sums = torch.stack([w.new_tensor(float(n)), w.sum(), (length * w).sum(), (ratio * w).sum()])
+            sums = torch.stack([w.new_tensor(float(n)), w.sum(), (length * w).sum(), ratio.sum(),
+                                rated.double().sum()])
             self._sums = sums if self._sums is None else self._sums + sums
 
     def read(self) -> dict[str, float]:
         """``noised_fraction``, ``mean_length`` and ``noise_ratio`` (mean noise norm over embedding
-        norm) of the noised tokens since the last read; empty when no noised call was recorded."""
+        norm; over the noised tokens whose embedding is not zero) of the noised tokens since the last
+        read; empty when no noised call was recorded."""
         if self._sums is None:
             return {}
-        tokens, noised, length, ratio = self._sums.tolist()
+        tokens, noised, length, ratio, rated = self._sums.tolist()
         self._sums = None
         noised_or_one = max(noised, 1.0)
         return {"noised_fraction": noised / max(tokens, 1.0), "mean_length": length / noised_or_one,
-                "noise_ratio": ratio / noised_or_one}
+                "noise_ratio": ratio / max(rated, 1.0)}

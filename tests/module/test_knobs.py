@@ -249,3 +249,20 @@ def test_noise_stats_of_an_empty_batch_count_no_tokens(shape):
     emb.record_noise_stats()
     assert emb(torch.zeros(shape, dtype=torch.long)).shape == shape + (32,)  # recording does not break the call
     assert emb.read_noise_stats() == {"noised_fraction": 0.0, "mean_length": 0.0, "noise_ratio": 0.0}
+
+
+@pytest.mark.parametrize("length_mode", ["padded", "per_sequence"])
+def test_noise_ratio_leaves_out_zero_embeddings(length_mode):
+    """A padding_idx row is zero (nn.Embedding's init): noised (padded mode, or no mask), it has no
+    noise-to-embedding ratio, and must not swamp the mean of the others'."""
+    torch.manual_seed(0)
+    emb = NoisyEmbedding(50, 32, padding_idx=0, noise_alpha=5.0, length_mode=length_mode)
+    ids = torch.randint(1, 50, (2, 10))
+    ids[1, 6:] = 0
+    emb.record_noise_stats()
+    noisy = emb(ids)  # no mask: every token noised, the padding too
+    stats = emb.read_noise_stats()
+    clean = torch.nn.functional.embedding(ids, emb.weight).double()
+    ratios = (noisy.double() - clean).norm(dim=-1) / clean.norm(dim=-1)
+    assert stats["noised_fraction"] == 1.0
+    assert stats["noise_ratio"] == pytest.approx(ratios[ids != 0].mean().item(), rel=1e-6)
