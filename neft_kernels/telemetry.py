@@ -33,6 +33,11 @@ class NoiseStats:
                                 rated.double().sum()])
             self._sums = sums if self._sums is None else self._sums + sums
 
+    def merge(self, other: NoiseStats | None) -> None:
+        """Add ``other``'s sums (another embedding's: an encoder's and a decoder's count together)."""
+        if other is not None and other._sums is not None:
+            self._sums = other._sums if self._sums is None else self._sums + other._sums.to(self._sums.device)
+
     def read(self) -> dict[str, float]:
         """``noised_fraction``, ``mean_length`` and ``noise_ratio`` (mean noise norm over embedding
         norm; over the noised tokens whose embedding is not zero) of the noised tokens since the last

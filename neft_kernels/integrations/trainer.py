@@ -12,6 +12,7 @@ from ..compat import caller_self
 from ..module import NoisyEmbedding
 from ..options import NoiseOptions
 from ..schedules import Schedule, alpha_schedule, check_schedule
+from ..telemetry import NoiseStats
 from .hf import _snapshot, patch_model, refuse_other_neftune, remove_other_neftune
 from .trainer_neftune import end_open_run
 
@@ -116,11 +117,13 @@ class NEFTuneCallback(TrainerCallback):
         embeddings = self._embeddings()
         logs = {"neftune_alpha": embeddings[0].noise_alpha} if embeddings else {}
         if self.log_stats:
-            for emb in embeddings:  # the first embedding that recorded (a tied copy records nothing)
-                stats = emb.read_noise_stats()
-                if stats:
-                    logs.update({f"neftune_{k}": v for k, v in stats.items()})
-                    break
+            # Every embedding that recorded (an encoder's and a decoder's; a tied copy that is not
+            # called records nothing), each stopped here: one left armed would record every step.
+            recorded = NoiseStats()
+            for emb in embeddings:
+                recorded.merge(emb._noise_stats)
+                emb._noise_stats = None
+            logs.update({f"neftune_{k}": v for k, v in recorded.read().items()})
         return logs
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -358,3 +358,32 @@ def test_callback_response_only_noise_from_the_labels(tmp_path):
     response = ((batch["labels"] != -100) & (batch["attention_mask"] != 0)).sum() / batch["input_ids"].numel()
     assert logs["neftune_noised_fraction"] == pytest.approx(response.item())
     assert type(emb) is nn.Embedding
+
+
+class _Recording(transformers.TrainerCallback):
+    """Per step, which noisy embeddings were recording statistics as it ended."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.steps.append([m._noise_stats is not None for m in model.modules() if isinstance(m, NoisyEmbedding)])
+
+
+@pytest.mark.slow
+def test_callback_logs_the_statistics_of_every_stack_and_stops_each_recording(tmp_path):
+    """An encoder-decoder has two noisy embeddings that are called: the log counts the noised tokens
+    of both (the encoder's L = 10, the decoder's 4), and neither records past a logging step."""
+    from support import hf_models
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(2, VOCAB, (10,), generator=g),
+             "labels": torch.randint(2, VOCAB, (4,), generator=g)} for _ in range(16)]
+    recording = _Recording()
+    trainer = transformers.Trainer(model=hf_models.bart(), args=run_args(tmp_path, max_steps=3, logging_steps=2),
+                                   train_dataset=rows, callbacks=[NEFTuneCallback(noise_alpha=ALPHA), recording])
+    trainer.train()
+    assert [any(step) for step in recording.steps] == [False, True, False]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["neftune_noised_fraction"] == 1.0
+    assert logs[0]["neftune_mean_length"] == pytest.approx((10 * 10 + 4 * 4) / 14)
