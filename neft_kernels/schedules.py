@@ -30,10 +30,14 @@ def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final
 
     ``schedule``: ``"constant"``; ``"linear"`` or ``"cosine"`` decay from ``noise_alpha`` after the
     warm-up to ``final_alpha`` at ``total_steps`` (held there after); or any callable of the step
-    (returned as it is; its values are checked when set). ``warmup_steps``: alpha rises linearly
+    (returned as it is; its values are checked when set; it gives alpha itself, so ``final_alpha`` and
+    ``warmup_steps``, which it would ignore, are refused with it). ``warmup_steps``: alpha rises linearly
     from 0 to ``noise_alpha`` over the first steps (step ``warmup_steps`` is the first at full alpha).
     """
     if callable(schedule):
+        if final_alpha != 0.0 or warmup_steps != 0:
+            raise ValueError(f"a callable schedule gives alpha itself: final_alpha ({final_alpha!r}) and warmup_steps "
+                             f"({warmup_steps!r}) would be ignored; build the warm-up and the decay into the callable")
         return schedule
     alpha, final = check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
     if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):

@@ -50,7 +50,9 @@ class NEFTuneCallback(TrainerCallback):
         NoiseOptions.refuse_unknown(options, "NEFTuneCallback", own)
         self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)
         self.schedule = (schedule, final_alpha, warmup_steps)
-        if not callable(schedule):  # all but the run's length, which a decay needs (checked at train begin)
+        if callable(schedule):  # refuses the keywords a callable would ignore
+            alpha_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
+        else:  # all but the run's length, which a decay needs (checked at train begin)
             check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
         self.log_stats = log_stats
         self._alpha_at = None

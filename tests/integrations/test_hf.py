@@ -359,6 +359,9 @@ def test_misspelled_callback_option_is_refused_at_construction():
     with pytest.raises(ValueError, match="warmup_steps"):
         NEFTuneCallback(5.0, schedule="linear", warmup_steps=-2)
     NEFTuneCallback(5.0, schedule="linear", final_alpha=1.0, warmup_steps=3)
+    with pytest.raises(ValueError, match="callable schedule"):  # it would ignore the warm-up
+        NEFTuneCallback(5.0, schedule=lambda step: 5.0, warmup_steps=3)
+    NEFTuneCallback(5.0, schedule=lambda step: 5.0)
 
 
 def test_from_embedding_keeps_a_subclass_forward():

@@ -204,6 +204,12 @@ def test_alpha_schedules():
     cosine = nk.alpha_schedule(10.0, "cosine", warmup_steps=2, total_steps=6)
     assert [round(cosine(s), 6) for s in range(7)] == [0.0, 5.0, 10.0, 8.535534, 5.0, 1.464466, 0.0]
     assert nk.alpha_schedule(1.0, lambda s: 0.5 * s)(4) == 2.0
+    # a callable gives alpha itself: a warm-up or a final alpha beside it would be silently ignored
+    for keywords in ({"warmup_steps": 4}, {"final_alpha": 1.0}):
+        with pytest.raises(ValueError, match="callable schedule"):
+            nk.alpha_schedule(1.0, lambda s: 0.5 * s, **keywords)
+        with pytest.raises(ValueError, match="callable schedule"):
+            nk.AlphaScheduler(torch.nn.Module(), 1.0, lambda s: 0.5 * s, **keywords)
     with pytest.raises(ValueError, match="total_steps"):
         nk.alpha_schedule(5.0, "linear")
     with pytest.raises(ValueError, match="schedule must be one of"):
