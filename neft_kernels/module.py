@@ -306,8 +306,14 @@ class NoisyEmbedding(nn.Embedding):
         """The statistics recorded since :meth:`record_noise_stats` (one host read; then recording
         stops): ``noised_fraction`` of the tokens, their ``mean_length`` (``L``) and ``noise_ratio``
         (mean noise norm over embedding norm). Empty when no noised call was recorded."""
-        stats, self._noise_stats = self._noise_stats, None
+        stats = self._take_noise_stats()
         return {} if stats is None else stats.read()
+
+    def _take_noise_stats(self) -> NoiseStats | None:
+        """The sums recorded since :meth:`record_noise_stats`, unread (no host read), and recording
+        stopped: for adding several embeddings' (``NoiseStats.merge``) before one read."""
+        stats, self._noise_stats = self._noise_stats, None
+        return stats
 
     def _forward_special(self, input_ids: torch.Tensor, alpha, call: dict) -> torch.Tensor:
         """The forward of a tensor-parallel weight, a subclass's own forward, or ``max_norm``."""

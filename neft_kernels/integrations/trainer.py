@@ -83,7 +83,7 @@ class NEFTuneCallback(TrainerCallback):
     def _unpatch(self) -> None:
         if self._restore is not None:
             for emb in self._embeddings():
-                emb.read_noise_stats()  # stop recording
+                emb._take_noise_stats()  # stop recording: nothing read
             self._restore()
             self._restore = None
         self._model = None
@@ -123,8 +123,7 @@ class NEFTuneCallback(TrainerCallback):
             # called records nothing), each stopped here: one left armed would record every step.
             recorded = NoiseStats()
             for emb in embeddings:
-                recorded.merge(emb._noise_stats)
-                emb._noise_stats = None
+                recorded.merge(emb._take_noise_stats())
             logs.update({f"neftune_{k}": v for k, v in recorded.read().items()})
         return logs
 
