@@ -70,21 +70,25 @@ class AlphaScheduler:
         self.module = module
         self.schedule = alpha_schedule(noise_alpha, schedule, **kwargs)
         self.last_step = 0
-        self.alpha = self._apply()
+        self.alpha = 0.0
+        if not self._apply():  # else each step() would set nothing, silently
+            raise ValueError(f"AlphaScheduler: no NoisyEmbedding in {type(module).__name__}: patch the model "
+                             "(patch_model, make_noisy) before building its scheduler")
 
-    def _apply(self) -> float:
+    def _apply(self) -> int:
+        """Sets the current step's alpha; returns how many embeddings took it."""
         from .module import NoisyEmbedding  # the schedule knows the module only here
 
-        alpha = validation.check_alpha(self.schedule(self.last_step))
-        for m in self.module.modules():
-            if isinstance(m, NoisyEmbedding):
-                m.noise_alpha = alpha
-        return alpha
+        self.alpha = validation.check_alpha(self.schedule(self.last_step))
+        embeddings = [m for m in self.module.modules() if isinstance(m, NoisyEmbedding)]
+        for m in embeddings:
+            m.noise_alpha = self.alpha
+        return len(embeddings)
 
     def step(self) -> float:
         """Advance one step; returns the alpha now set."""
         self.last_step += 1
-        self.alpha = self._apply()
+        self._apply()
         return self.alpha
 
     def state_dict(self) -> dict:
@@ -92,4 +96,4 @@ class AlphaScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = state["last_step"]
-        self.alpha = self._apply()
+        self._apply()

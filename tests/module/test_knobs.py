@@ -209,7 +209,7 @@ def test_alpha_schedules():
         with pytest.raises(ValueError, match="callable schedule"):
             nk.alpha_schedule(1.0, lambda s: 0.5 * s, **keywords)
         with pytest.raises(ValueError, match="callable schedule"):
-            nk.AlphaScheduler(torch.nn.Module(), 1.0, lambda s: 0.5 * s, **keywords)
+            nk.AlphaScheduler(nk.patch_model(_TinyModel()), 1.0, lambda s: 0.5 * s, **keywords)
     with pytest.raises(ValueError, match="total_steps"):
         nk.alpha_schedule(5.0, "linear")
     with pytest.raises(ValueError, match="schedule must be one of"):
@@ -228,6 +228,9 @@ def test_alpha_scheduler_sets_every_noisy_embedding_like_an_lr_scheduler():
     assert again.alpha == 0.0
     with pytest.raises(ValueError, match="noise_alpha must be finite"):
         nk.AlphaScheduler(model, 1.0, lambda s: -1.0)
+    # on a model not patched yet every step would set nothing
+    with pytest.raises(ValueError, match="no NoisyEmbedding in _TinyModel: patch the model"):
+        nk.AlphaScheduler(_TinyModel(), 8.0)
 
 
 # --- statistics -----------------------------------------------------------------------------------
