@@ -20,6 +20,7 @@ import importlib.machinery
 import os
 import runpy
 import sys
+import zipfile
 from typing import Callable
 
 from .. import backends
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give the program: -m MODULE or SCRIPT, then its arguments")
     NoiseOptions.make(**options)  # refused before the program starts
     script = None if program[0] == "-m" else program[0]
-    if script is not None and not os.path.isfile(script):
+    if script is not None and not os.path.exists(script):
         parser.exit(2, f"{parser.prog}: can't open file {os.path.abspath(script)!r}: no such file\n")
 
     def replace() -> None:
@@ -99,7 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         runpy.run_module(program[1], run_name="__main__", alter_sys=True)
         return
     sys.argv = program
-    sys.path[0] = os.path.dirname(os.path.realpath(script))  # as `python SCRIPT` sets it
+    # sys.path[0] as `python SCRIPT` has it, in place of the working directory that -m put there: the
+    # script's folder; a folder or zip archive itself (runpy puts it first); under -P nothing.
+    if not getattr(sys.flags, "safe_path", False):  # Python 3.11+
+        if os.path.isfile(script) and not zipfile.is_zipfile(script):
+            sys.path[0] = os.path.dirname(os.path.realpath(script))
+        else:
+            del sys.path[0]
     runpy.run_path(os.path.abspath(script), run_name="__main__")
 
 

@@ -4,6 +4,7 @@ launcher that turns it on for an unchanged program. The tests that train are mar
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -261,6 +262,28 @@ def test_launcher_runs_as_python_dash_m_and_replaces_once_the_program_imports_th
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["__main__", "True", "['a']", "False", "NoisyEmbedding", "3.0", "per_sequence",
                                   "auto"]
+
+
+@pytest.mark.slow  # six fresh interpreters that import torch
+@pytest.mark.parametrize("safe_path", [False, pytest.param(True, marks=pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="python -P is Python 3.11+"))])
+def test_launcher_runs_a_script_a_folder_and_a_zip_archive_with_sys_path_as_python_does(tmp_path, safe_path):
+    """sys.path[0] and argv as under plain python, also for a folder or zip archive with __main__.py
+    (python runs those) and under -P (which puts no folder first)."""
+    code = "import sys\nprint(repr(sys.path[0]), sys.argv[1:])\n"
+    (tmp_path / "script.py").write_text(code)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "__main__.py").write_text(code)
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as archive:
+        archive.writestr("__main__.py", code)
+    flags = ["-P"] if safe_path else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # neft_kernels for the launcher, both runs alike
+    for target in ("script.py", "folder", "archive.zip"):
+        plain, launched = (subprocess.run([sys.executable, *flags, *launcher, target, "a"], capture_output=True,
+                                          text=True, timeout=300, cwd=tmp_path, env=env)
+                           for launcher in ([], ["-m", "neft_kernels.integrations.launch"]))
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        assert launched.stdout == plain.stdout, target
 
 
 _TRAINING = """
