@@ -16,7 +16,6 @@ under ``torchrun`` with this module instead.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import os
 import runpy
 import sys
@@ -65,15 +64,23 @@ class _AfterImport:
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
+        for finder in sys.meta_path:  # what the import would ask next (not only the file system's finder)
+            find = getattr(finder, "find_spec", None)
+            spec = None if find is None else find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = getattr(spec.loader, "exec_module", None)
+        if exec_module is None:
+            raise ImportError(f"neft_kernels' launcher cannot hook the import of {fullname}: its loader "
+                              f"{spec.loader!r} has no exec_module")
 
-            def exec_then(module) -> None:
-                exec_module(module)
-                self.then()
+        def exec_then(module) -> None:
+            exec_module(module)
+            self.then()
 
-            spec.loader.exec_module = exec_then  # this module's loader only
+        spec.loader.exec_module = exec_then  # this module's loader only
         return spec
 
 

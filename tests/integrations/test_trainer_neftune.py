@@ -1,6 +1,9 @@
 """replace_trainer_neftune: transformers' own ``neftune_noise_alpha`` served by neft_kernels, and the
 launcher that turns it on for an unchanged program. The tests that train are marked slow."""
 
+import importlib
+import importlib.abc
+import importlib.util
 import os
 import subprocess
 import sys
@@ -262,6 +265,28 @@ def test_launcher_runs_as_python_dash_m_and_replaces_once_the_program_imports_th
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split() == ["__main__", "True", "['a']", "False", "NoisyEmbedding", "3.0", "per_sequence",
                                   "auto"]
+
+
+def test_launcher_hook_runs_after_a_module_that_another_finder_imports(monkeypatch):
+    """The hook finds the module as the import would (any finder on sys.meta_path, not only the file
+    system's): a package served by a custom finder still gets the replacement after its import."""
+
+    class Served(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path, target=None):
+            if fullname in ("neft_served_pkg", "neft_served_pkg.trainer"):
+                return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "neft_served_pkg")
+            return None
+
+        def exec_module(self, module):
+            module.executed = True
+
+    ran = []
+    monkeypatch.setattr(sys, "meta_path", [launch._AfterImport("neft_served_pkg.trainer", lambda: ran.append(
+        sys.modules["neft_served_pkg.trainer"].executed)), *sys.meta_path, Served()])
+    for name in ("neft_served_pkg", "neft_served_pkg.trainer"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.import_module("neft_served_pkg.trainer")
+    assert ran == [True]
 
 
 @pytest.mark.slow  # six fresh interpreters that import torch
