@@ -155,11 +155,16 @@ class NoisyEmbedding(nn.Embedding):
         past tokens, a 4-D attention mask) or a non-tensor (a dict of masks, a ``BlockMask``) is
         not a per-token input and is ignored.
         """
-        self._side_input_stack.append((attention_mask, position_ids, cu_seqlens, noise_mask))
+        frame = (attention_mask, position_ids, cu_seqlens, noise_mask)
+        stack = self._side_input_stack
+        stack.append(frame)
         try:
             yield
-        finally:
-            self._side_input_stack.pop()
+        finally:  # its own frame: frames a model call interrupted inside the block left above it are not its
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is frame:
+                    del stack[i]
+                    break
 
     @property
     def noise_alpha(self) -> float:

@@ -75,6 +75,11 @@ def _noisy_below(module: nn.Module, paths: tuple[str, ...]) -> list[NoisyEmbeddi
     return out
 
 
+class _HookFrame(tuple):
+    """A side-input frame pushed by a hook (the frames of ``side_inputs`` blocks are plain tuples): the
+    only kind the hooks pop, and that the outermost call drops as left behind."""
+
+
 class _SideInputHook:
     """The forward pre-hook (``push``) and hook (``pop``) that hand a module's side inputs to the
     noisy embeddings at ``paths`` below it. Objects of a module-level class, so that a patched model
@@ -113,7 +118,7 @@ class _SideInputHook:
     def __call__(self, module, args, *rest):
         if self.pop:
             for emb in _noisy_below(module, self.paths):
-                if emb._side_input_stack:
+                if emb._side_input_stack and type(emb._side_input_stack[-1]) is _HookFrame:
                     emb._side_input_stack.pop()
             return None
         kwargs = rest[0]
@@ -129,18 +134,18 @@ class _SideInputHook:
         labels = bound.get("labels")
         for emb in _noisy_below(module, self.paths):
             stack = emb._side_input_stack
-            if self.outermost:
-                stack.clear()
+            if self.outermost:  # hooks' frames left behind; a user's side_inputs block around the call stays
+                stack[:] = [f for f in stack if type(f) is not _HookFrame]
             outer = stack[-1] if stack else (None, None, None, MISSING_LABELS)
             mine = tuple(m if own else theirs for m, theirs, own in zip(frame, outer, self.takes, strict=False))
-            stack.append((*mine, self._noise_mask(emb.noise_options.noise_tokens, labels, outer[3])))
+            stack.append(_HookFrame((*mine, self._noise_mask(emb.noise_options.noise_tokens, labels, outer[3]))))
         return None
 
     def _noise_mask(self, noise_tokens: str, labels, outer):
         """The tokens to noise, from the labels of the innermost call that takes them (causal LMs'
         labels are aligned with their input ids: -100 marks the prompt)."""
-        if noise_tokens == "all":
-            return None
+        if noise_tokens == "all":  # an enclosing side_inputs(noise_mask=...) block's, if any
+            return None if outer is MISSING_LABELS else outer
         if not self.takes_labels:
             return outer
         if not isinstance(labels, torch.Tensor):

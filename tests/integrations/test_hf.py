@@ -297,6 +297,44 @@ def test_frames_left_by_an_interrupted_call_are_dropped_by_the_next_call():
     assert seen["depth"] == 2 and not emb._side_input_stack
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_noise_mask_from_side_inputs_reaches_a_patched_models_call(arch):
+    """docs/huggingface.md: a mask other than the labels' is passed with ``side_inputs(noise_mask=...)``
+    around the model's call; the model's hooks must neither drop it nor trip over it on exit."""
+    ids, mask = padded_batch()
+    noise_mask = torch.arange(ids.numel()).view(ids.shape) % 3 != 0
+    model = build(arch)
+    emb = model.get_input_embeddings()
+    cls = type(emb)
+    plain_forward = cls.forward.__get__(emb)
+    patch_model(model, ALPHA, generator=torch.Generator().manual_seed(4)).train()
+    seen, handle = _capture(emb)
+    with emb.side_inputs(noise_mask=noise_mask):
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert not emb._side_input_stack
+    with no_noise():
+        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(4), attention_mask=mask, noise_mask=noise_mask)
+    assert_bits_equal(seen["out"], want)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt  # skips torch's always_call hooks: the model's frames stay behind
+
+    handle = model.model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), emb.side_inputs(noise_mask=noise_mask):
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert len(emb._side_input_stack) == 2  # the model's two frames; the block took its own
+    emb.noise_options.generator.manual_seed(5)
+    seen, handle = _capture(emb)
+    model(input_ids=ids, attention_mask=mask)  # the model's frames dropped, the block's mask not applied again
+    handle.remove()
+    assert not emb._side_input_stack
+    with no_noise():
+        want = _expected(plain_forward, cls, emb.weight, ids, _seed_of(5), attention_mask=mask)
+    assert_bits_equal(seen["out"], want)
+
+
 def test_lora_on_the_embedding_itself_noises_the_base_layer():
     import peft
 
