@@ -160,10 +160,10 @@ class NoisyEmbedding(nn.Embedding):
         stack.append(frame)
         try:
             yield
-        finally:  # its own frame: frames a model call interrupted inside the block left above it are not its
+        finally:  # its frame and any that calls inside the block left above it (an interrupted model call's)
             for i in range(len(stack) - 1, -1, -1):
                 if stack[i] is frame:
-                    del stack[i]
+                    del stack[i:]
                     break
 
     @property
