@@ -13,10 +13,16 @@ SCHEDULES = ("constant", "linear", "cosine")
 Schedule = Union[str, Callable[[int], float]]
 
 
-def check_schedule(noise_alpha: float, schedule: str, *, final_alpha: float = 0.0,
+def check_schedule(noise_alpha: float, schedule: Schedule, *, final_alpha: float = 0.0,
                    warmup_steps: int = 0) -> tuple[float, float]:
-    """What :func:`alpha_schedule` checks of a named schedule before it knows the run's length;
-    returns (alpha, final_alpha)."""
+    """What :func:`alpha_schedule` checks before it knows the run's length; returns (alpha,
+    final_alpha), checked for a named schedule (a callable gives alpha itself, so the keywords it
+    would ignore are refused beside it and ``noise_alpha`` is its caller's)."""
+    if callable(schedule):
+        if final_alpha != 0.0 or warmup_steps != 0:
+            raise ValueError(f"a callable schedule gives alpha itself: final_alpha ({final_alpha!r}) and warmup_steps "
+                             f"({warmup_steps!r}) would be ignored; build the warm-up and the decay into the callable")
+        return noise_alpha, final_alpha
     alpha, final = validation.check_alpha(noise_alpha), validation.check_alpha(final_alpha, "final_alpha")
     validation.check_choice("schedule", schedule, SCHEDULES)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -34,12 +40,9 @@ def alpha_schedule(noise_alpha: float, schedule: Schedule = "constant", *, final
     ``warmup_steps``, which it would ignore, are refused with it). ``warmup_steps``: alpha rises linearly
     from 0 to ``noise_alpha`` over the first steps (step ``warmup_steps`` is the first at full alpha).
     """
-    if callable(schedule):
-        if final_alpha != 0.0 or warmup_steps != 0:
-            raise ValueError(f"a callable schedule gives alpha itself: final_alpha ({final_alpha!r}) and warmup_steps "
-                             f"({warmup_steps!r}) would be ignored; build the warm-up and the decay into the callable")
-        return schedule
     alpha, final = check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
+    if callable(schedule):
+        return schedule
     if schedule != "constant" and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
         raise ValueError(f"a {schedule} schedule needs total_steps > warmup_steps ({warmup_steps}), "
                          f"got {total_steps!r}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order of value: build, the GPU tests, the benchmark (ops, host time,
-# training steps), the model-shape table, a profile of the eager host path. Usage: scripts/gpu_check.sh OUTDIR [bench args...]. Every log lands in OUTDIR as it is
-# written, so a run cut short still leaves what it finished; eight files at most (the device tool
+# training steps), the model-shape table, a profile of the eager host path. Usage:
+# scripts/gpu_check.sh OUTDIR [bench args...]. Every log lands in OUTDIR as it is written, so a
+# run cut short still leaves what it finished; eight files at most (the device tool
 # returns no more). Wheels under build/wheels (pytest-xdist, execnet) are installed first where
 # present: the GPU machine has no registry to fetch them from. The whole run fits GPU_CHECK_BUDGET
 # seconds (default 570: one device call may run 600): each step's timeout (the *_TIMEOUT variables,

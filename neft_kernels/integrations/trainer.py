@@ -50,10 +50,8 @@ class NEFTuneCallback(TrainerCallback):
         NoiseOptions.refuse_unknown(options, "NEFTuneCallback", own)
         self.noise_options = NoiseOptions.make(noise_alpha=noise_alpha, **options)
         self.schedule = (schedule, final_alpha, warmup_steps)
-        if callable(schedule):  # refuses the keywords a callable would ignore
-            alpha_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
-        else:  # all but the run's length, which a decay needs (checked at train begin)
-            check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
+        # all but the run's length, which a decay needs (checked at train begin)
+        check_schedule(noise_alpha, schedule, final_alpha=final_alpha, warmup_steps=warmup_steps)
         self.log_stats = log_stats
         self._alpha_at = None
         self._model: nn.Module | None = None
